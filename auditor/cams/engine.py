@@ -1,0 +1,246 @@
+"""Entry points of the CAM engine: :func:`compute_cams` (many methods, one shared pass) and
+:func:`compute_cam` (one method)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from auditor.cams.core import (
+    CamContext,
+    LayerData,
+    check_images,
+    check_target_range,
+    check_targets,
+    finalize,
+    model_device,
+    model_state,
+    layer_pass,
+    resolve_layer,
+    upsample,
+)
+from auditor.cams.registry import CAMS, CamMethod
+
+log = logging.getLogger(__name__)
+
+LayerArg = str | Sequence[str] | None
+
+
+@dataclass
+class CamOutput:
+    """One method's result for a batch.
+
+    Attributes:
+        method: registry name.
+        maps: ``[B, H, W]`` float32 >= 0 at input resolution (None when ``upsample=False``).
+        low_res: ``[B, h, w]`` float32 >= 0 at the layer's resolution (input resolution for pixel methods).
+        valid: ``[B]`` bool; False where the map was non-finite or constant (e.g. all zero after the ReLU).
+        layers: the layer names used (empty for black-box methods).
+    """
+
+    method: str
+    maps: Tensor | None
+    low_res: Tensor
+    valid: Tensor
+    layers: list[str]
+
+
+@dataclass
+class CamResult:
+    """All methods' outputs for a batch plus the logits of the unperturbed images ``[B, num_classes]``."""
+
+    logits: Tensor
+    outputs: dict[str, CamOutput]
+
+    def __getitem__(self, method: str) -> CamOutput:
+        return self.outputs[method]
+
+
+def _method_layers(spec: CamMethod, layer: LayerArg, options: Mapping[str, Any], default: str | None) -> list[str]:
+    if spec.needs == "nothing":
+        return []
+    if spec.multi_layer and options.get("layers"):
+        given = options["layers"]
+        names = [given] if isinstance(given, str) else list(given)
+    elif layer is None:
+        names = []
+    elif isinstance(layer, str):
+        names = [layer]
+    else:
+        names = list(layer)
+        if len(names) > 1 and not spec.multi_layer:
+            raise ValueError(
+                f"method {spec.name!r} uses one layer but got {names}; only layer_cam fuses several layers"
+            )
+    if not names:
+        if default is None:
+            raise ValueError(f"method {spec.name!r} needs a target layer")
+        names = [default]
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers listed twice for {spec.name!r}: {names}")
+    return names
+
+
+def compute_cams(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Sequence[int],
+    *,
+    methods: Sequence[str],
+    layer: LayerArg = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 32,
+    upsample_maps: bool = True,
+) -> CamResult:
+    """Compute several CAM methods for one batch, sharing one forward (+ one backward) between them.
+
+    All gradient methods, ``cam`` and ``eigen_cam`` read the same captured activations and gradients;
+    perturbation methods add their own chunked forwards. The model is left as found: no hooks, no
+    parameter ``.grad``, every module's train/eval mode restored, also when an error is raised.
+
+    Args:
+        model: classifier returning logits ``[B, num_classes]``.
+        images: ``[B, C, H, W]`` normalized images (moved to the model's device).
+        targets: ``[B]`` explained class per image (exactly one per image).
+        methods: registry names (see ``auditor methods``).
+        layer: target layer name (``named_modules()``); None = auto (last conv block / last ViT block);
+            a list only for multi-layer methods (``layer_cam``).
+        options: per-method options, e.g. ``{"occlusion": {"window": 8}}``.
+        batch_size: chunk size of the extra forwards of perturbation methods.
+        upsample_maps: also return maps at input resolution.
+
+    Returns:
+        :class:`CamResult`.
+    """
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods:
+        raise ValueError("methods is empty; pass at least one method name")
+    options = dict(options or {})
+    unknown = [m for m in options if m not in methods]
+    if unknown:
+        raise ValueError(f"options given for method(s) {unknown} that are not in methods={list(methods)}")
+    specs = [CAMS[m] for m in methods]
+    resolved = {s.name: s.resolve_options(options.get(s.name)) for s in specs}
+    device = model_device(model)
+    images = check_images(images, device)
+    targets = check_targets(targets, images.shape[0], device)
+    size = (int(images.shape[2]), int(images.shape[3]))
+
+    with model_state(model):
+        needs_layer = any(s.needs != "nothing" for s in specs)
+        default = None
+        if needs_layer and (layer is None or any(s.needs != "nothing" and not s.multi_layer for s in specs)):
+            single = layer if isinstance(layer, str) or layer is None else (layer[0] if len(layer) == 1 else None)
+            if single is not None or layer is None:
+                default = resolve_layer(model, single, images)
+        per_method = {s.name: _method_layers(s, layer, resolved[s.name], default) for s in specs}
+        for s in specs:
+            for name in per_method[s.name]:
+                resolve_layer(model, name, images)
+        all_layers = list(dict.fromkeys(n for names in per_method.values() for n in names))
+        need_grad = any(s.needs == "gradients" for s in specs)
+        captured: dict[str, LayerData] = {}
+        if all_layers:
+            logits, captured = layer_pass(model, images, targets, all_layers, grad=need_grad)
+        else:
+            with torch.no_grad():
+                logits = model(images)
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                raise ValueError("the model must return logits of shape [B, num_classes]")
+            logits = logits.detach()
+            check_target_range(targets, logits.shape[1])
+        logits = logits.float()
+
+        outputs: dict[str, CamOutput] = {}
+        for spec in specs:
+            names = sorted(per_method[spec.name], key=lambda n: captured[n].order)
+            ctx = CamContext(
+                model=model,
+                images=images,
+                targets=targets,
+                logits=logits,
+                layers=captured,
+                layer=names[0] if names else "",
+                layer_names=names,
+                options=resolved[spec.name],
+                batch_size=batch_size,
+            )
+            if spec.multi_layer and names:
+                ctx.layer = names[-1]
+            low, valid = finalize(spec.fn(ctx))
+            maps = upsample(low, size) if upsample_maps else None
+            outputs[spec.name] = CamOutput(spec.name, maps, low, valid, names)
+    return CamResult(logits=logits, outputs=outputs)
+
+
+@overload
+def compute_cam(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Sequence[int],
+    *,
+    method: str = ...,
+    layer: LayerArg = ...,
+    batch_size: int = ...,
+    return_low_res: Literal[False] = ...,
+    **options: Any,
+) -> Tensor: ...
+
+
+@overload
+def compute_cam(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Sequence[int],
+    *,
+    method: str = ...,
+    layer: LayerArg = ...,
+    batch_size: int = ...,
+    return_low_res: Literal[True],
+    **options: Any,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def compute_cam(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Sequence[int],
+    *,
+    method: str = "grad_cam",
+    layer: LayerArg = None,
+    batch_size: int = 32,
+    return_low_res: bool = False,
+    **options: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Compute one CAM method: raw (un-normalized), >= 0, float32 maps ``[B, H, W]`` at input resolution.
+
+    Args:
+        model: classifier returning logits ``[B, num_classes]``.
+        images: ``[B, C, H, W]`` normalized images.
+        targets: ``[B]`` explained class per image.
+        method: registry name (``auditor methods`` lists them).
+        layer: target layer name, None for auto, or a list for ``layer_cam``.
+        batch_size: chunk size of extra forwards (perturbation methods).
+        return_low_res: also return the ``[B, h, w]`` map at the layer's resolution.
+        **options: method options (e.g. ``window=8`` for occlusion).
+
+    Returns:
+        ``[B, H, W]`` maps, or ``(maps, low_res)`` with ``return_low_res=True``. Images whose map is
+        constant or non-finite get an all-zero (NaN-free) map and a logged warning; use
+        :func:`compute_cams` for the per-sample ``valid`` flags.
+    """
+    result = compute_cams(
+        model, images, targets, methods=[method], layer=layer, options={method: options}, batch_size=batch_size
+    )
+    out = result.outputs[method]
+    bad = (~out.valid).nonzero().flatten().tolist()
+    if bad:
+        log.warning("%s: %d of %d maps are constant or non-finite (images %s)", method, len(bad), len(out.valid), bad[:10])
+    assert out.maps is not None  # upsample_maps=True
+    return (out.maps, out.low_res) if return_low_res else out.maps

@@ -1,0 +1,103 @@
+"""The CAM method registry: name -> :class:`CamMethod` (function + what it needs + what it costs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import Tensor
+
+from auditor.cams.core import CamContext
+from auditor.registry import Registry, did_you_mean
+
+MethodFn = Callable[[CamContext], Tensor]
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    """A registered CAM method.
+
+    Attributes:
+        name: registry key (snake_case paper name).
+        fn: pure function ``CamContext -> [B, h, w]`` signed map (layer methods) or ``[B, H, W]`` map
+            (pixel methods).
+        family: ``gradient`` | ``activation`` | ``perturbation`` | ``pixel``.
+        needs: what the shared pass must capture at the target layer: ``gradients``, ``activations`` or
+            ``nothing`` (black-box methods only need the model and the logits).
+        forwards: cost in forward passes per image and explained class (a formula; K = channels).
+        backwards: cost in backward passes per image and explained class.
+        reference: paper and arXiv id.
+        options: option names and defaults; unknown options raise.
+        output: ``layer`` (map at the layer's resolution) or ``pixel`` (at input resolution).
+        class_sensitive: False for class-agnostic methods (Eigen-CAM) that cannot support class claims.
+        multi_layer: whether a list of layers is accepted (fused).
+    """
+
+    name: str
+    fn: MethodFn
+    family: str
+    needs: str
+    forwards: str
+    backwards: str
+    reference: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    output: str = "layer"
+    class_sensitive: bool = True
+    multi_layer: bool = False
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
+        merged = dict(self.options)
+        for key, value in (given or {}).items():
+            if key not in self.options:
+                known = ", ".join(self.options) or "none"
+                raise ValueError(
+                    f"unknown option {key!r} for method {self.name!r}{did_you_mean(key, list(self.options))} "
+                    f"(options: {known})"
+                )
+            merged[key] = value
+        return merged
+
+
+CAMS: Registry[CamMethod] = Registry("CAM method")
+
+
+def register_cam(
+    name: str,
+    *,
+    family: str,
+    needs: str,
+    forwards: str,
+    backwards: str,
+    reference: str,
+    options: Mapping[str, Any] | None = None,
+    output: str = "layer",
+    class_sensitive: bool = True,
+    multi_layer: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering a method function under ``name`` (see :class:`CamMethod`)."""
+    if needs not in ("gradients", "activations", "nothing"):
+        raise ValueError(f"needs must be gradients|activations|nothing, got {needs!r}")
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        CAMS.add(
+            name,
+            CamMethod(
+                name=name,
+                fn=fn,
+                family=family,
+                needs=needs,
+                forwards=forwards,
+                backwards=backwards,
+                reference=reference,
+                options=MappingProxyType(dict(options or {})),
+                output=output,
+                class_sensitive=class_sensitive,
+                multi_layer=multi_layer,
+            ),
+        )
+        return fn
+
+    return decorate

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny, seeded, hand-weighted networks (no downloads, no binary fixtures)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+class GapNet(nn.Module):
+    """conv -> ReLU (in place) = ``features``; then GAP -> one Linear: the head CAM is defined for."""
+
+    def __init__(self, k: int = 6, classes: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, k, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(k, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class FlatNet(nn.Module):
+    """conv -> ReLU = ``features``; then flatten -> Linear: gradients vary over space but not with the input."""
+
+    def __init__(self, k: int = 4, size: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, k, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(k * size * size, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class LinNet(nn.Module):
+    """1x1 conv (no nonlinearity) = ``features`` at input resolution; GAP; Linear. Linear in the input."""
+
+    def __init__(self, k: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, k, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(k, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks with BatchNorm (so train/eval mode matters), GAP + Linear."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.block2 = nn.Sequential(
+            nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block2(self.block1(x))), 1))
+
+
+@pytest.fixture
+def small_cnn() -> SmallCNN:
+    model = SmallCNN()
+    # non-trivial BatchNorm statistics so that eval and train mode differ
+    for bn in (model.block1[1], model.block2[1]):
+        assert isinstance(bn, nn.BatchNorm2d)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return model
