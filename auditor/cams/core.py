@@ -48,10 +48,10 @@ _MAX_PREFIX_TOKENS = 8
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -76,9 +76,8 @@ def check_images(images: Tensor, device: torch.device) -> Tensor:
         raise TypeError(f"images must be floating point (normalized), got dtype {images.dtype}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch (B = 0)")
-    if images.is_inference():
-        images = images.clone()
-    return images.detach().to(device, non_blocking=True)
+    out = images.clone() if images.is_inference() else images
+    return out.detach().to(device, non_blocking=True)
 
 
 def check_targets(targets: Tensor | Sequence[int] | int, batch: int, device: torch.device) -> Tensor:
@@ -103,9 +102,7 @@ def check_targets(targets: Tensor | Sequence[int] | int, batch: int, device: tor
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
     if t.numel() != batch:
-        raise ValueError(
-            f"targets has {t.numel()} entries for {batch} images; pass exactly one target class per image"
-        )
+        raise ValueError(f"targets has {t.numel()} entries for {batch} images; pass exactly one target class per image")
     return t.to(device=device, dtype=torch.long)
 
 
@@ -114,9 +111,7 @@ def check_target_range(targets: Tensor, num_outputs: int) -> None:
     bad = ((targets < 0) | (targets >= num_outputs)).nonzero().flatten()
     if bad.numel():
         i = int(bad[0])
-        raise ValueError(
-            f"target {int(targets[i])} for image {i} is out of range: the model has {num_outputs} outputs"
-        )
+        raise ValueError(f"target {int(targets[i])} for image {i} is out of range: the model has {num_outputs} outputs")
 
 
 def chunks(total: int, size: int) -> Iterator[slice]:
@@ -297,8 +292,9 @@ def inspect_model(model: nn.Module, example: Tensor) -> ModelInfo:
             last_spatial = i
 
     default: str | None = None
-    token_after = [i for i, (name, _, out) in enumerate(records) if i > last_spatial and out.ndim == 3
-                   and name in layouts]
+    token_after = [
+        i for i, (name, _, out) in enumerate(records) if i > last_spatial and out.ndim == 3 and name in layouts
+    ]
     if token_after:
         default = _last_block_input(records, token_after)
     elif last_spatial >= 0:

@@ -18,9 +18,9 @@ from auditor.cams.core import (
     check_target_range,
     check_targets,
     finalize,
+    layer_pass,
     model_device,
     model_state,
-    layer_pass,
     resolve_layer,
     upsample,
 )
@@ -241,6 +241,8 @@ def compute_cam(
     out = result.outputs[method]
     bad = (~out.valid).nonzero().flatten().tolist()
     if bad:
-        log.warning("%s: %d of %d maps are constant or non-finite (images %s)", method, len(bad), len(out.valid), bad[:10])
+        log.warning(
+            "%s: %d of %d maps are constant or non-finite (images %s)", method, len(bad), len(out.valid), bad[:10]
+        )
     assert out.maps is not None  # upsample_maps=True
     return (out.maps, out.low_res) if return_low_res else out.maps

@@ -211,7 +211,8 @@ def first_component(x: Tensor) -> Tensor:
 
     ``O = reshape(x) in R^{(h w) x K}``, columns centred over positions, thin SVD ``O = U S V^T``, map
     ``O v_1``. The SVD's sign is arbitrary, so the sign is fixed such that the largest-magnitude value is
-    positive (the correction of Seg-Eigen-CAM; pytorch-grad-cam's EigenCAM leaves it arbitrary).
+    positive (the correction of Seg-Eigen-CAM; pytorch-grad-cam's EigenCAM leaves it arbitrary). An image
+    with non-finite values gets an all-NaN projection (flagged invalid downstream) instead of an SVD error.
 
     Args:
         x: ``[B, K, h, w]``.
@@ -219,13 +220,16 @@ def first_component(x: Tensor) -> Tensor:
     Returns:
         ``[B, h, w]`` signed projection.
     """
-    b, k, h, w = x.shape
+    b, _, h, w = x.shape
     obs = x.flatten(2).transpose(1, 2).double()
+    finite = torch.isfinite(obs).flatten(1).all(1)
+    obs = torch.where(finite[:, None, None], obs, torch.zeros_like(obs))  # SVD cannot take NaN/inf
     obs = obs - obs.mean(1, keepdim=True)
     _, _, vh = torch.linalg.svd(obs, full_matrices=False)
     proj = (obs @ vh[:, 0, :, None])[..., 0]
     flip = proj.amin(1).abs() > proj.amax(1).abs()
     proj = torch.where(flip[:, None], -proj, proj)
+    proj = torch.where(finite[:, None], proj, torch.full_like(proj, float("nan")))  # flagged by finalize()
     return proj.float().view(b, h, w)
 
 
