@@ -4,4 +4,8 @@ from auditor.cams import gradient, perturbation, pixel  # noqa: F401  (registers
 from auditor.cams.engine import CamOutput, CamResult, compute_cam, compute_cams
 from auditor.cams.registry import CAMS, CamMethod
 
-__all__ = ["CAMS", "CamMethod", "CamOutput", "CamResult", "compute_cam", "compute_cams"]
+#: The default ("fast") method set (DESIGN.md §3): gradient methods sharing one forward + one backward.
+#: ``cam`` joins them where the head is GAP + one Linear layer (the run decides per model).
+FAST_METHODS: tuple[str, ...] = ("grad_cam", "grad_cam_pp", "hires_cam", "layer_cam")
+
+__all__ = ["CAMS", "FAST_METHODS", "CamMethod", "CamOutput", "CamResult", "compute_cam", "compute_cams"]

@@ -155,6 +155,8 @@ class _LeafTracer(torch.fx.Tracer):
         return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
 
 
+HEAD_CHUNK = 512  # ablated rows per head-only forward
+
 _TAILS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
@@ -244,7 +246,9 @@ def ablation_cam(ctx: CamContext) -> Tensor:
             log.debug("fx head of %r does not reproduce the logits; re-running the whole network", ctx.layer)
             head = None
     ablated = torch.empty(b * k, device=ctx.images.device)
-    for sl in chunks(b * k, ctx.batch_size):
+    # Head-only rows are one layer output each (e.g. 512x7x7 floats), far smaller than an image forward.
+    chunk = ctx.batch_size if head is None else max(ctx.batch_size, HEAD_CHUNK)
+    for sl in chunks(b * k, chunk):
         job = torch.arange(sl.start, sl.stop, device=ctx.images.device)
         img, chan = job // k, job % k
         if head is not None:

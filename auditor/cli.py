@@ -1,0 +1,87 @@
+"""The ``auditor`` command line.
+
+Exit codes (DESIGN.md §3): 0 success, 1 a gate failed, 2 usage or config error, 3 runtime error (bad data,
+model load). Errors print one message naming the culprit; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from auditor import __version__
+from auditor.cams import CAMS, FAST_METHODS
+from auditor.errors import AuditorError
+
+log = logging.getLogger("auditor")
+
+
+def _methods_rows() -> list[dict[str, str]]:
+    rows = []
+    for name, spec in CAMS.items():
+        rows.append(
+            {
+                "name": name,
+                "family": spec.family,
+                "set": "fast" if name in FAST_METHODS else "all",
+                "forwards": spec.forwards,
+                "backwards": spec.backwards,
+                "class_sensitive": "yes" if spec.class_sensitive else "no",
+                "options": ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-",
+                "reference": spec.reference,
+            }
+        )
+    return rows
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print every registered method with its cost per image and explained class."""
+    rows = _methods_rows()
+    if args.json:
+        print(json.dumps({"methods": rows}, indent=2))
+        return 0
+    cols = ["name", "family", "set", "forwards", "backwards", "class_sensitive"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+    print()
+    print("Cost is per image and explained class; K = channels of the target layer. 'fast' = the default set:")
+    print("all fast methods share one forward and one backward to the target layer.")
+    print("Options and references: auditor methods --json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="auditor", description="Dataset-level shortcut auditor for image classifiers")
+    parser.add_argument("--version", action="version", version=f"auditor {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("methods", help="list CAM methods with their cost per image")
+    p.add_argument("--json", action="store_true", help="machine-readable output with options and references")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``auditor`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except AuditorError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
