@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from auditor import __version__
 from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import AuditorError
+from auditor.metrics import FAST_METRICS, METRICS
 
 log = logging.getLogger("auditor")
 
@@ -37,18 +38,41 @@ def _methods_rows() -> list[dict[str, str]]:
     return rows
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    """Print every registered method with its cost per image and explained class."""
-    rows = _methods_rows()
-    if args.json:
-        print(json.dumps({"methods": rows}, indent=2))
-        return 0
-    cols = ["name", "family", "set", "forwards", "backwards", "class_sensitive"]
+def _metrics_rows() -> list[dict[str, str]]:
+    return [
+        {
+            "name": name,
+            "family": m.family,
+            "set": "fast" if name in FAST_METRICS else "all",
+            "needs": m.needs,
+            "better": m.direction,
+            "forwards": m.cost,
+            "subset": "expensive subset" if m.expensive else "every sample",
+            "options": ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
+            "reference": m.reference,
+        }
+        for name, m in METRICS.items()
+    ]
+
+
+def _table(rows: list[dict[str, str]], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
     print("  ".join("-" * widths[c] for c in cols))
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print every registered method and metric with its cost per image and explained class."""
+    methods, metrics = _methods_rows(), _metrics_rows()
+    if args.json:
+        print(json.dumps({"methods": methods, "metrics": metrics}, indent=2))
+        return 0
+    print("CAM methods")
+    _table(methods, ["name", "family", "set", "forwards", "backwards", "class_sensitive"])
+    print("\nMetrics")
+    _table(metrics, ["name", "family", "set", "needs", "better", "forwards", "subset"])
     print()
     print("Cost is per image and explained class; K = channels of the target layer. 'fast' = the default set:")
     print("all fast methods share one forward and one backward to the target layer.")
