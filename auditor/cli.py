@@ -80,6 +80,47 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or resume) an audit."""
+    from auditor.config import load_config
+    from auditor.pipeline import Selection, run_audit
+
+    cfg = load_config(args.config)
+    updates = {
+        k: v
+        for k, v in {
+            "seed": args.seed,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+        }.items()
+        if v is not None
+    }
+    if updates:
+        cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+    only = [c.strip() for c in args.only_classes.split(",") if c.strip()] if args.only_classes else None
+    summary = run_audit(
+        cfg,
+        args.out,
+        force=args.force,
+        selection=Selection(limit=args.limit, per_class=args.per_class, only_classes=only),
+        progress=args.progress,
+    )
+    acc = summary["accuracy"]["*"]
+    print(
+        f"audited {summary['dataset']['n']} images ({len(summary['dataset']['skipped'])} skipped), "
+        f"accuracy {acc['accuracy']:.3f}; results in {args.out}"
+    )
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="auditor", description="Dataset-level shortcut auditor for image classifiers")
@@ -89,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list CAM methods with their cost per image")
     p.add_argument("--json", action="store_true", help="machine-readable output with options and references")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("run", help="audit a model on a dataset (resumes an unfinished run in --out)")
+    p.add_argument("config", help="audit YAML config")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--limit", type=_positive, help="audit at most N images (seeded choice)")
+    p.add_argument("--per-class", type=_positive, help="audit at most N images per class (seeded choice)")
+    p.add_argument("--only-classes", help="comma-separated class names to audit (the model's class order is kept)")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--batch-size", type=_positive, help="override the config's batch_size")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

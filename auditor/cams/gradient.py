@@ -268,6 +268,7 @@ def eigen_grad_cam(ctx: CamContext) -> Tensor:
     backwards="N (to the target layer)",
     reference="Omeiza et al., Smooth Grad-CAM++, arXiv:1908.01224",
     options={"num_samples": 4, "std": 0.3, "seed": 0},
+    expensive=True,
 )
 def smooth_grad_cam_pp(ctx: CamContext) -> Tensor:
     """Smooth Grad-CAM++: Grad-CAM++ with ``g, g^2, g^3`` averaged over N noisy copies ``x + eps``.

@@ -33,6 +33,7 @@ class CamMethod:
         output: ``layer`` (map at the layer's resolution) or ``pixel`` (at input resolution).
         class_sensitive: False for class-agnostic methods (Eigen-CAM) that cannot support class claims.
         multi_layer: whether a list of layers is accepted (fused).
+        expensive: costs far more than one forward; ``auditor run`` applies it to the ``expensive`` subset.
     """
 
     name: str
@@ -46,6 +47,7 @@ class CamMethod:
     output: str = "layer"
     class_sensitive: bool = True
     multi_layer: bool = False
+    expensive: bool = False
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
@@ -76,8 +78,12 @@ def register_cam(
     output: str = "layer",
     class_sensitive: bool = True,
     multi_layer: bool = False,
+    expensive: bool | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering a method function under ``name`` (see :class:`CamMethod`)."""
+    """Decorator registering a method function under ``name`` (see :class:`CamMethod`).
+
+    ``expensive`` defaults to True for the perturbation family.
+    """
     if needs not in ("gradients", "activations", "nothing"):
         raise ValueError(f"needs must be gradients|activations|nothing, got {needs!r}")
 
@@ -96,6 +102,7 @@ def register_cam(
                 output=output,
                 class_sensitive=class_sensitive,
                 multi_layer=multi_layer,
+                expensive=family == "perturbation" if expensive is None else expensive,
             ),
         )
         return fn

@@ -223,9 +223,13 @@ def best_box_iou(cam: np.ndarray, gt: np.ndarray, thresholds: np.ndarray) -> np.
 
 
 def _gt_boxes(inputs: MetricInputs, masks: Tensor) -> list[np.ndarray]:
-    if inputs.boxes is not None:
-        return [b.detach().cpu().double().numpy().reshape(-1, 4) for b in inputs.boxes]
-    return [boxes_from_mask(m) for m in masks.cpu().numpy()]
+    """Given boxes per image; an image without boxes uses the boxes of its mask's components."""
+    given = inputs.boxes or [torch.zeros(0, 4)] * len(masks)
+    out = []
+    for box, mask in zip(given, masks.cpu().numpy(), strict=True):
+        b = box.detach().cpu().double().numpy().reshape(-1, 4)
+        out.append(b if len(b) else boxes_from_mask(mask))
+    return out
 
 
 @register_metric(

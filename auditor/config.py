@@ -1,0 +1,305 @@
+"""Audit configuration: YAML -> validated :class:`AuditConfig` (DESIGN.md §3).
+
+Unknown or misspelled keys, wrong types and missing files are reported with the key path, the bad value
+and a close-match suggestion (``ConfigError``, exit code 2) before anything heavy runs. Relative paths
+resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from auditor.cams import CAMS, FAST_METHODS
+from auditor.errors import ConfigError
+from auditor.metrics import FAST_METRICS, METRICS
+from auditor.registry import did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelConfig(_Strict):
+    """Where the classifier comes from: exactly one of ``arch``, ``torchscript``, ``factory``."""
+
+    arch: str | None = None
+    torchscript: Path | None = None
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: int | None = Field(default=None, ge=1)
+    checkpoint: Path | None = None
+    target_layer: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("arch", "torchscript", "factory") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of arch, torchscript, factory (got {given or 'none'})")
+        if self.torchscript is not None and self.checkpoint is not None:
+            raise ValueError("a TorchScript file holds its weights; remove 'checkpoint'")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory must be 'module:function' or 'file.py:function', got {self.factory!r}")
+        return self
+
+
+class NormalizeConfig(_Strict):
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> NormalizeConfig:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError("normalize.mean and normalize.std need the same, non-zero length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalize.std values must be > 0")
+        return self
+
+
+class DataConfig(_Strict):
+    """The labelled dataset: exactly one of ``manifest``, ``image_folder``, ``coco``."""
+
+    manifest: Path | None = None
+    image_folder: Path | None = None
+    mask_folder: Path | None = None
+    coco: Path | None = None
+    root: Path | None = None
+    classes: list[str] | None = None
+    image_size: int = Field(default=224, ge=8, le=4096)
+    normalize: Literal["imagenet", "none"] | NormalizeConfig = "imagenet"
+    metadata: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [k for k in ("manifest", "image_folder", "coco") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of manifest, image_folder, coco (got {given or 'none'})")
+        if self.mask_folder is not None and self.image_folder is None:
+            raise ValueError("mask_folder goes with image_folder")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes lists a name twice")
+        return self
+
+    def mean_std(self) -> tuple[list[float], list[float]] | None:
+        """The normalization as (mean, std) lists, or None for ``none``."""
+        if self.normalize == "imagenet":
+            return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        if self.normalize == "none":
+            return None
+        return list(self.normalize.mean), list(self.normalize.std)
+
+
+class ExpensiveConfig(_Strict):
+    """Which samples get the methods and metrics that cost far more than one forward."""
+
+    subset: Literal["stratified", "all"] = "stratified"
+    per_class: int = Field(default=50, ge=1)
+
+
+class SanityConfig(_Strict):
+    """Model-parameter randomization test settings (run once per audit)."""
+
+    methods: list[str] = Field(default_factory=lambda: ["grad_cam", "layer_cam"])
+    n_images: int = Field(default=32, ge=2)
+    n_blocks: int = Field(default=3, ge=1)
+
+
+class AuditConfig(_Strict):
+    """The whole audit (DESIGN.md §3)."""
+
+    model: ModelConfig
+    data: DataConfig
+    methods: list[str] | Literal["fast", "all"] = "fast"
+    target: Literal["label", "prediction", "both"] = "label"
+    metrics: list[str] | Literal["fast", "all"] = "fast"
+    expensive: ExpensiveConfig = Field(default_factory=ExpensiveConfig)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    metric_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sanity: SanityConfig | None = None
+    device: str = "auto"
+    batch_size: int = Field(default=32, ge=1)
+    workers: int = Field(default=0, ge=0)
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            for name in value:
+                CAMS[name]  # raises with a close match
+            if not value:
+                raise ValueError("methods is empty")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            for name in value:
+                METRICS[name]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _options(self) -> AuditConfig:
+        for name, opts in self.method_options.items():
+            CAMS[name].resolve_options(opts)
+        for name, opts in self.metric_options.items():
+            METRICS[name].resolve_options(opts)
+        if self.sanity is not None:
+            for name in self.sanity.methods:
+                CAMS[name]
+        return self
+
+    def method_names(self) -> list[str]:
+        """The resolved method list (``fast`` and ``all`` expanded)."""
+        if self.methods == "fast":
+            return list(FAST_METHODS)
+        if self.methods == "all":
+            return CAMS.names()
+        return list(self.methods)
+
+    def metric_names(self) -> list[str]:
+        """The resolved metric list (``fast`` and ``all`` expanded)."""
+        if self.metrics == "fast":
+            return list(FAST_METRICS)
+        if self.metrics == "all":
+            return METRICS.names()
+        return list(self.metrics)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _model_fields_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the (nested) model found at ``loc``; empty when ``loc`` is not a model."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or not isinstance(part, str):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: key.path: message (got value); did you mean ...``."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before")))
+        # pydantic adds the union member / literal tag to the location; keep the config's own keys
+        keys = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith(("literal", "list"))))]
+        path = ".".join(keys) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _model_fields_at(AuditConfig, tuple(keys[:-1]))
+            msg = f"unknown key{did_you_mean(keys[-1], known)}" + (f" (allowed: {', '.join(known)})" if known else "")
+            lines.append(f"{source}: {path}: {msg}")
+            continue
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"{source}: {path}: {msg}{shown}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+    cfg.model.torchscript = fix(cfg.model.torchscript)
+    cfg.model.checkpoint = fix(cfg.model.checkpoint)
+    if cfg.model.factory is not None:
+        module, _, fn = cfg.model.factory.rpartition(":")
+        if module.endswith(".py"):
+            cfg.model.factory = f"{fix(Path(module))}:{fn}"
+    for key in ("manifest", "image_folder", "mask_folder", "coco", "root"):
+        setattr(cfg.data, key, fix(getattr(cfg.data, key)))
+
+
+def _check_files(cfg: AuditConfig, source: str) -> None:
+    checks = [
+        ("model.torchscript", cfg.model.torchscript, "file"),
+        ("model.checkpoint", cfg.model.checkpoint, "file"),
+        ("data.manifest", cfg.data.manifest, "file"),
+        ("data.coco", cfg.data.coco, "file"),
+        ("data.image_folder", cfg.data.image_folder, "dir"),
+        ("data.mask_folder", cfg.data.mask_folder, "dir"),
+        ("data.root", cfg.data.root, "dir"),
+    ]
+    problems = []
+    for key, path, kind in checks:
+        if path is None:
+            continue
+        ok = path.is_file() if kind == "file" else path.is_dir()
+        if not ok:
+            problems.append(f"{source}: {key}: {'file' if kind == 'file' else 'folder'} not found: {path}")
+    if cfg.model.factory is not None:
+        module = cfg.model.factory.rpartition(":")[0]
+        if module.endswith(".py") and not Path(module).is_file():
+            problems.append(f"{source}: model.factory: file not found: {module}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def parse_config(raw: Any, *, base: Path, source: str = "config") -> AuditConfig:
+    """Validate a config mapping; relative paths resolve against ``base``. Raises :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        cfg = AuditConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    except ValueError as err:  # a registry lookup inside a validator
+        raise ConfigError(f"{source}: {err}") from None
+    _resolve_paths(cfg, base)
+    _check_files(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> AuditConfig:
+    """Read and validate a YAML config file (``ConfigError`` with key paths on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, base=path.resolve().parent, source=str(path))
+
+
+def dump_resolved(cfg: AuditConfig) -> str:
+    """The config with every default and list filled in, as YAML (``config.resolved.yaml``)."""
+    data = cfg.model_dump(mode="json")
+    data["methods"] = cfg.method_names()
+    data["metrics"] = cfg.metric_names()
+    data["method_options"] = {m: CAMS[m].resolve_options(cfg.method_options.get(m)) for m in cfg.method_names()}
+    data["metric_options"] = {m: METRICS[m].resolve_options(cfg.metric_options.get(m)) for m in cfg.metric_names()}
+    return yaml.safe_dump(data, sort_keys=False)

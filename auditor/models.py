@@ -1,0 +1,164 @@
+"""Loading the audited classifier: torchvision arch + state_dict, TorchScript, or a factory function."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from auditor.config import ModelConfig
+from auditor.errors import ModelError
+from auditor.registry import did_you_mean
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    """The model in eval mode on its device, and whether hooks (white-box methods) are possible."""
+
+    module: nn.Module
+    scripted: bool
+    description: str
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a torch file loaded with ``weights_only=True``.
+
+    Accepts a ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"model_state_dict": ...}`` wrapper.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any reader failure is reported with the file name, then stops the run
+        raise ModelError(
+            f"cannot read checkpoint {path}: {err}. Save a state_dict with torch.save(model.state_dict(), path) "
+            "(full pickled models are refused: weights_only=True)"
+        ) from err
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return dict(obj)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DataParallel), ``model.`` (Lightning) or ``_orig_mod.`` (torch.compile) prefixes.
+
+    A prefix is stripped only when every key has it and the model's own keys do not.
+    """
+    for _ in range(3):
+        changed = False
+        for prefix in _PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+        if not changed:
+            break
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model`` strictly; missing / unexpected / mis-shaped keys raise a clear error."""
+    expected = model.state_dict()
+    state = strip_prefixes(read_state_dict(path), set(expected))
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]} (is num_classes right?)")
+        raise ModelError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, fn_name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            name = f"auditor_factory_{path.stem}"
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ModelError(f"cannot import factory file {path}")
+            mod = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = mod
+            loader_spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(f"cannot import the factory module {module_name!r}: {err}") from err
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        names = [n for n in dir(mod) if not n.startswith("_")]
+        raise ModelError(f"{module_name!r} has no callable {fn_name!r}{did_you_mean(fn_name, names)}")
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Build and load the model described by ``cfg``, in eval mode, on ``device``."""
+    if cfg.torchscript is not None:
+        try:
+            scripted = torch.jit.load(str(cfg.torchscript), map_location=device)
+        except (RuntimeError, ValueError) as err:
+            raise ModelError(f"cannot load TorchScript file {cfg.torchscript}: {err}") from err
+        return LoadedModel(scripted.eval(), True, f"TorchScript {cfg.torchscript.name}")
+    if cfg.arch is not None:
+        available = torchvision.models.list_models(module=torchvision.models)
+        if cfg.arch not in available:
+            raise ModelError(f"unknown torchvision architecture {cfg.arch!r}{did_you_mean(cfg.arch, available)}")
+        if cfg.num_classes is None:
+            raise ModelError("model.num_classes is required with model.arch")
+        model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=cfg.num_classes)
+        description = f"torchvision {cfg.arch} ({cfg.num_classes} classes)"
+    else:
+        assert cfg.factory is not None  # validated: exactly one source
+        model = _factory(cfg.factory, cfg.factory_kwargs)
+        description = f"factory {cfg.factory}"
+    if cfg.checkpoint is not None:
+        load_weights(model, cfg.checkpoint)
+        description += f", weights {cfg.checkpoint.name}"
+    else:
+        log.warning("no checkpoint given: auditing a model with its initial weights")
+    return LoadedModel(model.eval().to(device), False, description)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a named device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device

@@ -1,0 +1,182 @@
+"""`auditor run` end to end on real files: outputs, resume, selection flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auditor import pipeline
+from auditor.cli import main
+from auditor.config import load_config
+from auditor.pipeline import Selection, run_audit
+from tests.pipeline.conftest import make_config
+
+
+def _run(cfg_path: Path, out: Path, *extra: str) -> int:
+    return main(["run", str(cfg_path), "--out", str(out), "--no-progress", *extra])
+
+
+def test_run_writes_every_output(dataset_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _run(make_config(dataset_dir, tmp_path), out) == 0
+    table = pd.read_parquet(out / "samples.parquet")
+    assert len(table) == 24 * 2 + 6  # 24 images x (grad_cam, hires_cam) + occlusion on the 6-image subset
+    assert set(table["method"]) == {"grad_cam", "hires_cam", "occlusion"}
+    assert (table["method"] == "occlusion").sum() == 6 and table[table["method"] == "occlusion"]["expensive"].all()
+    for col in [
+        "id",
+        "path",
+        "label",
+        "pred",
+        "prob",
+        "correct",
+        "method",
+        "target",
+        "energy_in_mask",
+        "energy_in_mask_chance",
+        "pointing_game",
+        "pointing_game_chance",
+        "average_drop",
+        "map_mean",
+        "deletion_auc",
+        "deletion_auc_norm",
+        "weather",
+        "ground",
+        "mask_source",
+    ]:
+        assert col in table.columns, col
+    grad = table[table["method"] == "grad_cam"]
+    assert grad["energy_in_mask"].notna().all() and grad["deletion_auc"].notna().sum() == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema_version"] == 1
+    assert set(summary["versions"]) >= {"auditor", "torch", "torchvision"}
+    assert summary["dataset"]["n"] == 24 and summary["dataset"]["per_class"] == {"disc": 12, "square": 12}
+    assert len(summary["dataset"]["id"]) == 64
+    stats = summary["aggregates"]["grad_cam"]["label"]["*"]["energy_in_mask"]
+    assert set(stats) == {"mean", "median", "ci_low", "ci_high", "n"} and stats["n"] == 24
+    assert stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
+    assert "max_box_acc" in summary["aggregates"]["grad_cam"]["label"]["disc"]
+    assert summary["accuracy"]["*"]["n"] == 24
+    assert set(summary["groups"]["weather"]) == {"sunny", "cloudy"}
+    maps = np.load(out / "maps" / "grad_cam__label.npy")
+    assert maps.shape == (24, 16, 16) and maps.dtype == np.float16 and np.isfinite(maps).all()
+    occ = np.load(out / "maps" / "occlusion__label.npy")
+    assert np.isnan(occ).all(axis=(1, 2)).sum() == 18  # only the expensive subset has occlusion maps
+    curves = np.load(out / "curves" / "deletion_curve__grad_cam__label.npy")
+    assert curves.shape == (24, 11)
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "grad_cam" in resolved and "window: 8" in resolved
+
+
+def test_finished_run_is_not_overwritten_without_force(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"])
+    out = tmp_path / "run"
+    assert _run(cfg, out) == 0
+    assert _run(cfg, out) == 2
+    assert _run(cfg, out, "--force") == 0
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "samples.parquet"), pd.read_parquet(b / "samples.parquet"))
+    for sub in ("maps", "curves"):
+        for f in sorted((a / sub).glob("*.npy")):
+            np.testing.assert_array_equal(np.load(f), np.load(b / sub / f.name))
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    assert sa["aggregates"] == sb["aggregates"] and sa["dataset"] == sb["dataset"]
+
+
+def test_resume_after_interruption_gives_identical_results(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(make_config(dataset_dir, tmp_path))
+    run_audit(cfg, tmp_path / "clean", progress=False)
+    real = pipeline._process_batch
+    calls = {"n": 0}
+
+    def interrupted(ctx, batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third batch
+        return real(ctx, batch)
+
+    monkeypatch.setattr(pipeline, "_process_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(cfg, tmp_path / "resumed", progress=False)
+    assert len(list((tmp_path / "resumed" / "parts").glob("part-*.parquet"))) == 2
+    monkeypatch.setattr(pipeline, "_process_batch", real)
+    run_audit(cfg, tmp_path / "resumed", progress=False)
+    _same_outputs(tmp_path / "clean", tmp_path / "resumed")
+
+
+def test_resume_after_kill_9(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = make_config(dataset_dir, tmp_path, batch_size=2)
+    args = [sys.executable, "-m", "auditor", "run", str(cfg), "--no-progress"]
+    subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    parts = tmp_path / "killed" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(parts.glob("part-*.parquet"))) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    _same_outputs(tmp_path / "clean", tmp_path / "killed")
+
+
+def test_changed_config_does_not_resume(dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "run.json").write_text(json.dumps({"identity": "something else"}))
+    assert _run(make_config(dataset_dir, tmp_path, methods=["grad_cam"]), out) == 2
+
+
+def test_selection_flags(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"]))
+    s = run_audit(cfg, tmp_path / "a", selection=Selection(per_class=4), progress=False)
+    assert s["dataset"]["per_class"] == {"disc": 4, "square": 4}
+    s = run_audit(cfg, tmp_path / "b", selection=Selection(limit=5), progress=False)
+    assert s["dataset"]["n"] == 5
+    s = run_audit(cfg, tmp_path / "c", selection=Selection(only_classes=["square"]), progress=False)
+    assert s["dataset"]["per_class"] == {"disc": 0, "square": 12}
+
+
+def test_target_both_adds_prediction_maps_only_for_errors(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"], target="both")
+    )
+    run_audit(cfg, tmp_path / "r", progress=False)
+    table = pd.read_parquet(tmp_path / "r" / "samples.parquet")
+    wrong = table[(table["target"] == "label") & ~table["correct"]]
+    pred = table[table["target"] == "prediction"]
+    assert set(pred["id"]) == set(wrong["id"])
+    assert (pred["target_class"] == pred["pred"]).all()
+
+
+def test_sanity_checks_in_summary(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        make_config(
+            dataset_dir,
+            tmp_path,
+            methods=["grad_cam", "layer_cam", "hires_cam"],
+            metrics=["energy_in_mask"],
+            sanity={"methods": ["grad_cam"], "n_images": 6, "n_blocks": 2},
+        )
+    )
+    s = run_audit(cfg, tmp_path / "r", progress=False)
+    mprt = s["sanity"]["mprt"]
+    assert mprt["n_images"] == 6 and mprt["randomized_blocks"][0] == "fc"
+    assert len(mprt["methods"]["grad_cam"]["spearman"]) == 3
+    assert "grad_cam|layer_cam" in s["sanity"]["agreement"]["*"]
