@@ -1,12 +1,16 @@
 """auditor: dataset-level shortcut-detection auditor for image classifiers."""
 
-from auditor.cams import CAMS, compute_cam, compute_cams
-from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
-
 __version__ = "0.1.0"
+
+from auditor.cams import CAMS, compute_cam, compute_cams  # noqa: E402
+from auditor.config import load_config  # noqa: E402
+from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError  # noqa: E402
+from auditor.metrics import METRICS  # noqa: E402
+from auditor.pipeline import run_audit  # noqa: E402
 
 __all__ = [
     "CAMS",
+    "METRICS",
     "AuditorError",
     "ConfigError",
     "DataError",
@@ -15,4 +19,6 @@ __all__ = [
     "__version__",
     "compute_cam",
     "compute_cams",
+    "load_config",
+    "run_audit",
 ]

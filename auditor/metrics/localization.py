@@ -75,14 +75,33 @@ def energy_outside_mask(inputs: MetricInputs) -> MetricResult:
     return MetricResult(1 - inside.value, {"energy_outside_mask_chance": 1 - a})
 
 
-def _disk_reach(masks: Tensor, radius: float) -> Tensor:
-    """``[B, H, W]`` bool: pixels strictly closer than ``radius`` to a mask pixel."""
-    r = max(0, math.ceil(radius) - 1) if radius > 0 else 0
-    if r == 0:
-        return masks.clone() if radius > 0 else torch.zeros_like(masks)
-    offs = torch.arange(-r, r + 1, device=masks.device, dtype=torch.float32)
-    kernel = ((offs[:, None] ** 2 + offs[None, :] ** 2) < radius**2).float()[None, None]
-    hit = F.conv2d(masks[:, None].float(), kernel, padding=r)[:, 0]
+def disk_kernel(radius: float, device: torch.device) -> Tensor:
+    """``[k, k]`` float kernel of the integer offsets strictly closer than ``radius`` to the centre."""
+    r = max(0, math.ceil(radius) - 1)
+    offs = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    return ((offs[:, None] ** 2 + offs[None, :] ** 2) < radius**2).float()
+
+
+def disk_reach(masks: Tensor, radius: float) -> Tensor:
+    """``[B, H, W]`` bool: pixels strictly closer than ``radius`` to a mask pixel (a dilation by a disk).
+
+    Small disks use a direct convolution; large ones an FFT convolution (exact here: the sums are
+    integers and float error is far below the 0.5 threshold), which keeps a 15 px tolerance at 224 px
+    cheap (a direct 29 x 29 convolution costs ~15 ms per image on a CPU).
+    """
+    if radius <= 0:
+        return torch.zeros_like(masks)
+    kernel = disk_kernel(radius, masks.device)
+    k = kernel.shape[0]
+    r = k // 2
+    x = masks.float()
+    if k <= 9:
+        hit = F.conv2d(x[:, None], kernel[None, None], padding=r)[:, 0]
+    else:
+        h, w = masks.shape[-2:]
+        size = (h + k - 1, w + k - 1)
+        spectrum = torch.fft.rfft2(x, s=size) * torch.fft.rfft2(kernel, s=size)
+        hit = torch.fft.irfft2(spectrum, s=size)[:, r : r + h, r : r + w]
     return hit > 0.5
 
 
@@ -118,7 +137,7 @@ def pointing_game(inputs: MetricInputs, tolerance: float, seed: int) -> MetricRe
     chance = torch.empty(b, device=maps.device)
     for r in torch.unique(radius).tolist():  # one dilation per distinct tolerance (usually one)
         sel = radius == r
-        chance[sel] = _disk_reach(masks[sel], r).flatten(1).float().mean(1)
+        chance[sel] = disk_reach(masks[sel], r).flatten(1).float().mean(1)
     bad = _undefined(maps, masks)
     return MetricResult(
         _nan_where(hit.float(), bad),

@@ -111,3 +111,19 @@ def test_max_box_acc_v2() -> None:
     # delta 0.3 -> best threshold gives 1.0; 0.5 -> 0.5; 0.7 -> 0.5
     assert max_box_acc(curves) == pytest.approx((1.0 + 0.5 + 0.5) / 3)
     assert math.isnan(max_box_acc(np.full((2, 3), np.nan)))
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.5, 4.2, 10.0, 15.0])
+def test_disk_reach_fft_equals_direct_convolution(radius: float) -> None:
+    from auditor.metrics.localization import disk_kernel, disk_reach
+
+    masks = torch.rand(3, 40, 50) > 0.97
+    kernel = disk_kernel(radius, masks.device)
+    r = kernel.shape[0] // 2
+    direct = torch.nn.functional.conv2d(masks.float()[:, None], kernel[None, None], padding=r)[:, 0] > 0.5
+    assert torch.equal(disk_reach(masks, radius), direct)
+    # brute force on one image: distance to the nearest mask pixel < radius
+    ys, xs = masks[0].nonzero(as_tuple=True)
+    gy, gx = torch.meshgrid(torch.arange(40), torch.arange(50), indexing="ij")
+    d2 = ((gy[..., None] - ys) ** 2 + (gx[..., None] - xs) ** 2).min(-1).values
+    assert torch.equal(disk_reach(masks, radius)[0], d2 < radius**2)
