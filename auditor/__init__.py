@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from auditor.cams import CAMS, compute_cam, compute_cams  # noqa: E402
-from auditor.config import load_config  # noqa: E402
-from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError  # noqa: E402
-from auditor.metrics import METRICS  # noqa: E402
-from auditor.pipeline import run_audit  # noqa: E402
+from auditor.cams import CAMS, compute_cam, compute_cams
+from auditor.config import load_config
+from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
+from auditor.metrics import METRICS
+from auditor.pipeline import run_audit
 
 __all__ = [
     "CAMS",

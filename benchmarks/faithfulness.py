@@ -68,8 +68,10 @@ def main() -> None:
         batched(model, x, t, sal, args.step, args.batch_size)
         t_batch = (time.perf_counter() - t0) / args.images
         steps = math.ceil(1 / args.step) + 1
-        print(f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {t_naive / t_batch:.2f}x |",
-              flush=True)
+        print(
+            f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {t_naive / t_batch:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

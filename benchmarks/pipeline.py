@@ -23,8 +23,14 @@ import yaml
 
 from auditor.synthetic import write_dataset
 
-LOCALIZATION = ["energy_in_mask", "energy_outside_mask", "pointing_game", "relevance_rank_accuracy", "mask_iou",
-                "box_iou"]
+LOCALIZATION = [
+    "energy_in_mask",
+    "energy_outside_mask",
+    "pointing_game",
+    "relevance_rank_accuracy",
+    "mask_iou",
+    "box_iou",
+]
 
 
 def main() -> None:
@@ -39,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     ckpt = args.work / "resnet18.pt"
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), ckpt)
-    print(f"| images | wall s | images/s (run timings) | peak RSS MiB | cams s | metrics s | data wait s |")
+    print("| images | wall s | images/s (run timings) | peak RSS MiB | cams s | metrics s | data wait s |")
     print("|---|---|---|---|---|---|---|")
     for n in args.images:
         data = args.work / f"data-{n}-{args.size}"
@@ -59,16 +65,21 @@ def main() -> None:
         out = args.work / f"run-{n}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "auditor", "run", str(cfg_path), "--out", str(out), "--force",
-                        "--no-progress"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "auditor", "run", str(cfg_path), "--out", str(out), "--force", "--no-progress"],
+            check=True,
+        )
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if peak <= before:
             print(f"(peak RSS of this child not above an earlier child's {before} KiB; run sizes separately)")
         timings = json.loads((out / "summary.json").read_text())["timings"]
         metrics_s = sum(v for k, v in timings.items() if k.startswith("metric:"))
-        print(f"| {n} | {wall:.0f} | {timings['images_per_s_this_session']:.1f} | {peak / 1024:.0f} | "
-              f"{timings.get('cams', 0):.0f} | {metrics_s:.0f} | {timings.get('data_wait', 0):.0f} |", flush=True)
+        print(
+            f"| {n} | {wall:.0f} | {timings['images_per_s_this_session']:.1f} | {peak / 1024:.0f} | "
+            f"{timings.get('cams', 0):.0f} | {metrics_s:.0f} | {timings.get('data_wait', 0):.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -180,3 +180,33 @@ def test_sanity_checks_in_summary(dataset_dir: Path, tmp_path: Path) -> None:
     assert mprt["n_images"] == 6 and mprt["randomized_blocks"][0] == "fc"
     assert len(mprt["methods"]["grad_cam"]["spearman"]) == 3
     assert "grad_cam|layer_cam" in s["sanity"]["agreement"]["*"]
+
+
+def test_every_method_and_metric_runs_inside_a_run(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        make_config(
+            dataset_dir,
+            tmp_path,
+            methods="all",
+            metrics="all",
+            expensive={"subset": "stratified", "per_class": 1},
+            method_options={
+                "rise": {"num_masks": 32},
+                "ss_cam": {"num_samples": 2},
+                "is_cam": {"num_samples": 2},
+                "occlusion": {"window": 16, "stride": 16},
+                "smooth_grad_cam_pp": {"num_samples": 2},
+            },
+        )
+    )
+    s = run_audit(cfg, tmp_path / "r", selection=Selection(per_class=2), progress=False)
+    from auditor import CAMS, METRICS
+
+    assert set(s["aggregates"]) == set(CAMS.names())
+    for method, per_target in s["aggregates"].items():
+        stats = per_target["label"]["*"]
+        for metric in METRICS.names():
+            assert metric in stats, (method, metric)
+        # n counts defined values: an all-zero map (e.g. occlusion with 16 px windows) is NaN, not a score
+        assert 1 <= stats["road_combined"]["n"] <= 2 and stats["energy_in_mask"]["n"] >= 1, method
+    assert s["aggregates"]["grad_cam"]["label"]["*"]["road_combined"]["n"] == 2
