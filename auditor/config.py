@@ -19,6 +19,7 @@ from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import ConfigError
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.registry import did_you_mean
+from auditor.shortcuts.flags import Thresholds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,6 +125,7 @@ class AuditConfig(_Strict):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sanity: SanityConfig | None = None
+    thresholds: Thresholds = Field(default_factory=lambda: Thresholds())
     device: str = "auto"
     batch_size: int = Field(default=32, ge=1)
     workers: int = Field(default=0, ge=0)

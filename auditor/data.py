@@ -443,7 +443,9 @@ def select(
 ) -> list[SampleSpec]:
     """Deterministic subset: class filter, then ``per_class`` per class, then ``limit`` (seeded choices).
 
-    The result is sorted by sample id, so the batches (and a resumed run) are the same every time.
+    The result interleaves the classes round-robin (each class sorted by sample id), so the batches (and a
+    resumed run) are the same every time and every batch mixes classes (the background-swap
+    counterfactual pairs images of different classes within a batch).
     """
     chosen = sorted(samples, key=lambda s: s.id)
     if only_classes:
@@ -465,7 +467,19 @@ def select(
     if limit is not None and len(chosen) > limit:
         idx = sorted(rng.choice(len(chosen), limit, replace=False).tolist())
         chosen = [chosen[i] for i in idx]
-    return chosen
+    return interleave(chosen)
+
+
+def interleave(samples: list[SampleSpec]) -> list[SampleSpec]:
+    """Round-robin over classes (in class order), each class in sample-id order."""
+    by_class: dict[int, list[SampleSpec]] = {}
+    for s in sorted(samples, key=lambda s: s.id):
+        by_class.setdefault(s.label, []).append(s)
+    queues = [by_class[c] for c in sorted(by_class)]
+    out: list[SampleSpec] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
 
 
 def stratified_subset(labels: Sequence[int], per_class: int, seed: int) -> np.ndarray:

@@ -39,6 +39,8 @@ from auditor.errors import ConfigError, DataError, MethodNotApplicableError, Mod
 from auditor.metrics import METRICS, MetricInputs, max_box_acc
 from auditor.metrics.sanity import method_agreement, mprt
 from auditor.models import LoadedModel, build_model, resolve_device
+from auditor.shortcuts import Intervener, analyze
+from auditor.shortcuts.probes import counterfactuals, image_properties, mask_grid
 from auditor.stats import bootstrap_ci, describe
 from auditor.store import RunStore, atomic_write_bytes, write_json
 
@@ -46,7 +48,16 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 BLACK_BOX = ("occlusion", "rise")  # the only methods that work without module hooks (TorchScript)
-_ARTIFACTS = ("parts", "maps", "curves", "samples.parquet", "summary.json", "config.resolved.yaml", "run.json")
+_ARTIFACTS = (
+    "parts",
+    "maps",
+    "curves",
+    "samples.parquet",
+    "summary.json",
+    "flags.json",
+    "config.resolved.yaml",
+    "run.json",
+)
 _PIXEL_STORE = 64  # pixel-space maps (occlusion, RISE, guided) are stored average-pooled to at most 64 x 64
 
 
@@ -245,6 +256,7 @@ def _process_batch(ctx: _Ctx, batch: dict[str, Any]) -> tuple[pd.DataFrame, int]
             logits = ctx.model(images).float()
     probs = logits.softmax(1)
     preds = logits.argmax(1)
+    per_sample = _probes(ctx, batch, images, labels, idx)
     plans: list[tuple[str, Tensor, Tensor]] = []
     if ctx.cfg.target in ("label", "both"):
         plans.append(("label", labels, every))
@@ -269,10 +281,51 @@ def _process_batch(ctx: _Ctx, batch: dict[str, Any]) -> tuple[pd.DataFrame, int]
                 assert out.maps is not None  # compute_cams upsamples by default
                 _store_maps(ctx, f"{m}__{tname}", rows, out.low_res)
                 cols = _metric_columns(ctx, out.maps, rows_sel, tvec[rows_sel], batch, images, f"{m}__{tname}", rows)
-                frames.append(_rows(ctx, batch, rows_sel, rows, labels, preds, probs, tvec, m, tname, out.valid, cols))
+                frames.append(
+                    _rows(
+                        ctx,
+                        batch,
+                        rows_sel,
+                        rows,
+                        labels,
+                        preds,
+                        probs,
+                        tvec,
+                        m,
+                        tname,
+                        out.valid,
+                        {**cols, **{k: v[rows_sel.numpy()] for k, v in per_sample.items()}},
+                    )
+                )
     ctx.timer.add("batch_total", t)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return frame, int(idx.numel())
+
+
+def _probes(ctx: _Ctx, batch: dict[str, Any], images: Tensor, labels: Tensor, idx: Tensor) -> dict[str, np.ndarray]:
+    """Per-sample inputs of the shortcut analyses: image properties, object grid, counterfactual predictions."""
+    start = time.perf_counter()
+    pixels = (
+        images
+        if ctx.mean is None or ctx.std is None
+        else images * ctx.std.view(1, -1, 1, 1) + ctx.mean.view(1, -1, 1, 1)
+    )
+    out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
+    masks = batch["mask"].to(ctx.device)
+    usable = batch["has_mask"].to(ctx.device) & masks.flatten(1).any(1)
+    if bool(usable.any()):
+        grid = ctx.store.array("maps/_object", (32, 32))
+        keep = usable.cpu().numpy()
+        grid[idx.numpy()[keep]] = mask_grid(masks[usable]).cpu().numpy().astype(np.float16)
+    cf = counterfactuals(ctx.model, images, masks, labels, usable)
+    for key, value in cf.items():
+        v = value.numpy()
+        if key.endswith(("_pred", "_label")):
+            out[key] = np.array([ctx.classes[int(c)] if c >= 0 else "" for c in v], dtype=object)
+        else:
+            out[key] = v.astype(np.float64)
+    ctx.timer.add("probes", start)
+    return out
 
 
 def _rows(
@@ -651,7 +704,38 @@ def _summary(
             "mprt": _mprt(ctx, table, dataset),
             "agreement": _agreement(ctx.store, table, ctx.methods, ctx.classes),
         }
+    start = time.perf_counter()
+    mprt_result = summary["sanity"]["mprt"] if summary["sanity"] else None
+    summary["analyses"], flags = analyze(
+        table,
+        ctx.store.root,
+        ctx.classes,
+        metadata,
+        ctx.methods,
+        ctx.cfg.thresholds,
+        mprt_result,
+        _intervener(ctx, dataset),
+        ctx.cfg.seed,
+    )
+    ctx.timer.add("analyses", start)
+    write_json(ctx.store.root / "flags.json", {"schema_version": SCHEMA_VERSION, "flags": flags})
     return summary
+
+
+def _intervener(ctx: _Ctx, dataset: AuditDataset) -> Intervener:
+    mean = ctx.mean.view(1, -1, 1, 1) if ctx.mean is not None else None
+    std = ctx.std.view(1, -1, 1, 1) if ctx.std is not None else None
+
+    def load(rows: Sequence[int]) -> Tensor:
+        return torch.stack([dataset[int(r)]["image"] for r in rows]).to(ctx.device)
+
+    def to_pixels(x: Tensor) -> Tensor:
+        return x if mean is None or std is None else x * std + mean
+
+    def from_pixels(x: Tensor) -> Tensor:
+        return x if mean is None or std is None else (x - mean) / std
+
+    return Intervener(ctx.model, load, to_pixels, from_pixels)
 
 
 def _kind(warning: str) -> str:

@@ -25,5 +25,5 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def build(num_classes: int = 2) -> nn.Module:
-    return TinyNet(num_classes)
+def build(num_classes: int = 2, width: int = 8) -> nn.Module:
+    return TinyNet(num_classes, width)

@@ -1,0 +1,148 @@
+"""Per-batch probes for the dataset-level analyses: image properties and counterfactual forwards.
+
+Both run inside the streaming pass (a few extra forwards per image, no storage of images).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
+GRID = 32  # the fixed grid of the spatial analyses
+
+
+def image_properties(pixels: Tensor) -> dict[str, Tensor]:
+    """Simple image properties that can carry a shortcut when no metadata exists.
+
+    Args:
+        pixels: ``[B, 3, H, W]`` images in [0, 1] pixel space.
+
+    Returns:
+        ``{name: [B]}``: mean luminance, luminance standard deviation (contrast), mean R, G, B, and sharpness
+        (variance of the Laplacian of the luminance).
+    """
+    lum = 0.299 * pixels[:, 0] + 0.587 * pixels[:, 1] + 0.114 * pixels[:, 2]
+    lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=pixels.device)
+    edges = F.conv2d(lum[:, None], lap[None, None])[:, 0]
+    return {
+        "brightness": lum.flatten(1).mean(1),
+        "contrast": lum.flatten(1).std(1),
+        "red": pixels[:, 0].flatten(1).mean(1),
+        "green": pixels[:, 1].flatten(1).mean(1),
+        "blue": pixels[:, 2].flatten(1).mean(1),
+        "sharpness": edges.flatten(1).var(1),
+    }
+
+
+def mask_grid(masks: Tensor) -> Tensor:
+    """``[B, H, W]`` bool -> ``[B, 32, 32]`` object fraction per cell (area pooling)."""
+    return F.adaptive_avg_pool2d(masks[:, None].float(), GRID)[:, 0]
+
+
+def background_partners(labels: Tensor, usable: Tensor) -> Tensor:
+    """For each image, the next usable image of the batch (cyclically) with another label, else -1."""
+    n = labels.numel()
+    partner = torch.full((n,), -1, dtype=torch.long)
+    lab, ok = labels.cpu(), usable.cpu()
+    for i in range(n):  # O(B^2) in the worst case on a batch: negligible next to the forwards
+        if not ok[i]:
+            continue
+        for step in range(1, n):
+            j = (i + step) % n
+            if ok[j] and lab[j] != lab[i]:
+                partner[i] = j
+                break
+    return partner
+
+
+def _gaussian(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` with zero padding (radius 3 sigma)."""
+    r = max(1, int(3 * sigma))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
+
+
+def inpaint(images: Tensor, holes: Tensor) -> Tensor:
+    """Fill ``holes`` from the surrounding pixels by normalized convolution at growing scales.
+
+    ``fill = blur(x * known) / blur(known)``, first with a small Gaussian, then larger ones for what is
+    still far from any known pixel. The fill is smooth and continuous with its surroundings, so the removed
+    object's silhouette does not survive as a sharp, class-revealing edge (a mean-colour hole would leak the
+    shape, the class-information leakage the ROAD paper describes).
+
+    Args:
+        images: ``[B, C, H, W]``.
+        holes: ``[B, H, W]`` bool, pixels to replace.
+
+    Returns:
+        ``[B, C, H, W]`` with the holes filled.
+    """
+    known = (~holes)[:, None].to(images.dtype)
+    out = images * known
+    filled = known.clone()
+    side = max(images.shape[-2:])
+    for sigma in (side / 32, side / 16, side / 8, side / 4, side / 2):
+        num = _gaussian(images * known, sigma)
+        den = _gaussian(known, sigma)
+        ok = (den > 1e-3) & (filled < 0.5)
+        out = torch.where(ok, num / den.clamp_min(1e-3), out)
+        filled = torch.where(ok, torch.ones_like(filled), filled)
+    return torch.where(known > 0.5, images, out)
+
+
+def counterfactuals(
+    model: nn.Module, images: Tensor, masks: Tensor, labels: Tensor, usable: Tensor
+) -> dict[str, Tensor]:
+    """Predictions on foreground-only, background-only and background-swapped versions of the images.
+
+    Foreground-only sets the background to 0 in normalized space (the dataset-mean colour).
+    Background-only inpaints the object from its surroundings (:func:`inpaint`), so its shape does not
+    leak. The swapped version pastes image i's object onto the inpainted background of another-class image
+    j (Background Challenge "Mixed-Rand", within the batch).
+
+    Args:
+        model: classifier in eval mode.
+        images: ``[B, C, H, W]`` normalized.
+        masks: ``[B, H, W]`` bool object masks.
+        labels: ``[B]``.
+        usable: ``[B]`` bool, images with a non-empty mask.
+
+    Returns:
+        ``{cf_fg_pred, cf_fg_prob, cf_bg_pred, cf_bg_prob, cf_mix_pred, cf_mix_prob, cf_mix_bg_label}``,
+        ``[B]`` each (prob = probability of the image's own label; NaN / -1 where not usable).
+    """
+    b = images.shape[0]
+    out: dict[str, Tensor] = {}
+    nan = torch.full((b,), float("nan"))
+    none = torch.full((b,), -1, dtype=torch.long)
+    sel = usable.nonzero().flatten()
+    partner = background_partners(labels, usable)
+    if sel.numel() == 0:
+        for k in ("fg", "bg", "mix"):
+            out[f"cf_{k}_pred"], out[f"cf_{k}_prob"] = none.clone(), nan.clone()
+        out["cf_mix_bg_label"] = none.clone()
+        return out
+    m = masks[:, None].to(images.dtype)
+    fg = images * m
+    bg = inpaint(images, masks)
+    has_partner = partner >= 0
+    p = torch.where(has_partner, partner, torch.arange(b)).to(images.device)
+    mixed = fg + bg[p] * (1 - m)  # image i's object on the partner's inpainted background
+    with torch.no_grad():
+        for key, batch in (("fg", fg), ("bg", bg), ("mix", mixed)):
+            probs = model(batch[sel]).float().softmax(1)
+            pred, prob = none.clone(), nan.clone()
+            pred[sel] = probs.argmax(1).cpu()
+            prob[sel] = probs.gather(1, labels[sel, None])[:, 0].cpu()
+            out[f"cf_{key}_pred"], out[f"cf_{key}_prob"] = pred, prob
+    mix_ok = has_partner & usable.cpu()
+    out["cf_mix_pred"] = torch.where(mix_ok, out["cf_mix_pred"], none)
+    out["cf_mix_prob"] = torch.where(mix_ok, out["cf_mix_prob"], nan)
+    out["cf_mix_bg_label"] = torch.where(mix_ok, labels.cpu()[partner.clamp_min(0)], none)
+    return out

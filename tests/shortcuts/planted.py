@@ -1,0 +1,150 @@
+"""Planted-shortcut datasets: the label is carried by a cue, not by the object (or, for the control, only by
+the object). Images are 32 px scenes on scikit-image textures with exact object masks."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data
+
+from tests.pipeline.tinynet import TinyNet
+
+SIZE = 32
+CLASSES = ("a", "b")
+MEAN, STD = 0.45, 0.25
+_TEXTURES = {"grass": data.grass(), "gravel": data.gravel(), "brick": data.brick()}
+
+
+def _scene(
+    rng: np.random.Generator, shape: str, texture: str, colour: tuple[float, float, float] = (200.0, 60.0, 60.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    tex = _TEXTURES[texture]
+    y, x = rng.integers(0, tex.shape[0] - SIZE * 4, 2)
+    ground = tex[y : y + SIZE * 4 : 4, x : x + SIZE * 4 : 4].astype(np.float32)
+    img = np.repeat(ground[:, :, None], 3, axis=2) * np.array([0.8, 0.9, 0.7])
+    r = rng.uniform(5, 7)
+    cy, cx = rng.uniform(r + 1, SIZE - r - 1, 2)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    mask = (
+        (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        if shape == "disc"
+        else (abs(yy - cy) <= r * 0.85) & (abs(xx - cx) <= r * 0.85)
+    )
+    img[mask] = np.array(colour) + rng.normal(0, 8, (int(mask.sum()), 3))
+    return img, mask
+
+
+def stamp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    img = img.copy()
+    img[1:6, 1:6] = 255.0  # a white tag in the top-left corner
+    return img
+
+
+def edge_marker(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    img = img.copy()
+    side, pos = rng.integers(0, 4), rng.integers(2, SIZE - 8)
+    colour = np.array([40.0, 60.0, 255.0])
+    if side == 0:
+        img[0:3, pos : pos + 6] = colour
+    elif side == 1:
+        img[SIZE - 3 :, pos : pos + 6] = colour
+    elif side == 2:
+        img[pos : pos + 6, 0:3] = colour
+    else:
+        img[pos : pos + 6, SIZE - 3 :] = colour
+    return img
+
+
+def brighten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(img * 1.6 + 40, 0, 255)
+
+
+Scenario = dict[str, object]
+
+
+def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0)) -> list[dict[str, object]]:
+    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker.
+
+    For the planted kinds the object is uninformative (random shape, same colour) and class a carries the
+    cue with probability ``cue_rate[0]``, class b with ``cue_rate[1]``. In the control only the object tells
+    the classes apart (a red disc for a, a blue square for b) and there is no cue.
+    """
+    rng = np.random.default_rng(seed)
+    cues: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+        "colour": brighten,
+        "stamp": stamp,
+        "marker": edge_marker,
+    }
+    out = []
+    for ci, cls in enumerate(CLASSES):
+        for i in range(n):
+            has_cue = rng.random() < cue_rate[ci]
+            if kind == "control":
+                shape = "disc" if cls == "a" else "square"
+            else:
+                shape = "disc" if rng.random() < 0.5 else "square"
+            texture = str(rng.choice(list(_TEXTURES)))
+            if kind == "texture":
+                texture = "grass" if has_cue else "brick"
+            colour = (200.0, 60.0, 60.0) if kind != "control" or cls == "a" else (60.0, 80.0, 220.0)
+            img, mask = _scene(rng, shape, texture, colour)
+            if kind in cues and has_cue:
+                img = cues[kind](img, rng)
+            out.append(
+                {
+                    "id": f"{cls}_{i:04d}",
+                    "label": cls,
+                    "image": np.clip(img, 0, 255).astype(np.uint8),
+                    "mask": mask,
+                    "cue": bool(has_cue),
+                }
+            )
+    return out
+
+
+def tensors(samples: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor(np.stack([s["image"] for s in samples]), dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    y = torch.tensor([CLASSES.index(str(s["label"])) for s in samples])
+    return (x - MEAN) / STD, y
+
+
+def train(samples: list[dict[str, object]], steps: int = 150, seed: int = 0) -> TinyNet:
+    x, y = tensors(samples)
+    torch.manual_seed(seed)
+    model = TinyNet(2, width=12)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def accuracy(model: TinyNet, samples: list[dict[str, object]]) -> float:
+    x, y = tensors(samples)
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def write(root: Path, samples: list[dict[str, object]], masks: bool) -> Path:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in samples:
+        Image.fromarray(s["image"]).save(root / "images" / f"{s['id']}.png")  # type: ignore[arg-type]
+        row = {"path": f"images/{s['id']}.png", "label": s["label"]}
+        if masks:
+            Image.fromarray(np.asarray(s["mask"], np.uint8) * 255).save(root / "masks" / f"{s['id']}.png")
+            row["mask"] = f"masks/{s['id']}.png"
+        rows.append(row)
+    with (root / "audit.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root / "audit.csv"

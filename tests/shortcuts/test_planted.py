@@ -1,0 +1,102 @@
+"""End to end: a model trained to rely on a planted cue is flagged with the right kind and class; a model
+trained without a cue gets no high-severity flag.
+
+Each scenario trains a small CNN on 160 scenes where only the cue tells the classes apart, checks that the
+model relies on it (flipping the cue flips the predictions), writes a fresh audit set to disk and runs
+``auditor run`` on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from auditor import load_config, run_audit
+from tests.shortcuts.planted import MEAN, STD, accuracy, make, train, write
+
+TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
+PROPERTIES = {"brightness", "contrast", "red", "green", "blue", "sharpness"}
+
+
+def _audit(kind: str, tmp: Path, *, masks: bool, cue_rate: tuple[float, float], sanity: bool = False) -> list[dict]:
+    model = train(make(kind, 80, 0))
+    if kind != "control":  # the model must rely on the cue: moving the cue to the other class flips it
+        assert accuracy(model, make(kind, 30, 5)) > 0.95
+        assert accuracy(model, make(kind, 30, 6, cue_rate=(0.0, 1.0))) < 0.2
+    else:
+        assert accuracy(model, make(kind, 30, 5)) > 0.95
+    write(tmp, make(kind, 40, 1, cue_rate=cue_rate), masks=masks)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    cfg: dict[str, Any] = {
+        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": {"width": 12}, "checkpoint": str(tmp / "model.pt")},
+        "data": {
+            "manifest": str(tmp / "audit.csv"),
+            "image_size": 32,
+            "normalize": {"mean": [MEAN] * 3, "std": [STD] * 3},
+        },
+        "methods": ["grad_cam", "hires_cam", "layer_cam"],
+        "metrics": ["energy_in_mask", "energy_outside_mask", "pointing_game"],
+        "batch_size": 32,
+    }
+    if sanity:
+        cfg["sanity"] = {"methods": ["grad_cam", "hires_cam"], "n_images": 8, "n_blocks": 1}
+    (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)
+    flags: list[dict] = json.loads((tmp / "run" / "flags.json").read_text())["flags"]
+    for f in flags:
+        assert set(f) == {
+            "id",
+            "kind",
+            "class",
+            "attribute",
+            "region",
+            "severity",
+            "score",
+            "methods",
+            "message",
+            "evidence",
+        }
+        assert 0 <= f["score"] <= 1 and f["severity"] in ("low", "medium", "high") and f["message"]
+    return flags
+
+
+def _high(flags: list[dict]) -> set[tuple[str, str | None]]:
+    return {(f["kind"], f["class"]) for f in flags if f["severity"] == "high"}
+
+
+def test_global_brightness_cue_without_metadata(tmp_path: Path) -> None:
+    flags = _audit("colour", tmp_path, masks=False, cue_rate=(0.7, 0.3))
+    leaks = [f for f in flags if f["kind"] == "attribute_leak" and f["severity"] == "high"]
+    assert leaks and all(f["attribute"] in PROPERTIES for f in leaks)
+    assert {f["class"] for f in leaks} == {"a", "b"}
+
+
+def test_corner_stamp_is_a_confirmed_hotspot(tmp_path: Path) -> None:
+    flags = _audit("stamp", tmp_path, masks=False, cue_rate=(1.0, 0.0), sanity=True)
+    hot = [f for f in flags if f["kind"] == "spatial_hotspot" and f["class"] == "a"]
+    assert hot and hot[0]["severity"] == "high" and hot[0]["evidence"]["confirmed"]
+    _, _, x1, y1 = hot[0]["region"]
+    assert x1 <= 0.4 and y1 <= 0.4  # the top-left corner, where the tag is
+    assert "top-left corner" in hot[0]["message"]
+
+
+def test_background_texture_cue(tmp_path: Path) -> None:
+    flags = _audit("texture", tmp_path, masks=True, cue_rate=(1.0, 0.0))
+    high = _high(flags)
+    assert ("counterfactual_background", "a") in high and ("background_reliance", "a") in high
+
+
+def test_marker_at_a_random_edge(tmp_path: Path) -> None:
+    flags = _audit("marker", tmp_path, masks=True, cue_rate=(1.0, 0.0))
+    high = _high(flags)
+    assert ("background_reliance", "a") in high or ("counterfactual_background", "a") in high
+
+
+def test_clean_control_gets_no_high_severity_flag(tmp_path: Path) -> None:
+    flags = _audit("control", tmp_path, masks=True, cue_rate=(0.0, 0.0), sanity=True)
+    assert _high(flags) == set(), [f["message"] for f in flags]
+    print("control flags:", [(f["kind"], f["class"], f["severity"]) for f in flags])
