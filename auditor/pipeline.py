@@ -313,11 +313,13 @@ def _probes(ctx: _Ctx, batch: dict[str, Any], images: Tensor, labels: Tensor, id
     out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
     masks = batch["mask"].to(ctx.device)
     usable = batch["has_mask"].to(ctx.device) & masks.flatten(1).any(1)
+    # Counterfactual forwards (3 per image) run on the expensive subset: per-class rates need tens of images.
+    in_subset = torch.from_numpy(ctx.expensive[idx.numpy()]).to(ctx.device)
     if bool(usable.any()):
         grid = ctx.store.array("maps/_object", (32, 32))
         keep = usable.cpu().numpy()
         grid[idx.numpy()[keep]] = mask_grid(masks[usable]).cpu().numpy().astype(np.float16)
-    cf = counterfactuals(ctx.model, images, masks, labels, usable)
+    cf = counterfactuals(ctx.model, images, masks, labels, usable & in_subset)
     for key, value in cf.items():
         v = value.numpy()
         if key.endswith(("_pred", "_label")):

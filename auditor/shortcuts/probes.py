@@ -68,6 +68,15 @@ def _gaussian(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
 
 
+def _smooth(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur; large sigmas are applied on an area-downsampled copy (cost independent of sigma)."""
+    factor = max(1, int(sigma // 2))
+    if factor == 1:
+        return _gaussian(x, sigma)
+    small = F.avg_pool2d(x, factor, ceil_mode=True)
+    return F.interpolate(_gaussian(small, sigma / factor), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def inpaint(images: Tensor, holes: Tensor) -> Tensor:
     """Fill ``holes`` from the surrounding pixels by normalized convolution at growing scales.
 
@@ -88,8 +97,8 @@ def inpaint(images: Tensor, holes: Tensor) -> Tensor:
     filled = known.clone()
     side = max(images.shape[-2:])
     for sigma in (side / 32, side / 16, side / 8, side / 4, side / 2):
-        num = _gaussian(images * known, sigma)
-        den = _gaussian(known, sigma)
+        num = _smooth(images * known, sigma)
+        den = _smooth(known, sigma)
         ok = (den > 1e-3) & (filled < 0.5)
         out = torch.where(ok, num / den.clamp_min(1e-3), out)
         filled = torch.where(ok, torch.ones_like(filled), filled)

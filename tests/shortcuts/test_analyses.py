@@ -257,3 +257,21 @@ def test_unreliable_method_flags_and_ordering() -> None:
     assert [(f["kind"], f["attribute"]) for f in flags] == [("unreliable_method", "guided_backprop")]
     mixed = order_flags([{**flags[0], "severity": "low"}, {**flags[0], "severity": "high", "id": "x"}])
     assert [f["severity"] for f in mixed] == ["high", "low"]
+
+
+def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> None:
+    from auditor.shortcuts.flags import cluster_flags
+
+    info = {
+        "method": "grad_cam",
+        "median_ratio": 2.0,
+        "clusters": [
+            {"cluster": 0, "size": 40, "share": 0.8, "median_ratio": 2.5, "prototype_ids": ["a"]},
+            {"cluster": 1, "size": 10, "share": 0.2, "median_ratio": 0.3, "prototype_ids": ["b"]},
+        ],
+    }
+    flags = cluster_flags({"horse": info}, T)
+    assert [(f["kind"], f["class"], f["attribute"], f["severity"]) for f in flags] == [
+        ("cluster", "horse", "cluster 1", "medium")
+    ]
+    assert cluster_flags({"horse": {**info, "median_ratio": 0.5}}, T) == []  # the class itself is off-object
