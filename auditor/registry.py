@@ -7,8 +7,8 @@ config or on the command line says what was probably meant.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -24,6 +24,25 @@ def did_you_mean(name: str, candidates: list[str]) -> str:
     if not matches:
         return ""
     return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+def merge_options(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``defaults`` overlaid with ``given``; an unknown option name raises with close matches.
+
+    Args:
+        owner: what the options belong to, for the message (``method 'occlusion'``).
+        defaults: option names and default values.
+        given: user-supplied options.
+    """
+    merged = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise ValueError(
+                f"unknown option {key!r} for {owner}{did_you_mean(key, list(defaults))} "
+                f"(options: {', '.join(defaults) or 'none'})"
+            )
+        merged[key] = value
+    return merged
 
 
 class Registry(Generic[T]):

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from auditor.cams.core import CamContext
-from auditor.registry import Registry, did_you_mean
+from auditor.registry import Registry, merge_options
 
 MethodFn = Callable[[CamContext], Tensor]
 
@@ -51,16 +51,7 @@ class CamMethod:
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
-        merged = dict(self.options)
-        for key, value in (given or {}).items():
-            if key not in self.options:
-                known = ", ".join(self.options) or "none"
-                raise ValueError(
-                    f"unknown option {key!r} for method {self.name!r}{did_you_mean(key, list(self.options))} "
-                    f"(options: {known})"
-                )
-            merged[key] = value
-        return merged
+        return merge_options(f"method {self.name!r}", self.options, given)
 
 
 CAMS: Registry[CamMethod] = Registry("CAM method")

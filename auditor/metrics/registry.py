@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from auditor.registry import Registry, did_you_mean
+from auditor.registry import Registry, merge_options
 
 
 @dataclass
@@ -129,16 +129,8 @@ class Metric:
     chance: bool = False
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults overlaid with ``given``; unknown option names raise with close matches."""
-        merged = dict(self.options)
-        for key, value in (given or {}).items():
-            if key not in self.options:
-                raise ValueError(
-                    f"unknown option {key!r} for metric {self.name!r}{did_you_mean(key, list(self.options))} "
-                    f"(options: {', '.join(self.options) or 'none'})"
-                )
-            merged[key] = value
-        return merged
+        """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
+        return merge_options(f"metric {self.name!r}", self.options, given)
 
     def __call__(self, inputs: MetricInputs, **options: Any) -> MetricResult:
         return self.fn(inputs, **self.resolve_options(options))
