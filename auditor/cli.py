@@ -11,6 +11,9 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
 
 from auditor import __version__
 from auditor.cams import CAMS, FAST_METHODS
@@ -111,6 +114,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"audited {summary['dataset']['n']} images ({len(summary['dataset']['skipped'])} skipped), "
         f"accuracy {acc['accuracy']:.3f}; results in {args.out}"
     )
+    flags = json.loads((Path(args.out) / "flags.json").read_text())["flags"]
+    for flag in flags[:5]:
+        print(f"  [{flag['severity']}] {flag['message']}")
+    if len(flags) > 5:
+        print(f"  ... {len(flags) - 5} more in {Path(args.out) / 'flags.json'}")
+    if args.gate is not None or cfg.gates is not None:
+        from auditor.gate import run_gate
+
+        ok, report = run_gate(Path(args.out), Path(args.gate) if args.gate else cfg.gates, None, None)
+        print(report)
+        return 0 if ok else 1
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Evaluate CI rules over a finished run; exit 1 when a rule fails or cannot be evaluated."""
+    from auditor.gate import run_gate
+
+    run = Path(args.run)
+    rules = Path(args.rules) if args.rules else None
+    if rules is None:  # the run's own config may name a rules file
+        resolved = run / "config.resolved.yaml"
+        if resolved.is_file():
+            named = yaml.safe_load(resolved.read_text()).get("gates")
+            rules = Path(named) if named else None
+    ok, report = run_gate(
+        run, rules, Path(args.baseline) if args.baseline else None, Path(args.junit) if args.junit else None
+    )
+    print(report)
+    return 0 if ok else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write the comparison page of two runs."""
+    from auditor.compare import compare_runs
+
+    data = compare_runs(Path(args.run_a), Path(args.run_b), Path(args.out))
+    print(f"{len(data['flag_changes'])} flag change(s); comparison written to {args.out}")
     return 0
 
 
@@ -145,7 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the run (exit 1 on failure)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("gate", help="evaluate CI rules over a finished run (exit 1 on failure)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--rules", help="rules YAML (default: the config's gates:, else configs/gates.yaml)")
+    p.add_argument("--baseline", help="baseline run directory (same data) for relative rules")
+    p.add_argument("--junit", help="write JUnit XML here (one test case per rule x scope)")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("compare", help="compare two runs of two models on the same data (HTML)")
+    p.add_argument("run_a", help="the reference run (e.g. the current release)")
+    p.add_argument("run_b", help="the candidate run")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

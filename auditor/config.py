@@ -126,6 +126,7 @@ class AuditConfig(_Strict):
     metric_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sanity: SanityConfig | None = None
     thresholds: Thresholds = Field(default_factory=lambda: Thresholds())
+    gates: Path | None = None
     device: str = "auto"
     batch_size: int = Field(default=32, ge=1)
     workers: int = Field(default=0, ge=0)
@@ -187,6 +188,9 @@ class AuditConfig(_Strict):
 # ------------------------------------------------------------------------------------------ loading
 
 
+_ALIASES = {"class_": "class"}
+
+
 def _model_fields_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
     """Field names of the (nested) model found at ``loc``; empty when ``loc`` is not a model."""
     current: Any = model
@@ -211,8 +215,11 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: ``source: key.path: message (got value); did you mean ...``."""
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: ``source: key.path: message (got value); did you mean ...``.
+
+    ``model`` is the validated model (for the allowed keys of an unknown-key error); default AuditConfig.
+    """
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before")))
@@ -221,7 +228,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(keys) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            known = _model_fields_at(AuditConfig, tuple(keys[:-1]))
+            known = _model_fields_at(model or AuditConfig, tuple(keys[:-1]))
+            known = [_ALIASES.get(k, k) for k in known]
             msg = f"unknown key{did_you_mean(keys[-1], known)}" + (f" (allowed: {', '.join(known)})" if known else "")
             lines.append(f"{source}: {path}: {msg}")
             continue
@@ -243,6 +251,7 @@ def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
             cfg.model.factory = f"{fix(Path(module))}:{fn}"
     for key in ("manifest", "image_folder", "mask_folder", "coco", "root"):
         setattr(cfg.data, key, fix(getattr(cfg.data, key)))
+    cfg.gates = fix(cfg.gates)
 
 
 def _check_files(cfg: AuditConfig, source: str) -> None:
@@ -254,6 +263,7 @@ def _check_files(cfg: AuditConfig, source: str) -> None:
         ("data.image_folder", cfg.data.image_folder, "dir"),
         ("data.mask_folder", cfg.data.mask_folder, "dir"),
         ("data.root", cfg.data.root, "dir"),
+        ("gates", cfg.gates, "file"),
     ]
     problems = []
     for key, path, kind in checks:

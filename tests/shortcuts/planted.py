@@ -68,11 +68,12 @@ Scenario = dict[str, object]
 
 
 def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0)) -> list[dict[str, object]]:
-    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker.
+    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both.
 
     For the planted kinds the object is uninformative (random shape, same colour) and class a carries the
     cue with probability ``cue_rate[0]``, class b with ``cue_rate[1]``. In the control only the object tells
-    the classes apart (a red disc for a, a blue square for b) and there is no cue.
+    the classes apart (a red disc for a, a blue square for b) and there is no cue; in ``both`` the control's
+    objects sit on class-specific textures (grass for a, brick for b).
     """
     rng = np.random.default_rng(seed)
     cues: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
@@ -84,14 +85,16 @@ def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0
     for ci, cls in enumerate(CLASSES):
         for i in range(n):
             has_cue = rng.random() < cue_rate[ci]
-            if kind == "control":
+            if kind in ("control", "both"):
                 shape = "disc" if cls == "a" else "square"
             else:
                 shape = "disc" if rng.random() < 0.5 else "square"
             texture = str(rng.choice(list(_TEXTURES)))
             if kind == "texture":
                 texture = "grass" if has_cue else "brick"
-            colour = (200.0, 60.0, 60.0) if kind != "control" or cls == "a" else (60.0, 80.0, 220.0)
+            if kind == "both":  # the object and the background both tell the classes apart
+                texture = "grass" if cls == "a" else "brick"
+            colour = (200.0, 60.0, 60.0) if kind not in ("control", "both") or cls == "a" else (60.0, 80.0, 220.0)
             img, mask = _scene(rng, shape, texture, colour)
             if kind in cues and has_cue:
                 img = cues[kind](img, rng)

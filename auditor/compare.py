@@ -1,0 +1,164 @@
+"""``auditor compare RUN_A RUN_B --out diff.html``: two models on the same data, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from auditor.errors import ConfigError
+from auditor.gate import check_compatible, load_run
+from auditor.metrics import METRICS
+from auditor.metrics.sanity import spearman_rows
+from auditor.render import data_uri, overlay, thumbnail
+from auditor.shortcuts.analyses import grid_maps
+from auditor.stats import describe
+from auditor.store import atomic_write_bytes
+
+TEMPLATES = Path(__file__).with_name("templates")
+_SKIP = {"row", "prob", "target_prob", "correct", "map_valid", "expensive"}
+
+
+def environment() -> jinja2.Environment:
+    """The jinja2 environment of every auditor page: autoescape on, undefined names are errors."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def metric_deltas(a: pd.DataFrame, b: pd.DataFrame, classes: list[str], seed: int = 0) -> list[dict[str, Any]]:
+    """Paired per-sample deltas (b − a) per method, target, class and metric."""
+    blocks = []
+    keys = ["id", "method", "target"]
+    merged = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    metrics = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f" and c not in _SKIP]
+    for (method, target), grp in merged.groupby(["method", "target"], sort=False):
+        rows = []
+        for cls in ["*", *classes]:
+            sub = grp if cls == "*" else grp[grp["label_a"] == cls]
+            for m in metrics:
+                va, vb = sub[f"{m}_a"].to_numpy(np.float64), sub[f"{m}_b"].to_numpy(np.float64)
+                ok = np.isfinite(va) & np.isfinite(vb)
+                if ok.sum() < 2:
+                    continue
+                d = describe(vb[ok] - va[ok], seed=seed)
+                base = m.removesuffix("_chance").removesuffix("_norm")
+                direction = METRICS[base].direction if base in METRICS else None
+                worse = (d["ci_high"] < 0) if direction == "higher" else (d["ci_low"] > 0) if direction else False
+                better = (d["ci_low"] > 0) if direction == "higher" else (d["ci_high"] < 0) if direction else False
+                rows.append(
+                    {
+                        "cls": cls,
+                        "metric": m,
+                        "a": _fmt(float(va[ok].mean())),
+                        "b": _fmt(float(vb[ok].mean())),
+                        "delta": _fmt(d["mean"]),
+                        "ci": f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]",
+                        "n": d["n"],
+                        "tone": "worse" if worse else "better" if better else "",
+                        "value": d["mean"],
+                        "ci_low": d["ci_low"],
+                        "ci_high": d["ci_high"],
+                    }
+                )
+        blocks.append({"method": str(method), "target": str(target), "rows": rows})
+    return blocks
+
+
+def flag_changes(flags_a: list[dict[str, Any]], flags_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flags that appeared, disappeared or changed severity (matched by ``id``)."""
+    ia, ib = {f["id"]: f for f in flags_a}, {f["id"]: f for f in flags_b}
+    out = [{**ib[k], "change": "appeared"} for k in ib if k not in ia]
+    out += [{**ia[k], "change": "disappeared"} for k in ia if k not in ib]
+    out += [
+        {**ib[k], "change": f"{ia[k]['severity']} → {ib[k]['severity']}"}
+        for k in ib
+        if k in ia and ia[k]["severity"] != ib[k]["severity"]
+    ]
+    return out
+
+
+def changed_explanations(
+    run_a: Path, run_b: Path, a: pd.DataFrame, b: pd.DataFrame, top: int = 8
+) -> tuple[str, list[dict[str, Any]]]:
+    """The samples whose maps differ most between the runs (first common method, label target)."""
+    common = [
+        m
+        for m in a["method"].unique()
+        if m in set(b["method"])
+        and (run_a / "maps" / f"{m}__label.npy").exists()
+        and (run_b / "maps" / f"{m}__label.npy").exists()
+    ]
+    if not common:
+        return "", []
+    method = str(common[0])
+    ra = a[(a["method"] == method) & (a["target"] == "label")].set_index("id")
+    rb = b[(b["method"] == method) & (b["target"] == "label")].set_index("id")
+    ids = [i for i in ra.index if i in rb.index]
+    maps_a = np.load(run_a / "maps" / f"{method}__label.npy", mmap_mode="r")
+    maps_b = np.load(run_b / "maps" / f"{method}__label.npy", mmap_mode="r")
+    ga = grid_maps(maps_a[ra.loc[ids, "row"].to_numpy()])
+    gb = grid_maps(maps_b[rb.loc[ids, "row"].to_numpy()])
+    rho = spearman_rows(np.nan_to_num(ga.reshape(len(ids), -1)), np.nan_to_num(gb.reshape(len(ids), -1)))
+    order = np.argsort(np.where(np.isfinite(rho), rho, 2.0))[:top]
+    out = []
+    for k in order:
+        sid = ids[k]
+        img = thumbnail(Path(ra.loc[sid, "path"]))
+        out.append(
+            {
+                "id": sid,
+                "label": ra.loc[sid, "label"],
+                "rho": _fmt(float(rho[k])),
+                "pred_a": ra.loc[sid, "pred"],
+                "pred_b": rb.loc[sid, "pred"],
+                "a": data_uri(overlay(img, maps_a[int(ra.loc[sid, "row"])])),
+                "b": data_uri(overlay(img, maps_b[int(rb.loc[sid, "row"])])),
+            }
+        )
+    return method, out
+
+
+def compare_runs(run_a: Path, run_b: Path, out: Path) -> dict[str, Any]:
+    """Write ``out`` (one self-contained HTML file) and return the comparison as data."""
+    summary_a, flags_a = load_run(run_a)
+    summary_b, flags_b = load_run(run_b)
+    check_compatible(summary_b, summary_a)
+    if summary_a["dataset"]["classes"] != summary_b["dataset"]["classes"]:
+        raise ConfigError("the runs use different class lists")
+    a = pd.read_parquet(run_a / "samples.parquet")
+    b = pd.read_parquet(run_b / "samples.parquet")
+    classes = summary_a["dataset"]["classes"]
+    deltas = metric_deltas(a, b, classes)
+    changes = flag_changes(flags_a, flags_b)
+    method, changed = changed_explanations(run_a, run_b, a, b)
+    html = (
+        environment()
+        .get_template("compare.html.j2")
+        .render(
+            name_a=run_a.name,
+            name_b=run_b.name,
+            dataset_id=summary_a["dataset"]["id"],
+            n=summary_a["dataset"]["n"],
+            flag_changes=changes,
+            deltas=deltas,
+            changed=changed,
+            changed_method=method or "no common method",
+        )
+    )
+    atomic_write_bytes(out, html.encode("utf-8"))
+    data = {
+        "deltas": deltas,
+        "flag_changes": changes,
+        "changed": [{k: v for k, v in s.items() if k not in ("a", "b")} for s in changed],
+    }
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(data, indent=2, default=str).encode())
+    return data
