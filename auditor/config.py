@@ -129,6 +129,8 @@ class AuditConfig(_Strict):
     gates: Path | None = None
     device: str = "auto"
     batch_size: int = Field(default=32, ge=1)
+    chunk_size: int | Literal["auto"] = "auto"
+    mixed_precision: bool = False
     workers: int = Field(default=0, ge=0)
     seed: int = 0
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from auditor import __version__
 from auditor.cams import CAMS, CamResult, compute_cams
-from auditor.cams.core import inspect_model
+from auditor.cams.core import auto_chunk, inspect_model
 from auditor.config import AuditConfig, dump_resolved
 from auditor.data import AuditDataset, SampleSpec, collate, load_dataset, select, stratified_subset
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
@@ -143,6 +143,7 @@ class _Ctx:
     std: Tensor | None
     store: RunStore
     timer: _Timer
+    chunk: int = 32
 
 
 def _store_maps(ctx: _Ctx, name: str, rows: Tensor, low: Tensor) -> None:
@@ -181,8 +182,9 @@ def _metric_columns(
             targets=targets[pick],
             mean=ctx.mean,
             std=ctx.std,
-            batch_size=ctx.cfg.batch_size,
+            batch_size=ctx.chunk,
             seed=ctx.cfg.seed,
+            mixed_precision=ctx.cfg.mixed_precision,
         )
 
     every = torch.arange(n)
@@ -242,7 +244,8 @@ def _process_batch(ctx: _Ctx, batch: dict[str, Any]) -> tuple[pd.DataFrame, int]
             methods=methods,
             layer=ctx.layer,
             options={m: opts[m] for m in methods},
-            batch_size=ctx.cfg.batch_size,
+            batch_size=ctx.chunk,
+            mixed_precision=ctx.cfg.mixed_precision,
         )
         ctx.timer.add("cams", start)
         return res
@@ -482,7 +485,7 @@ def _mprt(ctx: _Ctx, table: pd.DataFrame, dataset: AuditDataset) -> dict[str, An
         layer=ctx.layer,
         n_blocks=cfg.n_blocks,
         seed=ctx.cfg.seed,
-        batch_size=ctx.cfg.batch_size,
+        batch_size=ctx.chunk,
     )
     return {
         "n_images": len(items),
@@ -557,6 +560,12 @@ def run_audit(
         except ValueError as err:
             raise ModelError(str(err)) from err
     methods = resolve_methods(cfg, loaded, probe_img, layer)
+    if isinstance(cfg.chunk_size, int):
+        chunk = cfg.chunk_size
+    elif loaded.scripted:  # no module hooks on TorchScript: fall back to the batch size
+        chunk = cfg.batch_size
+    else:
+        chunk = auto_chunk(loaded.module, torch.cat([probe_img, probe_img]))
     resolved = cfg.model_copy(update={"methods": methods})
     identity = _run_identity(resolved, samples, selection)
     run_file = out / "run.json"
@@ -594,6 +603,7 @@ def run_audit(
         std,
         store,
         timer,
+        chunk,
     )
 
     bs = cfg.batch_size

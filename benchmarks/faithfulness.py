@@ -15,6 +15,7 @@ import time
 import torch
 import torchvision
 
+from auditor.cams.core import auto_chunk
 from auditor.metrics import METRICS, MetricInputs
 from auditor.metrics.faithfulness import gaussian_blur
 from auditor.metrics.registry import tie_broken
@@ -50,26 +51,27 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--step", type=float, default=0.01)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=0, help="0 = auditor's automatic chunk size")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    print(f"| size | images | steps | naive s/image | batched s/image (batch {args.batch_size}) | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| size | images | steps | naive s/image | batched s/image | chunk | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         x = torch.randn(args.images, 3, size, size)
         t = torch.randint(0, 10, (args.images,))
         sal = torch.rand(args.images, size, size)
-        batched(model, x[:1], t[:1], sal[:1], 0.25, args.batch_size)  # warm-up
+        bs = args.batch_size or auto_chunk(model, x)
+        batched(model, x[:1], t[:1], sal[:1], 0.25, bs)  # warm-up
         t0 = time.perf_counter()
         naive(model, x, t, sal, args.step)
         t_naive = (time.perf_counter() - t0) / args.images
         t0 = time.perf_counter()
-        batched(model, x, t, sal, args.step, args.batch_size)
+        batched(model, x, t, sal, args.step, bs)
         t_batch = (time.perf_counter() - t0) / args.images
         steps = math.ceil(1 / args.step) + 1
         print(
-            f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {t_naive / t_batch:.2f}x |",
+            f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {bs} | {t_naive / t_batch:.2f}x |",
             flush=True,
         )
 

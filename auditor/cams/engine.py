@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from auditor.cams.core import (
     CamContext,
     LayerData,
+    auto_chunk,
     check_images,
     check_target_range,
     check_targets,
@@ -94,8 +95,9 @@ def compute_cams(
     methods: Sequence[str],
     layer: LayerArg = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     upsample_maps: bool = True,
+    mixed_precision: bool = False,
 ) -> CamResult:
     """Compute several CAM methods for one batch, sharing one forward (+ one backward) between them.
 
@@ -111,8 +113,11 @@ def compute_cams(
         layer: target layer name (``named_modules()``); None = auto (last conv block / last ViT block);
             a list only for multi-layer methods (``layer_cam``).
         options: per-method options, e.g. ``{"occlusion": {"window": 8}}``.
-        batch_size: chunk size of the extra forwards of perturbation methods.
+        batch_size: chunk size of the extra forwards of perturbation methods; None = from free memory
+            (:func:`auditor.cams.core.auto_chunk`).
         upsample_maps: also return maps at input resolution.
+        mixed_precision: run the extra forwards of perturbation methods under autocast (bfloat16 on CPU,
+            float16 on CUDA); the shared gradient pass stays in full precision.
 
     Returns:
         :class:`CamResult`.
@@ -133,6 +138,8 @@ def compute_cams(
     size = (int(images.shape[2]), int(images.shape[3]))
 
     with model_state(model):
+        if batch_size is None:
+            batch_size = auto_chunk(model, images) if any(s.family == "perturbation" for s in specs) else 32
         needs_layer = any(s.needs != "nothing" for s in specs)
         default = None
         if needs_layer and (layer is None or any(s.needs != "nothing" and not s.multi_layer for s in specs)):
@@ -170,6 +177,7 @@ def compute_cams(
                 layer_names=names,
                 options=resolved[spec.name],
                 batch_size=batch_size,
+                mixed_precision=mixed_precision,
             )
             if spec.multi_layer and names:
                 ctx.layer = names[-1]
@@ -187,7 +195,7 @@ def compute_cam(
     *,
     method: str = ...,
     layer: LayerArg = ...,
-    batch_size: int = ...,
+    batch_size: int | None = ...,
     return_low_res: Literal[False] = ...,
     **options: Any,
 ) -> Tensor: ...
@@ -201,7 +209,7 @@ def compute_cam(
     *,
     method: str = ...,
     layer: LayerArg = ...,
-    batch_size: int = ...,
+    batch_size: int | None = ...,
     return_low_res: Literal[True],
     **options: Any,
 ) -> tuple[Tensor, Tensor]: ...
@@ -214,7 +222,7 @@ def compute_cam(
     *,
     method: str = "grad_cam",
     layer: LayerArg = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     return_low_res: bool = False,
     **options: Any,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -226,7 +234,7 @@ def compute_cam(
         targets: ``[B]`` explained class per image.
         method: registry name (``auditor methods`` lists them).
         layer: target layer name, None for auto, or a list for ``layer_cam``.
-        batch_size: chunk size of extra forwards (perturbation methods).
+        batch_size: chunk size of extra forwards (perturbation methods); None = from free memory.
         return_low_res: also return the ``[B, h, w]`` map at the layer's resolution.
         **options: method options (e.g. ``window=8`` for occlusion).
 

@@ -311,7 +311,9 @@ def occlusion(ctx: CamContext) -> Tensor:
     counts = torch.zeros(h, w, device=dev)
     for sl in chunks(n_win, 4096):
         counts += patches(torch.arange(sl.start, sl.stop, device=dev)).sum(0)
-    base = ctx.base_scores(kind)
+    # The unperturbed score on the same precision path as the occluded ones, so that (under mixed precision)
+    # the forward's rounding error cancels in the differences instead of biasing every window.
+    base = ctx.scores(ctx.images, ctx.targets, kind) if ctx.mixed_precision else ctx.base_scores(kind)
     total = torch.zeros(b, h, w, device=dev)
     baseline = float(ctx.options["baseline"])
     for sl in chunks(b * n_win, ctx.batch_size):

@@ -28,6 +28,7 @@ class MetricInputs:
         mean, std: ``[C]`` input normalization (pixel = x * std + mean), or None for identity.
         batch_size: chunk size for the forwards of faithfulness metrics.
         seed: seed of tie-breaking noise and stochastic imputation.
+        mixed_precision: run those forwards under autocast (bfloat16 on CPU, float16 on CUDA).
         cache: shared between the metrics of one batch (e.g. the probability of the unperturbed images).
     """
 
@@ -42,6 +43,7 @@ class MetricInputs:
     std: Tensor | None = None
     batch_size: int = 64
     seed: int = 0
+    mixed_precision: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
 
     def require_masks(self, metric: str) -> Tensor:
@@ -70,7 +72,9 @@ class MetricInputs:
         """Softmax probability ``[n]`` of ``targets`` for inputs ``x``, in chunks of ``batch_size``."""
         model, _, _ = self.require_model("probs")
         out = []
-        with torch.no_grad():
+        from auditor.cams.core import autocast
+
+        with torch.no_grad(), autocast(x.device, self.mixed_precision):
             for start in range(0, x.shape[0], self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 out.append(model(x[sl]).float().softmax(1).gather(1, targets[sl, None])[:, 0])

@@ -1,0 +1,50 @@
+"""Automatic chunk sizes and optional mixed precision of the perturbation forwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from auditor import compute_cams
+from auditor.cams.core import MAX_CHUNK_CPU, auto_chunk
+from auditor.metrics.sanity import spearman_rows
+from tests.conftest import SmallCNN
+from tests.shortcuts.planted import make, tensors, train
+
+
+def test_auto_chunk_is_bounded_cached_and_shrinks_with_image_size(small_cnn: SmallCNN) -> None:
+    small = auto_chunk(small_cnn.eval(), torch.randn(2, 3, 16, 16))
+    assert 1 <= small <= MAX_CHUNK_CPU
+    assert auto_chunk(small_cnn, torch.randn(2, 3, 16, 16)) == small
+    import torchvision
+
+    big = torchvision.models.resnet18(num_classes=2).eval()
+    assert auto_chunk(big, torch.randn(2, 3, 512, 512)) <= auto_chunk(big, torch.randn(2, 3, 64, 64))
+
+
+def test_default_chunking_gives_the_same_maps(small_cnn: SmallCNN) -> None:
+    x = torch.randn(3, 3, 16, 16)
+    auto = compute_cams(small_cnn, x, [0, 1, 2], methods=["score_cam"])["score_cam"].maps
+    tiny = compute_cams(small_cnn, x, [0, 1, 2], methods=["score_cam"], batch_size=3)["score_cam"].maps
+    assert auto is not None and tiny is not None
+    torch.testing.assert_close(auto, tiny, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model = train(make("stamp", 60, 0), steps=120)
+    x, y = tensors(make("stamp", 4, 3))
+    return model, x, y
+
+
+@pytest.mark.parametrize("method", ["score_cam", "ss_cam", "is_cam", "rise", "ablation_cam", "occlusion"])
+def test_mixed_precision_maps_rank_like_fp32(method: str, trained: tuple) -> None:  # type: ignore[type-arg]
+    model, x, y = trained
+    opts = {"rise": {"num_masks": 300}, "ss_cam": {"num_samples": 2}, "is_cam": {"num_samples": 2},
+            "occlusion": {"window": 8, "stride": 4}}.get(method, {})
+    full = compute_cams(model, x, y, methods=[method], options={method: opts})[method].maps
+    half = compute_cams(model, x, y, methods=[method], options={method: opts}, mixed_precision=True)[method].maps
+    assert full is not None and half is not None
+    rho = spearman_rows(full.flatten(1).numpy(), half.flatten(1).numpy())
+    assert np.nanmin(rho) > 0.99, rho  # bfloat16 on this CPU
