@@ -71,7 +71,8 @@ def main() -> None:
         t_batch = (time.perf_counter() - t0) / args.images
         steps = math.ceil(1 / args.step) + 1
         print(
-            f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {bs} | {t_naive / t_batch:.2f}x |",
+            f"| {size} | {args.images} | 2 x {steps} | {t_naive:.2f} | {t_batch:.2f} | {bs} | "
+            f"{t_naive / t_batch:.2f}x |",
             flush=True,
         )
 

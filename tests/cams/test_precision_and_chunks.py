@@ -41,8 +41,12 @@ def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("method", ["score_cam", "ss_cam", "is_cam", "rise", "ablation_cam", "occlusion"])
 def test_mixed_precision_maps_rank_like_fp32(method: str, trained: tuple) -> None:  # type: ignore[type-arg]
     model, x, y = trained
-    opts = {"rise": {"num_masks": 300}, "ss_cam": {"num_samples": 2}, "is_cam": {"num_samples": 2},
-            "occlusion": {"window": 8, "stride": 4}}.get(method, {})
+    opts = {
+        "rise": {"num_masks": 300},
+        "ss_cam": {"num_samples": 2},
+        "is_cam": {"num_samples": 2},
+        "occlusion": {"window": 8, "stride": 4},
+    }.get(method, {})
     full = compute_cams(model, x, y, methods=[method], options={method: opts})[method].maps
     half = compute_cams(model, x, y, methods=[method], options={method: opts}, mixed_precision=True)[method].maps
     assert full is not None and half is not None

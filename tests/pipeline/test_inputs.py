@@ -61,7 +61,7 @@ def test_config_errors_exit_2_with_the_key_path(dataset_dir: Path, tmp_path: Pat
     cfg.write_text(cfg.read_text().replace("batch_size:", "batch_sise:"))
     assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "batch_sise: unknown key; did you mean 'batch_size'?" in err
+    assert "batch_sise: unknown key; did you mean 'batch_size'" in err
     assert main(["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
 
 
