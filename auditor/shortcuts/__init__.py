@@ -47,12 +47,12 @@ class Intervener:
     from_pixels: Callable[[Tensor], Tensor]
 
 
-def map_methods(methods: Sequence[str], root: Path) -> list[str]:
-    """Methods whose label-target maps support claims: class-sensitive, not pixel-space (guided) methods."""
+def map_methods(methods: Sequence[str], root: Path, target: str = "label") -> list[str]:
+    """Methods whose maps support claims: class-sensitive, not pixel-space (guided) methods."""
     return [
         m
         for m in methods
-        if CAMS[m].class_sensitive and CAMS[m].family != "pixel" and (root / "maps" / f"{m}__label.npy").exists()
+        if CAMS[m].class_sensitive and CAMS[m].family != "pixel" and (root / "maps" / f"{m}__{target}.npy").exists()
     ]
 
 
@@ -123,10 +123,12 @@ def analyze(
     Returns:
         ``(analyses, flags)`` for ``summary.json`` and ``flags.json``.
     """
-    label_rows = table[table["target"] == "label"]
-    first = label_rows[label_rows["method"] == label_rows["method"].iloc[0]] if len(label_rows) else label_rows
+    # The explained class is the label unless the run only explained predictions (target: prediction).
+    target = "label" if (table["target"] == "label").any() else str(table["target"].iloc[0])
+    label_rows = table[table["target"] == target]
+    first = label_rows[label_rows["method"] == label_rows["method"].iloc[0]]
     unreliable = {m for m, r in (mprt or {}).get("methods", {}).items() if r["unreliable"]}
-    chosen = map_methods(methods, root)
+    chosen = map_methods(methods, root, target)
     objects_path = root / "maps" / "_object.npy"
     objects = np.load(objects_path, mmap_mode="r") if objects_path.exists() else None
     background: dict[str, Any] = {}
@@ -136,7 +138,7 @@ def analyze(
         sub = label_rows[label_rows["method"] == m]
         background[m] = background_reliance(sub, classes, seed)
         rows = sub["row"].to_numpy()
-        grids = grid_maps(np.load(root / "maps" / f"{m}__label.npy", mmap_mode="r")[rows])
+        grids = grid_maps(np.load(root / "maps" / f"{m}__{target}.npy", mmap_mode="r")[rows])
         obj = np.asarray(objects[rows], dtype=np.float64) if objects is not None else None
         hotspots[m] = class_hotspots(grids, sub["label"].to_numpy(), classes, obj)
         grids_by_method[m] = (sub, grids)
@@ -181,6 +183,7 @@ def analyze(
             r["diff"] = np.round(np.asarray(r["diff"]), 7).tolist()
             r.pop("rows", None)
     analyses = {
+        "target": target,
         "methods": chosen,
         "background": background,
         "hotspots": hotspots,

@@ -196,6 +196,8 @@ def _purity(values: np.ndarray, target: np.ndarray) -> float:
     """How well ``values`` alone predict ``target``: accuracy of the majority-per-value rule, rescaled so
     the overall majority rate is 0 and perfect prediction is 1."""
     frame = pd.DataFrame({"v": values, "t": target})
+    if frame.empty:
+        return NAN
     rule = frame.groupby("v")["t"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(frame)
     base = frame["t"].value_counts().iloc[0] / len(frame)
     return float((rule - base) / (1 - base)) if base < 1 else 0.0

@@ -210,3 +210,13 @@ def test_every_method_and_metric_runs_inside_a_run(dataset_dir: Path, tmp_path: 
         # n counts defined values: an all-zero map (e.g. occlusion with 16 px windows) is NaN, not a score
         assert 1 <= stats["road_combined"]["n"] <= 2 and stats["energy_in_mask"]["n"] >= 1, method
     assert s["aggregates"]["grad_cam"]["label"]["*"]["road_combined"]["n"] == 2
+
+
+def test_prediction_only_target_runs_the_analyses_on_prediction_maps(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"], target="prediction")
+    )
+    s = run_audit(cfg, tmp_path / "r", progress=False)
+    assert s["analyses"]["target"] == "prediction" and s["analyses"]["methods"] == ["grad_cam"]
+    assert "disc" in s["analyses"]["background"]["grad_cam"]
+    assert json.loads((tmp_path / "r" / "flags.json").read_text())["schema_version"] == 1
