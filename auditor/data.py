@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 
 from auditor.errors import DataError
 
@@ -501,8 +500,3 @@ def load_dataset(cfg: Any) -> Dataset:
     if cfg.image_folder is not None:
         return read_image_folder(cfg.image_folder, cfg.mask_folder, cfg.classes)
     return read_coco(cfg.coco, cfg.root, cfg.classes)
-
-
-def as_boxes(boxes: list[Tensor], device: torch.device) -> list[Tensor]:
-    """Move a batch's per-image box tensors to ``device``."""
-    return [b.to(device) for b in boxes]
