@@ -146,6 +146,15 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-render the report of a finished run (nothing is recomputed)."""
+    from auditor.report import render_report
+
+    out = render_report(Path(args.run), Path(args.out) if args.out else None)
+    print(f"report written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Write the comparison page of two runs."""
     from auditor.compare import compare_runs
@@ -195,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="baseline run directory (same data) for relative rules")
     p.add_argument("--junit", help="write JUnit XML here (one test case per rule x scope)")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("report", help="re-render report.html from a finished run's saved results")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="compare two runs of two models on the same data (HTML)")
     p.add_argument("run_a", help="the reference run (e.g. the current release)")

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 BLACK_BOX = ("occlusion", "rise")  # the only methods that work without module hooks (TorchScript)
 _ARTIFACTS = (
+    "report.html",
     "parts",
     "maps",
     "curves",
@@ -655,6 +656,9 @@ def run_audit(
         ),
     }
     write_json(out / "summary.json", summary)
+    from auditor.report import render_report
+
+    render_report(out)
     return summary
 
 
