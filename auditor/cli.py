@@ -146,6 +146,26 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the tank-vs-weather demo and print where the report is and what it found."""
+    import time
+
+    from auditor.demo import run_demo
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    summary = run_demo(out)
+    flags = json.loads((out / "run" / "flags.json").read_text())["flags"]
+    print(
+        f"audited {summary['dataset']['n']} images in {time.perf_counter() - start:.0f} s; "
+        f"accuracy {summary['accuracy']['*']['accuracy']:.2f}"
+    )
+    for flag in flags[:5]:
+        print(f"  [{flag['severity']}] {flag['message']}")
+    print(f"report: {(out / 'run' / 'report.html').resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render the report of a finished run (nothing is recomputed)."""
     from auditor.report import render_report
@@ -204,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="baseline run directory (same data) for relative rules")
     p.add_argument("--junit", help="write JUnit XML here (one test case per rule x scope)")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("demo", help="train a model that learned the weather and audit it (about a minute on a CPU)")
+    p.add_argument("--out", default="audit-demo", help="output folder (default: audit-demo)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="re-render report.html from a finished run's saved results")
     p.add_argument("run", help="run directory")

@@ -64,6 +64,7 @@ def write_dataset(
     size: int = 64,
     seed: int = 0,
     weather_bias: float = 0.5,
+    labels: tuple[str, str] = CLASSES,
 ) -> Path:
     """Write ``images/``, ``masks/`` and ``audit.csv`` (path, label, mask, weather, ground) under ``root``.
 
@@ -73,6 +74,7 @@ def write_dataset(
         size: image side in pixels.
         seed: random seed.
         weather_bias: P(sunny | disc) = P(cloudy | square).
+        labels: the labels written for the disc and the square classes.
 
     Returns:
         The manifest path.
@@ -90,13 +92,14 @@ def write_dataset(
             weather = favoured if rng.random() < weather_bias else other
             t = int(rng.integers(0, len(textures)))
             scene = render_scene(rng, size, label, weather, textures[t])
-            sid = f"{label}_{i:04d}"
+            name = labels[CLASSES.index(label)]
+            sid = f"{name}_{i:04d}"
             Image.fromarray(scene.image).save(root / "images" / f"{sid}.png")
             Image.fromarray(scene.mask.astype(np.uint8) * 255).save(root / "masks" / f"{sid}.png")
             rows.append(
                 {
                     "path": f"images/{sid}.png",
-                    "label": label,
+                    "label": name,
                     "mask": f"masks/{sid}.png",
                     "weather": weather,
                     "ground": names[t],
