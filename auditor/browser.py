@@ -1,0 +1,64 @@
+"""Open a report in headless Chromium: console errors, network requests, visible verdict, screenshot.
+
+Uses playwright-python with the system Chromium (Debian ``chromium``; never ``playwright install``, which
+downloads). ``python -m auditor.browser REPORT.html [SCREENSHOT.png]`` prints the check and saves the
+screenshot (the README's picture is made this way from ``auditor demo``'s report).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def chromium_path() -> str | None:
+    """The system Chromium executable, or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass
+class PageCheck:
+    console_errors: list[str] = field(default_factory=list)
+    external_requests: list[str] = field(default_factory=list)
+    verdict: str = ""
+    flags_shown: int = 0
+
+
+def check_report(html: Path, screenshot: Path | None = None, width: int = 1200, height: int = 1400) -> PageCheck:
+    """Open ``html`` from disk (file://) and record what a reader's browser would do with it."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium_path()
+    if exe is None:
+        raise RuntimeError("no chromium found: apt-get install chromium")
+    result = PageCheck()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("console", lambda m: result.console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: result.console_errors.append(str(e)))
+            page.on(
+                "request",
+                lambda r: None if r.url.startswith(("file:", "data:")) else result.external_requests.append(r.url),
+            )
+            page.goto(html.resolve().as_uri())
+            page.wait_for_load_state("load")
+            result.verdict = page.inner_text("#verdict") if page.is_visible("#verdict") else ""
+            result.flags_shown = page.locator(".flag:visible").count()
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    return result
+
+
+if __name__ == "__main__":
+    check = check_report(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    print(check)
+    sys.exit(0 if not check.console_errors and not check.external_requests and check.verdict else 1)
