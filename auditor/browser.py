@@ -26,6 +26,8 @@ class PageCheck:
     external_requests: list[str] = field(default_factory=list)
     verdict: str = ""
     flags_shown: int = 0
+    deep_dive_views: int = 0
+    toggled: bool = False
 
 
 def check_report(html: Path, screenshot: Path | None = None, width: int = 1200, height: int = 1400) -> PageCheck:
@@ -50,7 +52,16 @@ def check_report(html: Path, screenshot: Path | None = None, width: int = 1200, 
             page.wait_for_load_state("load")
             result.verdict = page.inner_text("#verdict") if page.is_visible("#verdict") else ""
             result.flags_shown = page.locator(".flag:visible").count()
+            result.deep_dive_views = page.locator("#deep-dive ~ .card .gallery img").count()
+            first = page.locator("img[data-views]").first
+            if first.count():
+                before = first.get_attribute("src")
+                first.click()
+                result.toggled = first.get_attribute("src") != before
             if screenshot is not None:
+                if result.toggled:  # cycle that image back to its map view before the picture
+                    while first.get_attribute("src") != before:
+                        first.click()
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(screenshot))
         finally:

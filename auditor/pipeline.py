@@ -35,6 +35,7 @@ from auditor.cams import CAMS, CamResult, compute_cams
 from auditor.cams.core import auto_chunk, inspect_model
 from auditor.config import AuditConfig, dump_resolved
 from auditor.data import AuditDataset, SampleSpec, collate, load_dataset, select, stratified_subset
+from auditor.deepdive import run_deepdive
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.metrics import METRICS, MetricInputs, max_box_acc
 from auditor.metrics.sanity import method_agreement, mprt
@@ -50,6 +51,7 @@ SCHEMA_VERSION = 1
 BLACK_BOX = ("occlusion", "rise")  # the only methods that work without module hooks (TorchScript)
 _ARTIFACTS = (
     "report.html",
+    "deepdive.json",
     "parts",
     "maps",
     "curves",
@@ -735,6 +737,20 @@ def _summary(
     )
     ctx.timer.add("analyses", start)
     write_json(ctx.store.root / "flags.json", {"schema_version": SCHEMA_VERSION, "flags": flags})
+    start = time.perf_counter()
+    window = max(4, ctx.cfg.data.image_size // 8)
+    summary["deep_dive"] = run_deepdive(
+        ctx.store.root,
+        flags,
+        table,
+        ctx.model,
+        _intervener(ctx, dataset).load,
+        {c: i for i, c in enumerate(ctx.classes)},
+        ctx.layer,
+        loaded.scripted,
+        {"window": window, "stride": max(2, window // 2)},
+    )
+    ctx.timer.add("deep_dive", start)
     return summary
 
 

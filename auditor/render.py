@@ -45,3 +45,12 @@ def data_uri(image: np.ndarray, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, optimize=True)
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def grey(values: np.ndarray, size: int) -> np.ndarray:
+    """A ``[h, w]`` array min-max scaled to a ``[size, size, 3]`` grey image (bilinear)."""
+    t = torch.from_numpy(np.nan_to_num(np.asarray(values, np.float32)))[None, None]
+    g = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo, hi = float(g.min()), float(g.max())
+    g = (g - lo) / (hi - lo) if hi > lo else np.zeros_like(g)
+    return np.repeat((g * 255).astype(np.uint8)[:, :, None], 3, axis=2)

@@ -6,6 +6,7 @@ chart as inline SVG. Nothing is fetched: no CDN, no ``fetch()``, images are data
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import yaml
 
 from auditor.compare import environment
 from auditor.gate import load_run
-from auditor.render import data_uri, overlay, thumbnail
+from auditor.render import data_uri, grey, overlay, thumbnail
 from auditor.store import atomic_write_bytes
 
 GALLERY = 6  # images per flag
@@ -45,22 +46,84 @@ def _outline(objects: np.ndarray | None, row: int, size: int) -> np.ndarray | No
     return (inside & ~eroded).numpy()
 
 
+def _mask_image(objects: np.ndarray | None, row: int, size: int) -> np.ndarray | None:
+    if objects is None or not np.isfinite(objects[row]).all():
+        return None
+    return np.where(grey(objects[row], size) > 127, 255, 0).astype(np.uint8)
+
+
 def _tile(
     row: pd.Series, maps: np.ndarray | None, objects: np.ndarray | None, region: list[float] | None
 ) -> dict[str, Any]:
+    """A gallery tile: the map over the image (object outlined), plus the image and the mask for the toggle."""
     img = thumbnail(Path(row["path"]), THUMB)
     over = overlay(img, maps[int(row["row"])]) if maps is not None else img.copy()
     edge = _outline(objects, int(row["row"]), THUMB)
     if edge is not None:
         over[edge] = (255, 255, 255)
+    mask = _mask_image(objects, int(row["row"]), THUMB)
+    views = [data_uri(over, "JPEG"), data_uri(img, "JPEG")] + ([data_uri(mask, "PNG")] if mask is not None else [])
     return {
         "id": row["id"],
         "label": row["label"],
         "pred": row["pred"],
-        "image": data_uri(img, "JPEG"),
-        "overlay": data_uri(over, "JPEG"),
+        "overlay": views[0],
+        "views": "|".join(views),
         "box": [v * THUMB for v in region] if region else None,
     }
+
+
+def _deep_dive(run: Path, table: pd.DataFrame, target: str, objects: np.ndarray | None) -> list[dict[str, Any]]:
+    """Per flagged sample: every method's map, guided backprop, occlusion and the top feature maps."""
+    meta_path, arr_path = run / "deepdive.json", run / "maps" / "deepdive.npz"
+    if not meta_path.exists() or not arr_path.exists():
+        return []
+    meta = json.loads(meta_path.read_text())
+    arrays = np.load(arr_path)
+    first = table.drop_duplicates("id").set_index("id")
+    methods = sorted(str(m) for m in table["method"].unique())
+    out = []
+    for i, (sid, row) in enumerate(zip(meta["ids"], meta["rows"], strict=True)):
+        info = first.loc[sid]
+        img = thumbnail(Path(info["path"]), THUMB)
+        views: list[dict[str, str]] = [{"name": "image", "src": data_uri(img, "JPEG")}]
+        mask = _mask_image(objects, row, THUMB)
+        if mask is not None:
+            views.append({"name": "object mask", "src": data_uri(mask, "PNG")})
+        for m in methods:
+            path = run / "maps" / f"{m}__{target}.npy"
+            if path.exists():
+                low = np.load(path, mmap_mode="r")[row]
+                if np.isfinite(low).all():
+                    views.append({"name": m, "src": data_uri(overlay(img, low), "JPEG")})
+        if "occlusion" in arrays:
+            views.append({"name": "occlusion", "src": data_uri(overlay(img, arrays["occlusion"][i]), "JPEG")})
+        if "guided_backprop" in arrays:
+            views.append(
+                {"name": "guided backprop", "src": data_uri(grey(arrays["guided_backprop"][i], THUMB), "JPEG")}
+            )
+        features = []
+        if "feature_maps" in arrays:
+            for k in range(arrays["feature_maps"].shape[1]):
+                features.append(
+                    {
+                        "channel": int(arrays["feature_channels"][i][k]),
+                        "weight": float(arrays["feature_weights"][i][k]),
+                        "src": data_uri(grey(arrays["feature_maps"][i][k], 56), "PNG"),
+                    }
+                )
+        out.append(
+            {
+                "id": sid,
+                "label": info["label"],
+                "pred": info["pred"],
+                "views": views,
+                "features": features,
+                "layer": meta.get("layer"),
+                "notes": meta.get("notes", {}),
+            }
+        )
+    return out
 
 
 def _curve_points(curve: np.ndarray, width: int = 220, height: int = 90) -> str:
@@ -159,6 +222,7 @@ def build_context(run: Path) -> dict[str, Any]:
             }
         )
 
+    deep = _deep_dive(run, table, target, objects)
     groups = [
         {"attribute": a, "values": [{"value": v, **g} for v, g in vals.items()]}
         for a, vals in (summary.get("groups") or {}).items()
@@ -187,6 +251,9 @@ def build_context(run: Path) -> dict[str, Any]:
         "timings": summary.get("timings", {}),
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
+        "deep": deep,
+        "agreement": (sanity.get("agreement") or {}).get("*", {}),
+        "kinds": sorted({f["kind"] for f in flags}),
     }
 
 

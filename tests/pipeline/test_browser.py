@@ -36,3 +36,5 @@ def test_report_in_headless_chromium(dataset_dir: Path, tmp_path: Path) -> None:
     assert check.verdict == "Shortcut evidence found"  # this fixture's model learned the sky
     assert check.flags_shown >= 1
     assert shot.stat().st_size > 10_000
+    assert check.deep_dive_views >= 3  # image, methods' maps, occlusion, guided backprop
+    assert check.toggled  # clicking a gallery image switches to another view
