@@ -152,6 +152,8 @@ def auto_chunk(model: nn.Module, example: Tensor) -> int:
         torch.cuda.synchronize(device)
         per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
         chunk = int(min(MAX_CHUNK_GPU, max(1, 0.6 * free // per_image)))
+    elif isinstance(model, torch.jit.ScriptModule):
+        chunk = 32  # no module hooks on TorchScript: a conservative CPU default
     else:
         import psutil
 
