@@ -1,14 +1,13 @@
 """Open a report in headless Chromium: console errors, network requests, visible verdict, screenshot.
 
 Uses playwright-python with the system Chromium (Debian ``chromium``; never ``playwright install``, which
-downloads). ``python -m auditor.browser REPORT.html [SCREENSHOT.png]`` prints the check and saves the
+downloads). ``auditor screenshot REPORT.html [SCREENSHOT.png]`` prints the check and saves the
 screenshot (the README's picture is made this way from ``auditor demo``'s report).
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +66,3 @@ def check_report(html: Path, screenshot: Path | None = None, width: int = 1200, 
         finally:
             browser.close()
     return result
-
-
-if __name__ == "__main__":
-    check = check_report(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
-    print(check)
-    sys.exit(0 if not check.console_errors and not check.external_requests and check.verdict else 1)

@@ -166,6 +166,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_screenshot(args: argparse.Namespace) -> int:
+    """Check a report in headless Chromium (console errors, network requests, verdict) and save a screenshot."""
+    from auditor.browser import check_report
+
+    check = check_report(Path(args.report), Path(args.png) if args.png else None)
+    print(
+        f"verdict: {check.verdict!r}; findings shown: {check.flags_shown}; console errors: {check.console_errors}; "
+        f"network requests: {check.external_requests}"
+    )
+    return 0 if check.verdict and not check.console_errors and not check.external_requests else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render the report of a finished run (nothing is recomputed)."""
     from auditor.report import render_report
@@ -228,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a model that learned the weather and audit it (about a minute on a CPU)")
     p.add_argument("--out", default="audit-demo", help="output folder (default: audit-demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("screenshot", help="open a report in headless Chromium: check it and save a screenshot")
+    p.add_argument("report", help="report.html")
+    p.add_argument("png", nargs="?", help="screenshot to write")
+    p.set_defaults(func=cmd_screenshot)
 
     p = sub.add_parser("report", help="re-render report.html from a finished run's saved results")
     p.add_argument("run", help="run directory")
