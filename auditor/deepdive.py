@@ -61,7 +61,7 @@ def compute(
     assert grads is not None
     alpha = grads.mean((2, 3))  # Grad-CAM channel weights
     top = alpha.argsort(1, descending=True)[:, :CHANNELS]
-    out["feature_maps"] = torch.stack([acts[i, top[i]] for i in range(acts.shape[0])]).cpu().numpy()
+    out["feature_maps"] = acts[torch.arange(acts.shape[0], device=acts.device)[:, None], top].cpu().numpy()
     out["feature_channels"] = top.cpu().numpy()
     out["feature_weights"] = torch.gather(alpha, 1, top).cpu().numpy()
     return out

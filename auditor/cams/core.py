@@ -15,7 +15,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -294,7 +294,6 @@ class ModelInfo:
     default_layer: str | None
     head_linear: str | None
     num_outputs: int
-    layouts: dict[str, Layout] = field(default_factory=dict)
 
 
 _INFO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], ModelInfo]] = weakref.WeakKeyDictionary()
@@ -370,7 +369,7 @@ def inspect_model(model: nn.Module, example: Tensor) -> ModelInfo:
         if isinstance(module, nn.Linear) and tuple(out.shape) == tuple(logits.shape):
             head = name
             break
-    info = ModelInfo(default, head, int(logits.shape[1]), layouts)
+    info = ModelInfo(default, head, int(logits.shape[1]))
     per_model[key] = info
     return info
 
@@ -621,7 +620,7 @@ class CamContext:
         layer_names: every layer this method uses (in depth order).
         options: the method's options, defaults filled in.
         batch_size: chunk size for extra forwards (masked / noisy / ablated inputs).
-        info: what the dry run learned (head Linear, ...), or None when not needed.
+        mixed_precision: run extra forwards under autocast.
     """
 
     model: nn.Module
@@ -633,7 +632,6 @@ class CamContext:
     layer_names: list[str]
     options: dict[str, Any]
     batch_size: int
-    info: ModelInfo | None = None
     generator: torch.Generator | None = None
     mixed_precision: bool = False
 

@@ -15,7 +15,7 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 from torch import Tensor
 
-from auditor.metrics.registry import MetricInputs, MetricResult, register_metric, tie_broken
+from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric
 
 
 def gaussian_blur(x: Tensor, klen: int = 11, sigma: float = 5.0) -> Tensor:
@@ -34,14 +34,6 @@ def gaussian_blur(x: Tensor, klen: int = 11, sigma: float = 5.0) -> Tensor:
     return F.conv2d(x, weight, padding=klen // 2, groups=c)
 
 
-def _ranks(inputs: MetricInputs, seed: int) -> Tensor:
-    """``[B, H*W]`` rank of each pixel (0 = most salient), ties broken by seeded noise."""
-    order = tie_broken(inputs.maps, seed).flatten(1).argsort(1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return rank
-
-
 def causal_curves(inputs: MetricInputs, mode: str, step: float, seed: int) -> Tensor:
     """Deletion or insertion curves ``[B, n + 1]`` (RISE ``CausalMetric``), batched over images x steps.
 
@@ -55,7 +47,7 @@ def causal_curves(inputs: MetricInputs, mode: str, step: float, seed: int) -> Te
     hw = h * w
     s = max(1, math.ceil(step * hw))
     n = math.ceil(hw / s)
-    rank = _ranks(inputs, seed)
+    rank = pixel_ranks(inputs.maps, seed)
     if mode == "deletion":
         start, finish = images, torch.zeros_like(images)
     else:
@@ -242,7 +234,7 @@ def road_curves(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float
     """
     _, images, targets = inputs.require_model("road")
     b, _, h, w = images.shape
-    rank = _ranks(inputs, seed).cpu().numpy()
+    rank = pixel_ranks(inputs.maps, seed).cpu().numpy()
     pixels = inputs.to_pixels(images).detach().double().cpu().numpy()
     rng = np.random.default_rng(seed)
     hw = h * w

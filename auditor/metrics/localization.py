@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-from auditor.metrics.registry import MetricInputs, MetricResult, register_metric, tie_broken
+from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric, tie_broken
 
 NAN = float("nan")
 
@@ -147,10 +147,7 @@ def pointing_game(inputs: MetricInputs, tolerance: float, seed: int) -> MetricRe
 
 def _top_k_overlap(maps: Tensor, masks: Tensor, seed: int) -> tuple[Tensor, Tensor]:
     """(|top-K pixels of the map ∩ mask|, K) with K = |mask|, ties broken by seeded noise."""
-    ranked = tie_broken(maps, seed).flatten(1)
-    order = ranked.argsort(1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=maps.device).expand_as(order))
+    rank = pixel_ranks(maps, seed)
     k = masks.flatten(1).sum(1)
     top = rank < k[:, None]
     return (top & masks.flatten(1)).sum(1).float(), k.float()

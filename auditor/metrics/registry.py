@@ -196,3 +196,11 @@ def tie_broken(maps: Tensor, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(h * w, generator=gen).to(maps.device)
     return (norm + 1e-4 * noise).view(b, h, w)
+
+
+def pixel_ranks(maps: Tensor, seed: int) -> Tensor:
+    """``[B, H*W]`` rank of every pixel (0 = most salient), ties broken by :func:`tie_broken`."""
+    order = tie_broken(maps, seed).flatten(1).argsort(1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank

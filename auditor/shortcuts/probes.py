@@ -42,19 +42,15 @@ def mask_grid(masks: Tensor) -> Tensor:
 
 
 def background_partners(labels: Tensor, usable: Tensor) -> Tensor:
-    """For each image, the next usable image of the batch (cyclically) with another label, else -1."""
+    """For each usable image, the next usable image of the batch (cyclically) with another label, else -1."""
     n = labels.numel()
-    partner = torch.full((n,), -1, dtype=torch.long)
     lab, ok = labels.cpu(), usable.cpu()
-    for i in range(n):  # O(B^2) in the worst case on a batch: negligible next to the forwards
-        if not ok[i]:
-            continue
-        for step in range(1, n):
-            j = (i + step) % n
-            if ok[j] and lab[j] != lab[i]:
-                partner[i] = j
-                break
-    return partner
+    if n < 2:
+        return torch.full((n,), -1, dtype=torch.long)
+    cand = (torch.arange(n)[:, None] + torch.arange(1, n)[None]) % n  # [n, n-1], in cyclic order
+    fits = ok[cand] & (lab[cand] != lab[:, None]) & ok[:, None]
+    first = fits.int().argmax(1)  # the first fitting candidate (0 when there is none)
+    return torch.where(fits.any(1), cand[torch.arange(n), first], torch.full((n,), -1, dtype=torch.long))
 
 
 def _gaussian(x: Tensor, sigma: float) -> Tensor:

@@ -275,3 +275,14 @@ def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> Non
         ("cluster", "horse", "cluster 1", "medium")
     ]
     assert cluster_flags({"horse": {**info, "median_ratio": 0.5}}, T) == []  # the class itself is off-object
+
+
+def test_background_partners_next_usable_other_class_cyclically() -> None:
+    from auditor.shortcuts.probes import background_partners
+
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    usable = torch.tensor([True, True, True, False, True])
+    # 0 -> 2 (1 is the same class); 1 -> 2; 2 -> 4 (3 unusable); 3 unusable -> -1; 4 -> 2 (wraps round)
+    assert background_partners(labels, usable).tolist() == [2, 2, 4, -1, 2]
+    assert background_partners(torch.tensor([1, 1]), torch.tensor([True, True])).tolist() == [-1, -1]
+    assert background_partners(torch.tensor([0]), torch.tensor([True])).tolist() == [-1]
