@@ -165,8 +165,13 @@ def _metric_columns(
     images: Tensor,
     key: str,
     rows: Tensor,
+    base_probs: Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every configured metric for the maps of ``sel`` (positions in the batch); NaN where not computed."""
+    """Every configured metric for the maps of ``sel`` (positions in the batch); NaN where not computed.
+
+    ``base_probs`` (``[len(sel)]``, the explained class's probability on the unperturbed images, from
+    the CAM pass's own forward) spares the faithfulness metrics one forward per image and method.
+    """
     n = int(sel.numel())
     cols: dict[str, np.ndarray] = {}
     masks = (batch["mask"].to(ctx.device) & batch["has_mask"].to(ctx.device)[:, None, None])[sel]
@@ -188,6 +193,7 @@ def _metric_columns(
             batch_size=ctx.chunk,
             seed=ctx.cfg.seed,
             mixed_precision=ctx.cfg.mixed_precision,
+            cache={} if base_probs is None else {"base_probs": base_probs[pick]},
         )
 
     every = torch.arange(n)
@@ -282,11 +288,15 @@ def _process_batch(ctx: _Ctx, batch: dict[str, Any]) -> tuple[pd.DataFrame, int]
             reuse = first is not None and tname == "label" and methods is cheap
             res = first if reuse and first is not None else cams(methods, rows_sel, tvec)
             rows = idx[rows_sel]
+            # Under autocast the metrics' forwards are low precision: their base probability must be too.
+            base = None if ctx.cfg.mixed_precision else probs[rows_sel].gather(1, tvec[rows_sel, None])[:, 0]
             for m in methods:
                 out = res[m]
                 assert out.maps is not None  # compute_cams upsamples by default
                 _store_maps(ctx, f"{m}__{tname}", rows, out.low_res)
-                cols = _metric_columns(ctx, out.maps, rows_sel, tvec[rows_sel], batch, images, f"{m}__{tname}", rows)
+                cols = _metric_columns(
+                    ctx, out.maps, rows_sel, tvec[rows_sel], batch, images, f"{m}__{tname}", rows, base
+                )
                 frames.append(
                     _rows(
                         ctx,

@@ -268,14 +268,16 @@ def box_iou(inputs: MetricInputs, threshold: float, curve_step: float) -> Metric
     cams = inputs.maps.detach().float().cpu().numpy()
     gts = _gt_boxes(inputs, masks)
     grid = np.arange(0.0, 1.0 - 1e-9, curve_step)
+    on_grid = np.flatnonzero(grid == threshold)  # then the curve already holds the value
     values, curves = [], []
     for cam, gt in zip(cams, gts, strict=True):
         if len(gt) == 0 or cam.max() <= 0:
             values.append(NAN)
             curves.append(np.full(len(grid), NAN))
             continue
-        values.append(float(best_box_iou(cam, gt, np.array([threshold]))[0]))
-        curves.append(best_box_iou(cam, gt, grid))
+        curve = best_box_iou(cam, gt, grid)
+        values.append(float(curve[on_grid[0]] if len(on_grid) else best_box_iou(cam, gt, np.array([threshold]))[0]))
+        curves.append(curve)
     dev = inputs.maps.device
     return MetricResult(
         torch.tensor(values, dtype=torch.float32, device=dev),
