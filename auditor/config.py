@@ -99,9 +99,14 @@ class DataConfig(_Strict):
 
 
 class ExpensiveConfig(_Strict):
-    """Which samples get the methods and metrics that cost far more than one forward."""
+    """Which samples get the methods and metrics that cost far more than one forward.
 
-    subset: Literal["stratified", "all"] = "stratified"
+    ``stratified``: ``per_class`` samples of each class, drawn with the run's seed. ``flagged``: after
+    the cheap pass, the samples behind each flag (the ids its evidence cites, then the flagged class's
+    stratified samples), at most ``per_class`` per flag, in a second pass. ``all``: every sample.
+    """
+
+    subset: Literal["stratified", "flagged", "all"] = "stratified"
     per_class: int = Field(default=50, ge=1)
 
 

@@ -141,7 +141,8 @@ class _Ctx:
     methods: list[str]
     metrics: list[str]
     layer: Any
-    expensive: np.ndarray
+    expensive: np.ndarray  # [n] bool: the samples that get the expensive methods and metrics
+    probe: np.ndarray  # [n] bool: the samples that get the counterfactual forwards
     mean: Tensor | None
     std: Tensor | None
     store: RunStore
@@ -329,8 +330,8 @@ def _probes(ctx: _Ctx, batch: dict[str, Any], images: Tensor, labels: Tensor, id
     out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
     masks = batch["mask"].to(ctx.device)
     usable = batch["has_mask"].to(ctx.device) & masks.flatten(1).any(1)
-    # Counterfactual forwards (3 per image) run on the expensive subset: per-class rates need tens of images.
-    in_subset = torch.from_numpy(ctx.expensive[idx.numpy()]).to(ctx.device)
+    # Counterfactual forwards (3 per image) run on a stratified subset: per-class rates need tens of images.
+    in_subset = torch.from_numpy(ctx.probe[idx.numpy()]).to(ctx.device)
     if bool(usable.any()):
         grid = ctx.store.array("maps/_object", (32, 32))
         keep = usable.cpu().numpy()
@@ -595,11 +596,13 @@ def run_audit(
 
     store = RunStore(out, len(samples))
     labels = [s.label for s in samples]
-    expensive = (
-        np.ones(len(samples), dtype=bool)
-        if cfg.expensive.subset == "all"
-        else stratified_subset(labels, cfg.expensive.per_class, cfg.seed)
-    )
+    stratified = stratified_subset(labels, cfg.expensive.per_class, cfg.seed)
+    mode = cfg.expensive.subset
+    expensive = {
+        "all": np.ones(len(samples), dtype=bool),
+        "stratified": stratified.copy(),
+        "flagged": np.zeros(len(samples), dtype=bool),  # chosen after the cheap pass
+    }[mode]
     mean = torch.tensor(mean_std[0], device=device) if mean_std else None
     std = torch.tensor(mean_std[1], device=device) if mean_std else None
     ctx = _Ctx(
@@ -612,6 +615,7 @@ def run_audit(
         cfg.metric_names(),
         layer,
         expensive,
+        expensive if mode == "all" else stratified,
         mean,
         std,
         store,
@@ -624,54 +628,183 @@ def run_audit(
     done = store.done_batches()
     pending = [b for b in range(n_batches) if b not in done]
     batches = [list(range(b * bs, min((b + 1) * bs, len(samples)))) for b in pending]
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=cfg.workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
     bar = _Progress(n_batches, len(done), len(samples), progress)
-    t = time.perf_counter()
-    processed = 0
-    for b, batch in zip(pending, loader, strict=True):
-        t = timer.add("data_wait", t)
-        frame, n_img = _process_batch(ctx, batch)
-        t = timer.add("compute", t)
-        events = {
-            "skipped": [{"row": i, "path": str(samples[i].path), "reason": r} for i, r in batch["skipped"]],
-            "warnings": [{"row": i, "path": str(samples[i].path), "warning": w} for i, w in batch["warnings"]],
-        }
-        write_json(store.parts / f"events-{b:06d}.json", events)
-        store.write_part(b, frame)
-        t = timer.add("write", t)
-        processed += n_img
-        bar.update(len(batch["index"]) + len(batch["skipped"]))
+    processed = _run_batches(ctx, dataset, pending, batches, "part", bar)
     bar.close()
+    main_pass = {k: timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write")}
 
     table = store.consolidate(n_batches)
     if table.empty:
         raise DataError("no image could be audited: every sample was skipped (see parts/events-*.json)")
+    if mode == "flagged":
+        start = time.perf_counter()
+        table = _flagged_pass(ctx, dataset, table, dataset_spec.metadata, n_batches, progress)
+        timer.add("flagged_pass", start)
+    _write_expensive(ctx, table, mode)
     summary = _summary(ctx, table, dataset, dataset_spec.metadata, loaded, device, n_batches, selection)
     summary["timings"] = {
         **{k: round(v, 3) for k, v in sorted(timer.seconds.items())},
         "total_s": round(time.perf_counter() - started, 3),
         "images_this_session": processed,
-        "images_per_s_this_session": round(
-            processed
-            / max(
-                timer.seconds.get("data_wait", 0) + timer.seconds.get("compute", 0) + timer.seconds.get("write", 0),
-                1e-9,
-            ),
-            2,
-        ),
+        # the main pass only: the flagged pass re-runs a few samples with the expensive methods
+        "images_per_s_this_session": round(processed / max(sum(main_pass.values()), 1e-9), 2),
     }
     write_json(out / "summary.json", summary)
     from auditor.report import render_report
 
     render_report(out)
     return summary
+
+
+def _run_batches(
+    ctx: _Ctx,
+    dataset: AuditDataset,
+    numbers: list[int],
+    batches: list[list[int]],
+    kind: str,
+    bar: _Progress | None,
+) -> int:
+    """Process ``batches`` (sample rows) and write each as part ``kind``-``number``; returns the images done.
+
+    Data loading runs in the DataLoader's workers (``workers``); on CUDA, batches come in pinned memory
+    and are copied with ``non_blocking``. The main pass also records skipped files and warnings.
+    """
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=ctx.cfg.workers,
+        collate_fn=collate,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
+    t = time.perf_counter()
+    processed = 0
+    for b, batch in zip(numbers, loader, strict=True):
+        t = ctx.timer.add("data_wait", t)
+        frame, n_img = _process_batch(ctx, batch)
+        t = ctx.timer.add("compute", t)
+        if kind == "part":
+            events = {
+                "skipped": [{"row": i, "path": str(ctx.samples[i].path), "reason": r} for i, r in batch["skipped"]],
+                "warnings": [{"row": i, "path": str(ctx.samples[i].path), "warning": w} for i, w in batch["warnings"]],
+            }
+            write_json(ctx.store.parts / f"events-{b:06d}.json", events)
+        ctx.store.write_part(b, frame, kind)
+        t = ctx.timer.add("write", t)
+        processed += n_img
+        if bar is not None:
+            bar.update(len(batch["index"]) + len(batch["skipped"]))
+    return processed
+
+
+def select_flagged(
+    flags: list[dict[str, Any]], table: pd.DataFrame, stratified: np.ndarray, per_flag: int
+) -> dict[int, list[str]]:
+    """The samples behind each flag: ``{row: [flag ids]}``.
+
+    Per flag, the sample ids its evidence cites (``worst_ids``, ``error_ids``, ``prototype_ids``, ...)
+    come first; a flag about a class is then filled with that class's stratified samples; at most
+    ``per_flag`` samples per flag.
+
+    Args:
+        flags: flags of the cheap pass (``flags.json`` entries).
+        table: the cheap pass's ``samples.parquet`` (columns ``id``, ``row``, ``label``).
+        stratified: ``[n]`` bool, the run's stratified subset.
+        per_flag: ``expensive.per_class``.
+    """
+    first = table.drop_duplicates("row")
+    row_of = dict(zip(first["id"], first["row"].astype(int), strict=True))
+    chosen: dict[int, list[str]] = {}
+    for flag in flags:
+        rows: list[int] = []
+        for key, value in flag.get("evidence", {}).items():
+            if key.endswith("ids") and isinstance(value, list):
+                rows += [row_of[v] for v in value if isinstance(v, str) and v in row_of]
+        if flag.get("class") is not None:
+            own = first[first["label"] == flag["class"]]["row"].astype(int).to_numpy()
+            rows += own[stratified[own]].tolist()
+        for r in list(dict.fromkeys(rows))[:per_flag]:
+            chosen.setdefault(r, []).append(flag["id"])
+    return dict(sorted(chosen.items()))
+
+
+def _flagged_pass(
+    ctx: _Ctx,
+    dataset: AuditDataset,
+    table: pd.DataFrame,
+    metadata: list[str],
+    n_batches: int,
+    progress: bool | None,
+) -> pd.DataFrame:
+    """``expensive.subset: flagged``: re-run the samples behind the cheap pass's flags with every method.
+
+    The selection comes from the dataset-level analyses of the cheap methods (no interventions, no
+    reliability downgrade: a superset of the final flags) and is saved in ``expensive.json`` first, so a
+    resumed run re-runs the same samples. Returns the merged table.
+    """
+    path = ctx.store.root / "expensive.json"
+    if path.exists():
+        chosen = {int(r): f for r, f in json.loads(path.read_text())["reasons"].items()}
+    else:
+        cheap = [m for m in ctx.methods if not CAMS[m].expensive]
+        _, flags = analyze(
+            table,
+            ctx.store.root,
+            ctx.classes,
+            metadata,
+            cheap or ctx.methods,
+            ctx.cfg.thresholds,
+            None,
+            None,
+            ctx.cfg.seed,
+        )
+        chosen = select_flagged(flags, table, ctx.probe, ctx.cfg.expensive.per_class)
+        write_json(path, {"subset": "flagged", "reasons": {str(r): f for r, f in chosen.items()}, "final": False})
+    rows = list(chosen)
+    ctx.expensive[rows] = True
+    bs = ctx.cfg.batch_size
+    batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+    done = ctx.store.done_batches("flagged")
+    pending = [b for b in range(len(batches)) if b not in done]
+    if rows:
+        log.info(
+            "expensive methods and metrics on %d samples behind %d flag(s)",
+            len(rows),
+            len({f for v in chosen.values() for f in v}),
+        )
+    bar = _Progress(len(batches), len(done), len(rows), progress) if batches else None
+    probe, ctx.probe = ctx.probe, np.zeros_like(ctx.probe)  # counterfactuals: the main pass's stay
+    try:
+        _run_batches(ctx, dataset, pending, [batches[b] for b in pending], "flagged", bar)
+    finally:
+        ctx.probe = probe
+    if bar is not None:
+        bar.close()
+    return ctx.store.consolidate(n_batches, len(batches), keep=("cf_",))
+
+
+def _write_expensive(ctx: _Ctx, table: pd.DataFrame, mode: str) -> None:
+    """``expensive.json``: which samples got the expensive methods and metrics, and why (for the report)."""
+    path = ctx.store.root / "expensive.json"
+    reasons = json.loads(path.read_text())["reasons"] if path.exists() else {}
+    first = table.drop_duplicates("row")
+    rows = first[ctx.expensive[first["row"].astype(int).to_numpy()]]
+    write_json(
+        path,
+        {
+            "subset": mode,
+            "per_class": ctx.cfg.expensive.per_class,
+            "methods": [m for m in ctx.methods if CAMS[m].expensive],
+            "metrics": [m for m in ctx.metrics if METRICS[m].expensive],
+            "n": len(rows),
+            "samples": [
+                {"id": i, "label": lab, "flags": reasons.get(str(int(r)), [])}
+                for i, lab, r in zip(rows["id"], rows["label"], rows["row"], strict=True)
+            ],
+            "reasons": reasons,
+            "final": True,
+        },
+    )
 
 
 def _summary(

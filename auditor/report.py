@@ -24,6 +24,7 @@ from auditor.store import atomic_write_bytes
 GALLERY = 6  # images per flag
 THUMB = 112
 MAX_FLAGS = 20
+MAX_COVERAGE_IDS = 300  # expensive-subset ids listed in the report (all are in expensive.json)
 _EVIDENCE_IDS = ("worst_ids", "error_ids", "ids", "prototype_ids")
 
 
@@ -254,6 +255,38 @@ def build_context(run: Path) -> dict[str, Any]:
         "deep": deep,
         "agreement": (sanity.get("agreement") or {}).get("*", {}),
         "kinds": sorted({f["kind"] for f in flags}),
+        "coverage": _coverage(run, table, deep),
+    }
+
+
+def _coverage(run: Path, table: pd.DataFrame, deep: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Which samples got which methods and metrics (``expensive.json``; None for runs that predate it)."""
+    path = run / "expensive.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    n = int(table["row"].nunique())
+    per_method = table.groupby("method", sort=False)["row"].nunique().to_dict()
+    metric_cols = [c for c in info["metrics"] if c in table.columns]
+    rows = [
+        {"name": m, "what": "method", "n": int(per_method.get(m, 0)), "subset": m in info["methods"]}
+        for m in dict.fromkeys(table["method"])
+    ]
+    rows += [
+        {"name": c, "what": "metric", "n": int(table.loc[table[c].notna(), "row"].nunique()), "subset": True}
+        for c in metric_cols
+    ]
+    if deep:
+        rows.append(
+            {"name": "occlusion, guided backprop, feature maps", "what": "deep dive", "n": len(deep), "subset": True}
+        )
+    return {
+        "mode": info["subset"],
+        "per_class": info["per_class"],
+        "n": n,
+        "rows": rows,
+        "samples": info["samples"][:MAX_COVERAGE_IDS],
+        "n_samples": info["n"],
     }
 
 

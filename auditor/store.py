@@ -72,25 +72,44 @@ class RunStore:
         self._arrays: dict[str, np.memmap] = {}
 
     # parquet parts ---------------------------------------------------------------------------
-    def part_path(self, batch: int) -> Path:
-        return self.parts / f"part-{batch:06d}.parquet"
+    def part_path(self, batch: int, kind: str = "part") -> Path:
+        """``parts/<kind>-<batch>.parquet``; kind ``part`` = the main pass, ``flagged`` = the second pass."""
+        return self.parts / f"{kind}-{batch:06d}.parquet"
 
-    def done_batches(self) -> set[int]:
-        """Indices of the batches whose part exists."""
-        return {int(p.stem.split("-")[1]) for p in self.parts.glob("part-*.parquet")}
+    def done_batches(self, kind: str = "part") -> set[int]:
+        """Indices of the batches of ``kind`` whose part exists."""
+        return {int(p.stem.split("-")[1]) for p in self.parts.glob(f"{kind}-*.parquet")}
 
-    def write_part(self, batch: int, frame: pd.DataFrame) -> None:
+    def write_part(self, batch: int, frame: pd.DataFrame, kind: str = "part") -> None:
         """Atomically write one batch's rows (after flushing every array it touched)."""
         self.flush()
         buf = frame.to_parquet(index=False)
         assert buf is not None  # to_parquet without a path returns bytes
-        atomic_write_bytes(self.part_path(batch), buf)
+        atomic_write_bytes(self.part_path(batch, kind), buf)
 
-    def consolidate(self, batches: int) -> pd.DataFrame:
-        """Concatenate parts 0..batches-1 in order into ``samples.parquet`` and return the table."""
+    def consolidate(self, batches: int, flagged: int = 0, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+        """Concatenate parts 0..batches-1 in order into ``samples.parquet`` and return the table.
+
+        The ``flagged`` parts of a second pass (``expensive.subset: flagged``) hold every row of the
+        samples they cover, so they replace those samples' rows of the main pass, except for the
+        per-sample columns whose names start with a prefix in ``keep``: those stay the main pass's.
+        """
         frames = [pd.read_parquet(self.part_path(b)) for b in range(batches) if self.part_path(b).exists()]
         frames = [f for f in frames if len(f)]
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        second = [pd.read_parquet(self.part_path(b, "flagged")) for b in range(flagged)]
+        second = [f for f in second if len(f)]
+        if second and len(table):
+            redo = pd.concat(second, ignore_index=True)
+            main = table.drop_duplicates("row").set_index("row")
+            for col in [c for c in table.columns if c.startswith(keep) and keep]:
+                redo[col] = redo["row"].map(main[col]).to_numpy()
+            table = pd.concat([table[~table["row"].isin(redo["row"])], redo], ignore_index=True)
+            pairs = list(zip(table["method"], table["target"], strict=True))
+            order = {pair: i for i, pair in enumerate(dict.fromkeys(pairs))}
+            key = [order[pair] for pair in pairs]
+            table = table.assign(_key=key).sort_values(["_key", "row"], kind="stable").drop(columns="_key")
+            table = table.reset_index(drop=True)
         buf = table.to_parquet(index=False)
         assert buf is not None
         atomic_write_bytes(self.root / "samples.parquet", buf)

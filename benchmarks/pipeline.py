@@ -1,10 +1,19 @@
-"""Throughput and peak memory of ``auditor run`` against the dataset size.
+"""Throughput and peak memory of ``auditor run``, against the model's own forward+backward throughput.
 
-    python benchmarks/pipeline.py --images 1000 10000       # resnet18 @ 224, grad_cam + localization
+    python benchmarks/pipeline.py --images 1000              # resnet18 @ 224, grad_cam + localization
+    python benchmarks/pipeline.py --images 512 --fast        # the default ("fast") method and metric set
 
 Generates the synthetic scenes once per size (PNG + mask + CSV), then runs ``python -m auditor run`` in a
 child process and reads the child's peak resident memory (``ru_maxrss``) and the run's own timings.
-Memory must not grow with the dataset: the run holds no list of images or maps.
+Memory must not grow with the dataset: the run holds no list of images or maps. Sizes given together
+share one parent, so the peak RSS of the second is only meaningful when it exceeds the first's: run
+sizes as separate invocations.
+
+``--fast`` runs the config defaults (``methods: fast``, ``metrics: fast``) and prints, beside the run,
+the model's floors measured in this process at the run's batch size: forward, forward + gradient to
+the CAM layer, forward + full backward. Deletion/insertion run on a fixed-size subset
+(``--per-class`` samples per class), a cost that does not grow with the dataset: it is reported
+apart, and the steady-state rate is the main pass without it.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ import torch
 import torchvision
 import yaml
 
+from auditor.cams import FAST_METHODS
 from auditor.synthetic import write_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import floors  # benchmarks/ is a folder of scripts, not a package
 
 LOCALIZATION = [
     "energy_in_mask",
@@ -31,35 +44,51 @@ LOCALIZATION = [
     "mask_iou",
     "box_iou",
 ]
+SUBSET_METRICS = ("metric:deletion_auc", "metric:insertion_auc")
+
+
+def model_floors(arch: str, size: int, batch: int, device: str, repeat: int) -> dict[str, float]:
+    """ms/image floors of a fresh ``arch`` at ``batch`` images of ``size``² (benchmarks/run.py's)."""
+    model = getattr(torchvision.models, arch)(num_classes=2).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    return floors(model, x, t, "layer4", repeat)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[1000])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("/tmp/auditor-bench"))
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--fast", action="store_true", help="the default method and metric set")
+    parser.add_argument("--per-class", type=int, default=2, help="expensive subset per class (--fast)")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats of the floor measurements")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    ckpt = args.work / "resnet18.pt"
-    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), ckpt)
-    print("| images | wall s | images/s (run timings) | peak RSS MiB | cams s | metrics s | data wait s |")
-    print("|---|---|---|---|---|---|---|")
+    ckpt = args.work / f"{args.arch}.pt"
+    torch.save(getattr(torchvision.models, args.arch)(num_classes=2).state_dict(), ckpt)
+    floor = model_floors(args.arch, args.size, args.batch_size, args.device, args.repeat) if args.fast else {}
+    rows = []
     for n in args.images:
         data = args.work / f"data-{n}-{args.size}"
         if not (data / "audit.csv").exists():
             write_dataset(data, n // 2, size=args.size, seed=1, weather_bias=0.5)
-        cfg = {
-            "model": {"arch": "resnet18", "num_classes": 2, "checkpoint": str(ckpt)},
+        cfg: dict[str, object] = {
+            "model": {"arch": args.arch, "num_classes": 2, "checkpoint": str(ckpt)},
             "data": {"manifest": str(data / "audit.csv"), "image_size": args.size},
-            "methods": ["grad_cam"],
-            "metrics": LOCALIZATION,
             "batch_size": args.batch_size,
             "workers": args.workers,
-            "device": "cpu",
+            "device": args.device,
         }
+        if args.fast:
+            cfg["expensive"] = {"per_class": args.per_class}
+        else:
+            cfg.update({"methods": ["grad_cam"], "metrics": LOCALIZATION})
         cfg_path = args.work / f"audit-{n}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         out = args.work / f"run-{n}"
@@ -73,13 +102,70 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if peak <= before:
             print(f"(peak RSS of this child not above an earlier child's {before} KiB; run sizes separately)")
-        timings = json.loads((out / "summary.json").read_text())["timings"]
+        summary = json.loads((out / "summary.json").read_text())
+        rows.append((n, wall, peak / 1024, summary))
+    if args.fast:
+        fast_table(rows, floor, args)
+    else:
+        plain_table(rows)
+
+
+def plain_table(rows: list[tuple[int, float, float, dict[str, object]]]) -> None:
+    print("| images | wall s | images/s (run timings) | peak RSS MiB | cams s | metrics s | data wait s |")
+    print("|---|---|---|---|---|---|---|")
+    for n, wall, peak, summary in rows:
+        timings: dict[str, float] = summary["timings"]  # type: ignore[assignment]
         metrics_s = sum(v for k, v in timings.items() if k.startswith("metric:"))
         print(
-            f"| {n} | {wall:.0f} | {timings['images_per_s_this_session']:.1f} | {peak / 1024:.0f} | "
-            f"{timings.get('cams', 0):.0f} | {metrics_s:.0f} | {timings.get('data_wait', 0):.0f} |",
-            flush=True,
+            f"| {n} | {wall:.0f} | {timings['images_per_s_this_session']:.1f} | {peak:.0f} | "
+            f"{timings.get('cams', 0):.0f} | {metrics_s:.0f} | {timings.get('data_wait', 0):.0f} |"
         )
+
+
+def fast_table(
+    rows: list[tuple[int, float, float, dict[str, object]]], floor: dict[str, float], args: argparse.Namespace
+) -> None:
+    fwd, fwd_lg, fwd_bwd = floor["forward"], floor["forward+layer_grad"], floor["forward+full_backward"]
+    n_methods = len(FAST_METHODS)
+    own = fwd_lg + n_methods * fwd  # one shared forward+layer gradient, one average-drop forward per method
+    print(
+        f"\n# {args.arch} @ {args.size}², batch {args.batch_size}, {args.device}, workers {args.workers}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"floors (ms/image, min of {args.repeat}): forward {fwd:.1f}, forward+layer-grad {fwd_lg:.1f}, "
+        f"forward+full backward {fwd_bwd:.1f}; the fast set's own floor "
+        f"(forward+layer-grad + {n_methods} average-drop forwards) {own:.1f}\n"
+    )
+    print(
+        "| images | subset | wall s | main pass img/s | steady img/s | x fwd+bwd throughput | x own-floor throughput "
+        "| subset s (per subset image) | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, wall, peak, summary in rows:
+        t: dict[str, float] = summary["timings"]  # type: ignore[assignment]
+        main_s = t.get("data_wait", 0) + t.get("compute", 0) + t.get("write", 0)
+        subset_s = sum(t.get(k, 0) for k in SUBSET_METRICS)
+        n_sub = summary["run"]["expensive_samples"]  # type: ignore[index]
+        steady_ms = (main_s - subset_s) / n * 1e3
+        print(
+            f"| {n} | {n_sub} | {wall:.0f} | {n / main_s:.2f} | {1e3 / steady_ms:.2f} | "
+            f"{fwd_bwd / steady_ms:.2f} | {own / steady_ms:.2f} | "
+            f"{subset_s:.0f} ({subset_s / max(n_sub, 1):.1f}) | {peak:.0f} |"
+        )
+    print("\nsteady-state ms/image by stage (the subset's deletion/insertion excluded):\n")
+    keys = ["cams", "metric:average_drop", "metric:box_iou", "other metrics", "probes", "data_wait", "write"]
+    print("| images | " + " | ".join(keys) + " | total |")
+    print("|---" * (len(keys) + 2) + "|")
+    for n, _wall, _peak, summary in rows:
+        t = summary["timings"]  # type: ignore[assignment]
+        known = {"cams", "metric:average_drop", "metric:box_iou", *SUBSET_METRICS}
+        other = sum(v for k, v in t.items() if k.startswith("metric:") and k not in known)
+        vals = [t.get(k, 0.0) if k != "other metrics" else other for k in keys]
+        main_s = (
+            t.get("data_wait", 0) + t.get("compute", 0) + t.get("write", 0) - sum(t.get(k, 0) for k in SUBSET_METRICS)
+        )
+        print(f"| {n} | " + " | ".join(f"{v / n * 1e3:.1f}" for v in vals) + f" | {main_s / n * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

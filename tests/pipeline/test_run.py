@@ -16,7 +16,7 @@ import pytest
 
 from auditor import pipeline
 from auditor.cli import main
-from auditor.config import load_config
+from auditor.config import AuditConfig, load_config
 from auditor.pipeline import Selection, run_audit
 from tests.pipeline.conftest import make_config
 
@@ -94,27 +94,36 @@ def _same_outputs(a: Path, b: Path) -> None:
     assert sa["aggregates"] == sb["aggregates"] and sa["dataset"] == sb["dataset"]
 
 
-def test_resume_after_interruption_gives_identical_results(
-    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _interrupt_then_resume(
+    cfg: AuditConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_call: int, parts: tuple[str, int]
 ) -> None:
-    cfg = load_config(make_config(dataset_dir, tmp_path))
+    """Run clean; run again with a KeyboardInterrupt in batch call ``at_call``; resume; compare outputs."""
     run_audit(cfg, tmp_path / "clean", progress=False)
     real = pipeline._process_batch
     calls = {"n": 0}
 
     def interrupted(ctx, batch):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the third batch
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
         return real(ctx, batch)
 
     monkeypatch.setattr(pipeline, "_process_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_audit(cfg, tmp_path / "resumed", progress=False)
-    assert len(list((tmp_path / "resumed" / "parts").glob("part-*.parquet"))) == 2
+    kind, count = parts
+    assert len(list((tmp_path / "resumed" / "parts").glob(f"{kind}-*.parquet"))) == count
     monkeypatch.setattr(pipeline, "_process_batch", real)
     run_audit(cfg, tmp_path / "resumed", progress=False)
     _same_outputs(tmp_path / "clean", tmp_path / "resumed")
+
+
+def test_resume_after_interruption_gives_identical_results(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(make_config(dataset_dir, tmp_path))
+    # Ctrl-C in the middle of the third batch
+    _interrupt_then_resume(cfg, tmp_path, monkeypatch, at_call=3, parts=("part", 2))
 
 
 def test_resume_after_kill_9(dataset_dir: Path, tmp_path: Path) -> None:
@@ -220,3 +229,63 @@ def test_prediction_only_target_runs_the_analyses_on_prediction_maps(dataset_dir
     assert s["analyses"]["target"] == "prediction" and s["analyses"]["methods"] == ["grad_cam"]
     assert "disc" in s["analyses"]["background"]["grad_cam"]
     assert json.loads((tmp_path / "r" / "flags.json").read_text())["schema_version"] == 1
+
+
+def test_select_flagged_takes_cited_samples_then_the_class_subset() -> None:
+    table = pd.DataFrame(
+        {
+            "row": [0, 1, 2, 3, 4, 5, 0],
+            "id": ["a", "b", "c", "d", "e", "f", "a"],
+            "label": ["x", "x", "x", "y", "y", "y", "x"],
+            "method": ["m"] * 6 + ["n"],
+        }
+    )
+    stratified = np.array([True, False, True, True, False, False])
+    flags = [
+        {"id": "k/x/*", "class": "x", "evidence": {"worst_ids": ["b", "zz"], "n": 3}},
+        {"id": "u/*/*", "class": None, "evidence": {"prototype_ids": ["e", "f", "d"]}},
+    ]
+    chosen = pipeline.select_flagged(flags, table, stratified, per_flag=2)
+    # flag 1: the cited "b" first, then the class's stratified samples (a, c) up to 2; flag 2: no class fill
+    assert chosen == {0: ["k/x/*"], 1: ["k/x/*"], 4: ["u/*/*"], 5: ["u/*/*"]}
+    assert pipeline.select_flagged([], table, stratified, per_flag=2) == {}
+
+
+def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(make_config(dataset_dir, tmp_path, expensive={"subset": "flagged", "per_class": 3}))
+    run_audit(cfg, tmp_path / "flagged", progress=False)
+    flags = json.loads((tmp_path / "flagged" / "flags.json").read_text())["flags"]
+    assert flags, "the fixture's model is expected to raise flags"
+    info = json.loads((tmp_path / "flagged" / "expensive.json").read_text())
+    assert info["subset"] == "flagged" and info["methods"] == ["occlusion"]
+    assert info["metrics"] == ["deletion_auc", "insertion_auc"]
+    chosen = {int(r) for r in info["reasons"]}
+    assert 0 < len(chosen) <= 3 * len(flags) and info["n"] == len(chosen)
+    assert all(s["flags"] for s in info["samples"])
+    table = pd.read_parquet(tmp_path / "flagged" / "samples.parquet")
+    assert len(table) == 24 * 2 + len(chosen)
+    assert set(table[table["method"] == "occlusion"]["row"]) == chosen
+    assert set(table[table["expensive"]]["row"]) == chosen
+    for m in ("grad_cam", "hires_cam"):
+        sub = table[table["method"] == m]
+        assert len(sub) == 24 and set(sub[sub["deletion_auc"].notna()]["row"]) == chosen
+        assert sub["energy_in_mask"].notna().all()
+    # the cheap pass is the stratified run's: its maps and counterfactual probes are unchanged by the second pass
+    run_audit(load_config(make_config(dataset_dir, tmp_path)), tmp_path / "stratified", progress=False)
+    strat = pd.read_parquet(tmp_path / "stratified" / "samples.parquet")
+    a = table[table["method"] == "grad_cam"].set_index("row").sort_index()
+    b = strat[strat["method"] == "grad_cam"].set_index("row").sort_index()
+    cf = [c for c in b.columns if c.startswith("cf_")]
+    assert cf
+    pd.testing.assert_frame_equal(a[cf], b[cf])
+    np.testing.assert_allclose(a["energy_in_mask"], b["energy_in_mask"], atol=1e-5)
+    html = (tmp_path / "flagged" / "report.html").read_text()
+    assert "Which samples got which methods" in html and "behind the cheap pass" in html
+
+
+def test_flagged_pass_resumes_after_interruption(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(make_config(dataset_dir, tmp_path, expensive={"subset": "flagged", "per_class": 3}, batch_size=3))
+    # 24 images / 3 = 8 main batches; stop in the second batch of the flagged pass
+    _interrupt_then_resume(cfg, tmp_path, monkeypatch, at_call=8 + 2, parts=("flagged", 1))
