@@ -32,7 +32,7 @@ from torch import Tensor
 
 from auditor import __version__
 from auditor.cams import CAMS, CamResult, compute_cams
-from auditor.cams.core import auto_chunk, inspect_model
+from auditor.cams.core import auto_chunk, inspect_model, low_precision_pays
 from auditor.config import AuditConfig, dump_resolved
 from auditor.data import AuditDataset, SampleSpec, collate, load_dataset, select, stratified_subset
 from auditor.deepdive import run_deepdive
@@ -536,6 +536,13 @@ def run_audit(
     _prepare_out(out, force)
     timer = _Timer()
     device = resolve_device(cfg.device)
+    if cfg.mixed_precision and not low_precision_pays(device):
+        log.warning(
+            "mixed_precision: %s has no bfloat16 instructions, where low-precision forwards are emulated and far "
+            "slower than float32; running in float32",
+            device,
+        )
+        cfg = cfg.model_copy(update={"mixed_precision": False})
     loaded = build_model(cfg.model, device)
     dataset_spec = load_dataset(cfg.data)
     samples = select(

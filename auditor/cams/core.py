@@ -548,6 +548,21 @@ def layer_pass(
 # --------------------------------------------------------------------------------------------------
 
 
+def low_precision_pays(device: torch.device) -> bool:
+    """Whether autocast can make forwards faster on ``device``.
+
+    True on CUDA. On a CPU only with bfloat16 instructions (oneDNN's check: AVX512-BF16 / AMX); without
+    them bfloat16 is emulated (resnet18 @ 224 forwards ran 27x slower than float32 on the 2-core
+    development machine).
+    """
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """Autocast for extra forwards: bfloat16 on CPU, float16 on CUDA (disabled: a no-op context)."""
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16

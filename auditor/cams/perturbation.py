@@ -8,6 +8,7 @@ normalized input space (= the dataset-mean colour), as in every reference implem
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -311,6 +312,10 @@ def occlusion(ctx: CamContext) -> Tensor:
     counts = torch.zeros(h, w, device=dev)
     for sl in chunks(n_win, 4096):
         counts += patches(torch.arange(sl.start, sl.stop, device=dev)).sum(0)
+    if ctx.mixed_precision and dev.type == "cpu":
+        # bfloat16 resolves a probability near 1 to 1/256, coarser than most windows' deltas: its maps fell
+        # to rank correlation 0.979 with float32 (benchmarks/README.md). Occlusion stays float32 there.
+        ctx = dataclasses.replace(ctx, mixed_precision=False)
     # The unperturbed score on the same precision path as the occluded ones, so that (under mixed precision)
     # the forward's rounding error cancels in the differences instead of biasing every window.
     base = ctx.scores(ctx.images, ctx.targets, kind) if ctx.mixed_precision else ctx.base_scores(kind)

@@ -145,12 +145,19 @@ def pointing_game(inputs: MetricInputs, tolerance: float, seed: int) -> MetricRe
     )
 
 
-def _top_k_overlap(maps: Tensor, masks: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    """(|top-K pixels of the map ∩ mask|, K) with K = |mask|, ties broken by seeded noise."""
-    rank = pixel_ranks(maps, seed)
-    k = masks.flatten(1).sum(1)
-    top = rank < k[:, None]
-    return (top & masks.flatten(1)).sum(1).float(), k.float()
+def _top_k_overlap(inputs: MetricInputs, masks: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """(|top-K pixels of the map ∩ mask|, K) with K = |mask|, ties broken by seeded noise.
+
+    Cached per seed: relevance rank accuracy and mask IoU share one ranking of every pixel.
+    """
+    key = f"top_k_overlap:{seed}"
+    if key not in inputs.cache:
+        rank = pixel_ranks(inputs.maps, seed)
+        k = masks.flatten(1).sum(1)
+        top = rank < k[:, None]
+        inputs.cache[key] = ((top & masks.flatten(1)).sum(1).float(), k.float())
+    value: tuple[Tensor, Tensor] = inputs.cache[key]
+    return value
 
 
 @register_metric(
@@ -166,7 +173,7 @@ def _top_k_overlap(maps: Tensor, masks: Tensor, seed: int) -> tuple[Tensor, Tens
 def relevance_rank_accuracy(inputs: MetricInputs, seed: int) -> MetricResult:
     """``|top-K ∩ mask| / K`` with ``K = |mask|`` (ties broken by seeded noise). Chance: ``a``."""
     masks = inputs.require_masks("relevance_rank_accuracy")
-    inter, k = _top_k_overlap(inputs.maps, masks, seed)
+    inter, k = _top_k_overlap(inputs, masks, seed)
     a = area_fraction(masks)
     return MetricResult(
         _nan_where(inter / k.clamp_min(1), _undefined(inputs.maps, masks)),
@@ -187,7 +194,7 @@ def relevance_rank_accuracy(inputs: MetricInputs, seed: int) -> MetricResult:
 def mask_iou(inputs: MetricInputs, seed: int) -> MetricResult:
     """IoU between the mask and the map's ``|mask|`` highest pixels. Chance: ``a / (2 - a)``."""
     masks = inputs.require_masks("mask_iou")
-    inter, k = _top_k_overlap(inputs.maps, masks, seed)
+    inter, k = _top_k_overlap(inputs, masks, seed)
     a = area_fraction(masks)
     return MetricResult(
         _nan_where(inter / (2 * k - inter).clamp_min(1), _undefined(inputs.maps, masks)),

@@ -289,3 +289,16 @@ def test_flagged_pass_resumes_after_interruption(
     cfg = load_config(make_config(dataset_dir, tmp_path, expensive={"subset": "flagged", "per_class": 3}, batch_size=3))
     # 24 images / 3 = 8 main batches; stop in the second batch of the flagged pass
     _interrupt_then_resume(cfg, tmp_path, monkeypatch, at_call=8 + 2, parts=("flagged", 1))
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_mixed_precision_only_where_it_pays(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, pays: bool
+) -> None:
+    monkeypatch.setattr(pipeline, "low_precision_pays", lambda device: pays)
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["average_drop"], mixed_precision=True)
+    summary = run_audit(load_config(cfg), tmp_path / "run", progress=False)
+    assert summary["config"]["mixed_precision"] is pays
+    assert ("running in float32" in caplog.text) is not pays
+    table = pd.read_parquet(tmp_path / "run" / "samples.parquet")
+    assert table["average_drop"].notna().all()
