@@ -136,6 +136,7 @@ class AuditConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
     chunk_size: int | Literal["auto"] = "auto"
     mixed_precision: bool = False
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     workers: int = Field(default=0, ge=0)
     seed: int = 0
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from auditor import __version__
 from auditor.cams import CAMS, CamResult, compute_cams
-from auditor.cams.core import auto_chunk, inspect_model, low_precision_pays
+from auditor.cams.core import auto_chunk, choose_memory_format, inspect_model, low_precision_pays, set_memory_format
 from auditor.config import AuditConfig, dump_resolved
 from auditor.data import AuditDataset, SampleSpec, collate, load_dataset, select, stratified_subset
 from auditor.deepdive import run_deepdive
@@ -148,6 +148,7 @@ class _Ctx:
     store: RunStore
     timer: _Timer
     chunk: int = 32
+    memory_format: str = "contiguous"
 
 
 def _store_maps(ctx: _Ctx, name: str, rows: Tensor, low: Tensor) -> None:
@@ -590,6 +591,7 @@ def run_audit(
     resolved = cfg.model_copy(update={"methods": methods})
     identity = _run_identity(resolved, samples, selection)
     run_file = out / "run.json"
+    previous: dict[str, Any] = {}
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous.get("identity") != identity:
@@ -598,8 +600,15 @@ def run_audit(
                 "pass --force to start over or choose another --out"
             )
         log.info("resuming the unfinished run in %s", out)
+    # a resumed run keeps the first session's choice, so its batches compute exactly like the others
+    memory_format = previous.get("memory_format") or _memory_format(cfg, loaded, probe_img, chunk)
     atomic_write_bytes(out / "config.resolved.yaml", dump_resolved(resolved).encode())
-    write_json(run_file, {"identity": identity, "n": len(samples), "batch_size": cfg.batch_size})
+    write_json(
+        run_file,
+        {"identity": identity, "n": len(samples), "batch_size": cfg.batch_size, "memory_format": memory_format},
+    )
+    if not loaded.scripted:
+        set_memory_format(loaded.module, memory_format)
 
     store = RunStore(out, len(samples))
     labels = [s.label for s in samples]
@@ -628,6 +637,7 @@ def run_audit(
         store,
         timer,
         chunk,
+        memory_format,
     )
 
     bs = cfg.batch_size
@@ -661,6 +671,18 @@ def run_audit(
 
     render_report(out)
     return summary
+
+
+def _memory_format(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, chunk: int) -> str:
+    """The configured memory format, or (``auto``) the faster one timed on a chunk of the probe image."""
+    if loaded.scripted:
+        return "contiguous"
+    if cfg.memory_format != "auto":
+        return cfg.memory_format
+    example = probe.expand(max(2, min(chunk, 16)), *probe.shape[1:]).contiguous()
+    fmt = choose_memory_format(loaded.module, example)
+    log.info("memory format: %s (the faster forward for this model on %s)", fmt, probe.device)
+    return fmt
 
 
 def _run_batches(
@@ -849,6 +871,7 @@ def _summary(
             "per_class": selection.per_class,
             "only_classes": selection.only_classes,
             "expensive_samples": int(ctx.expensive.sum()),
+            "memory_format": ctx.memory_format,
         },
         "dataset": {
             "n": len(first),

@@ -31,6 +31,7 @@ import torchvision
 import yaml
 
 from auditor.cams import FAST_METHODS
+from auditor.cams.core import choose_memory_format
 from auditor.synthetic import write_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,12 +48,17 @@ LOCALIZATION = [
 SUBSET_METRICS = ("metric:deletion_auc", "metric:insertion_auc")
 
 
-def model_floors(arch: str, size: int, batch: int, device: str, repeat: int) -> dict[str, float]:
-    """ms/image floors of a fresh ``arch`` at ``batch`` images of ``size``² (benchmarks/run.py's)."""
+def model_floors(arch: str, size: int, batch: int, device: str, repeat: int) -> tuple[dict[str, float], str]:
+    """ms/image floors of a fresh ``arch`` at ``batch`` images of ``size``² (benchmarks/run.py's).
+
+    The model is first put in the memory format that ``auditor run`` would choose for it (the faster
+    forward), so the floors are the model's best, not a handicapped NCHW one.
+    """
     model = getattr(torchvision.models, arch)(num_classes=2).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     t = torch.zeros(batch, dtype=torch.long, device=device)
-    return floors(model, x, t, "layer4", repeat)
+    fmt = choose_memory_format(model, x[:16])
+    return floors(model, x, t, "layer4", repeat), fmt
 
 
 def main() -> None:
@@ -72,7 +78,9 @@ def main() -> None:
     torch.manual_seed(0)
     ckpt = args.work / f"{args.arch}.pt"
     torch.save(getattr(torchvision.models, args.arch)(num_classes=2).state_dict(), ckpt)
-    floor = model_floors(args.arch, args.size, args.batch_size, args.device, args.repeat) if args.fast else {}
+    floor, fmt = (
+        model_floors(args.arch, args.size, args.batch_size, args.device, args.repeat) if args.fast else ({}, "")
+    )
     rows = []
     for n in args.images:
         data = args.work / f"data-{n}-{args.size}"
@@ -105,7 +113,7 @@ def main() -> None:
         summary = json.loads((out / "summary.json").read_text())
         rows.append((n, wall, peak / 1024, summary))
     if args.fast:
-        fast_table(rows, floor, args)
+        fast_table(rows, floor, fmt, args)
     else:
         plain_table(rows)
 
@@ -123,7 +131,7 @@ def plain_table(rows: list[tuple[int, float, float, dict[str, object]]]) -> None
 
 
 def fast_table(
-    rows: list[tuple[int, float, float, dict[str, object]]], floor: dict[str, float], args: argparse.Namespace
+    rows: list[tuple[int, float, float, dict[str, object]]], floor: dict[str, float], fmt: str, args: argparse.Namespace
 ) -> None:
     fwd, fwd_lg, fwd_bwd = floor["forward"], floor["forward+layer_grad"], floor["forward+full_backward"]
     n_methods = len(FAST_METHODS)
@@ -133,9 +141,10 @@ def fast_table(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(
-        f"floors (ms/image, min of {args.repeat}): forward {fwd:.1f}, forward+layer-grad {fwd_lg:.1f}, "
+        f"floors (ms/image, min of {args.repeat}, {fmt}): forward {fwd:.1f}, forward+layer-grad {fwd_lg:.1f}, "
         f"forward+full backward {fwd_bwd:.1f}; the fast set's own floor "
-        f"(forward+layer-grad + {n_methods} average-drop forwards) {own:.1f}\n"
+        f"(forward+layer-grad + {n_methods} average-drop forwards) {own:.1f}; the runs' memory format: "
+        f"{', '.join(str(r[3]['run']['memory_format']) for r in rows)}\n"  # type: ignore[index]
     )
     print(
         "| images | subset | wall s | main pass img/s | steady img/s | x fwd+bwd throughput | x own-floor throughput "

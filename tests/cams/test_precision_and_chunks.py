@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from auditor import compute_cams
-from auditor.cams.core import MAX_CHUNK_CPU, auto_chunk
+from auditor.cams.core import MAX_CHUNK_CPU, auto_chunk, choose_memory_format, set_memory_format
 from auditor.metrics.sanity import spearman_rows
 from tests.conftest import SmallCNN
 from tests.shortcuts.planted import make, tensors, train
@@ -61,3 +61,38 @@ def test_occlusion_keeps_float32_under_cpu_bfloat16(trained: tuple) -> None:  # 
     half = compute_cams(model, x, y, methods=["occlusion"], options=opts, mixed_precision=True)["occlusion"].maps
     assert full is not None and half is not None
     torch.testing.assert_close(half, full)  # bfloat16 deltas ranked 0.979 with float32: not used
+
+
+def test_memory_format_choice_leaves_the_model_in_the_chosen_format(small_cnn: SmallCNN) -> None:
+    import copy
+
+    model = copy.deepcopy(small_cnn).eval()  # the fixture is shared: leave it as it was
+    x = torch.randn(4, 3, 16, 16)
+    before = model(x).detach()
+    fmt = choose_memory_format(model, x, repeat=1)
+    assert fmt in ("channels_last", "contiguous")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1
+    assert nhwc == (fmt == "channels_last")
+    for f in ("channels_last", "contiguous"):
+        set_memory_format(model, f)
+        torch.testing.assert_close(model(x).detach(), before, atol=1e-5, rtol=1e-5)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2)).eval()
+    assert choose_memory_format(mlp, x) == "contiguous"  # nothing to gain: not timed
+
+
+def test_every_method_gives_the_same_maps_in_channels_last(small_cnn: SmallCNN) -> None:
+    import copy
+
+    from auditor.cams import CAMS
+
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    nhwc = copy.deepcopy(small_cnn).eval()
+    set_memory_format(nhwc, "channels_last")
+    small = {"rise": {"num_masks": 32}, "occlusion": {"window": 8, "stride": 8}}
+    for name in CAMS:
+        opts = {name: small.get(name, {})}
+        a = compute_cams(small_cnn.eval(), x, t, methods=[name], options=opts)[name].maps
+        b = compute_cams(nhwc, x, t, methods=[name], options=opts)[name].maps
+        assert a is not None and b is not None
+        torch.testing.assert_close(b, a, atol=1e-4 * float(a.abs().max()) + 1e-8, rtol=1e-3, msg=name)

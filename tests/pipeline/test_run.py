@@ -302,3 +302,35 @@ def test_mixed_precision_only_where_it_pays(
     assert ("running in float32" in caplog.text) is not pays
     table = pd.read_parquet(tmp_path / "run" / "samples.parquet")
     assert table["average_drop"].notna().all()
+
+
+def test_auto_memory_format_is_chosen_once_and_kept_on_resume(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def choose(model, example):  # type: ignore[no-untyped-def]
+        calls.append("x")
+        return "channels_last" if len(calls) == 1 else "contiguous"
+
+    monkeypatch.setattr(pipeline, "choose_memory_format", choose)
+    cfg = load_config(
+        make_config(dataset_dir, tmp_path, memory_format="auto", methods=["grad_cam"], metrics=["energy_in_mask"])
+    )
+    real = pipeline._process_batch
+
+    def interrupted(ctx, batch):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_process_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["memory_format"] == "channels_last"
+    monkeypatch.setattr(pipeline, "_process_batch", real)
+    summary = run_audit(cfg, tmp_path / "run", progress=False)
+    assert calls == ["x"] and summary["run"]["memory_format"] == "channels_last"
+    fixed = load_config(
+        make_config(dataset_dir, tmp_path, memory_format="contiguous", methods=["grad_cam"], metrics=["energy_in_mask"])
+    )
+    assert run_audit(fixed, tmp_path / "fixed", progress=False)["run"]["memory_format"] == "contiguous"
+    assert calls == ["x"]  # a fixed format is not timed
