@@ -186,6 +186,25 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
+def balanced_chunks(total: int, size: int) -> Iterator[slice]:
+    """Like :func:`chunks`, with the fewest chunks of at most ``size`` and sizes that differ by at most one.
+
+    32 jobs at size 15 run as 11 + 11 + 10, not 15 + 15 + 2: a 2-image forward costs ~1.4x per image what
+    a 10-image one does (resnet18 @ 224 on a CPU). For loops without random draws per chunk.
+    """
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    if total <= 0:
+        return
+    n = -(-total // size)
+    base, extra = divmod(total, n)
+    start = 0
+    for i in range(n):
+        stop = start + base + (i < extra)
+        yield slice(start, stop)
+        start = stop
+
+
 # --------------------------------------------------------------------------------------------------
 # model state
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from auditor.cams.core import CamContext, Layout, chunks, get_module, minmax, upsample
+from auditor.cams.core import CamContext, Layout, balanced_chunks, chunks, get_module, minmax, upsample
 from auditor.cams.registry import register_cam
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def ablation_cam(ctx: CamContext) -> Tensor:
     ablated = torch.empty(b * k, device=ctx.images.device)
     # Head-only rows are one layer output each (e.g. 512x7x7 floats), far smaller than an image forward.
     chunk = ctx.batch_size if head is None else max(ctx.batch_size, HEAD_CHUNK)
-    for sl in chunks(b * k, chunk):
+    for sl in balanced_chunks(b * k, chunk):
         job = torch.arange(sl.start, sl.stop, device=ctx.images.device)
         img, chan = job // k, job % k
         if head is not None:
@@ -321,7 +321,7 @@ def occlusion(ctx: CamContext) -> Tensor:
     base = ctx.scores(ctx.images, ctx.targets, kind) if ctx.mixed_precision else ctx.base_scores(kind)
     total = torch.zeros(b, h, w, device=dev)
     baseline = float(ctx.options["baseline"])
-    for sl in chunks(b * n_win, ctx.batch_size):
+    for sl in balanced_chunks(b * n_win, ctx.batch_size):
         job = torch.arange(sl.start, sl.stop, device=dev)
         img, pos = job // n_win, job % n_win
         patch = patches(pos)

@@ -15,6 +15,7 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 from torch import Tensor
 
+from auditor.cams.core import balanced_chunks
 from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric
 
 
@@ -54,8 +55,8 @@ def causal_curves(inputs: MetricInputs, mode: str, step: float, seed: int) -> Te
         start, finish = gaussian_blur(images), images
     jobs = b * (n + 1)
     probs = torch.empty(jobs, device=images.device)
-    for lo in range(0, jobs, inputs.batch_size):
-        job = torch.arange(lo, min(lo + inputs.batch_size, jobs), device=images.device)
+    for sl in balanced_chunks(jobs, inputs.batch_size):
+        job = torch.arange(sl.start, sl.stop, device=images.device)
         img, k = job // (n + 1), job % (n + 1)
         copied = (rank[img] < (k * s)[:, None]).view(-1, 1, h, w)
         x = torch.where(copied, finish[img], start[img])

@@ -72,11 +72,10 @@ class MetricInputs:
         """Softmax probability ``[n]`` of ``targets`` for inputs ``x``, in chunks of ``batch_size``."""
         model, _, _ = self.require_model("probs")
         out = []
-        from auditor.cams.core import autocast
+        from auditor.cams.core import autocast, balanced_chunks
 
         with torch.no_grad(), autocast(x.device, self.mixed_precision):
-            for start in range(0, x.shape[0], self.batch_size):
-                sl = slice(start, start + self.batch_size)
+            for sl in balanced_chunks(x.shape[0], self.batch_size):
                 out.append(model(x[sl]).float().softmax(1).gather(1, targets[sl, None])[:, 0])
         return torch.cat(out) if out else torch.empty(0, device=x.device)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,19 @@ def test_every_method_gives_the_same_maps_in_channels_last(small_cnn: SmallCNN) 
         b = compute_cams(nhwc, x, t, methods=[name], options=opts)[name].maps
         assert a is not None and b is not None
         torch.testing.assert_close(b, a, atol=1e-4 * float(a.abs().max()) + 1e-8, rtol=1e-3, msg=name)
+
+
+def test_balanced_chunks_cover_the_jobs_in_the_fewest_even_chunks() -> None:
+    from auditor.cams.core import balanced_chunks
+
+    assert [(s.start, s.stop) for s in balanced_chunks(32, 15)] == [(0, 11), (11, 22), (22, 32)]
+    assert list(balanced_chunks(0, 4)) == []
+    for total in range(1, 50):
+        for size in range(1, 17):
+            parts = list(balanced_chunks(total, size))
+            sizes = [p.stop - p.start for p in parts]
+            assert parts[0].start == 0 and parts[-1].stop == total
+            assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
+            assert len(parts) == -(-total // size) and max(sizes) <= size and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="batch_size"):
+        list(balanced_chunks(3, 0))
