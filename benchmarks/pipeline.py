@@ -30,7 +30,6 @@ import torch
 import torchvision
 import yaml
 
-from auditor.cams import FAST_METHODS
 from auditor.cams.core import choose_memory_format
 from auditor.synthetic import write_dataset
 
@@ -134,7 +133,8 @@ def fast_table(
     rows: list[tuple[int, float, float, dict[str, object]]], floor: dict[str, float], fmt: str, args: argparse.Namespace
 ) -> None:
     fwd, fwd_lg, fwd_bwd = floor["forward"], floor["forward+layer_grad"], floor["forward+full_backward"]
-    n_methods = len(FAST_METHODS)
+    methods: list[str] = rows[0][3]["config"]["methods"]  # type: ignore[index]
+    n_methods = len(methods)  # the fast set plus `cam` where the head is GAP + Linear (resnets)
     own = fwd_lg + n_methods * fwd  # one shared forward+layer gradient, one average-drop forward per method
     print(
         f"\n# {args.arch} @ {args.size}², batch {args.batch_size}, {args.device}, workers {args.workers}, "
@@ -143,7 +143,8 @@ def fast_table(
     print(
         f"floors (ms/image, min of {args.repeat}, {fmt}): forward {fwd:.1f}, forward+layer-grad {fwd_lg:.1f}, "
         f"forward+full backward {fwd_bwd:.1f}; the fast set's own floor "
-        f"(forward+layer-grad + {n_methods} average-drop forwards) {own:.1f}; the runs' memory format: "
+        f"(forward+layer-grad + {n_methods} average-drop forwards, methods {', '.join(methods)}) {own:.1f}; "
+        "the runs' memory format: "
         f"{', '.join(str(r[3]['run']['memory_format']) for r in rows)}\n"  # type: ignore[index]
     )
     print(
