@@ -54,6 +54,13 @@ def _downgrade(severity: str) -> str:
     return SEVERITIES[max(0, SEVERITIES.index(severity) - 1)]
 
 
+def _change(delta: float, what: str) -> str:
+    """``raises p(a) by 0.31`` / ``lowers p(a) by 0.12`` / ``leaves p(a) unchanged`` for a probability change."""
+    if abs(delta) < 0.005:
+        return f"leaves {what} unchanged"
+    return f"{'raises' if delta > 0 else 'lowers'} {what} by {abs(delta):.2f}"
+
+
 def _flag(
     kind: str,
     cls: str | None,
@@ -166,9 +173,10 @@ def hotspot_flags(
             f"{r0['lift']:.1f}x the other classes' attention there)"
         )
         if test:
+            drop, gain = -test["removal_drop"], test["paste_gain"]
             msg += (
-                f"; removing that region lowers p({c}) by {test['removal_drop']:.2f} and pasting it into other "
-                f"images raises it by {test['paste_gain']:.2f}" + ("" if confirmed else " (not significant)")
+                f"; removing that region {_change(drop, f'p({c})')} and pasting it into other images "
+                f"{_change(gain, 'it')}" + ("" if confirmed else " (not significant)")
             )
         msg += "."
         evidence = {k: r0[k] for k in ("lift", "concentration", "persistence", "area", "p_value", "object_overlap")}

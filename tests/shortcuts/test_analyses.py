@@ -286,3 +286,11 @@ def test_background_partners_next_usable_other_class_cyclically() -> None:
     assert background_partners(labels, usable).tolist() == [2, 2, 4, -1, 2]
     assert background_partners(torch.tensor([1, 1]), torch.tensor([True, True])).tolist() == [-1, -1]
     assert background_partners(torch.tensor([0]), torch.tensor([True])).tolist() == [-1]
+
+
+def test_hotspot_intervention_wording_reads_the_sign_of_the_change() -> None:
+    from auditor.shortcuts.flags import _change
+
+    assert _change(-0.3, "p(tank)") == "lowers p(tank) by 0.30"
+    assert _change(0.12, "it") == "raises it by 0.12"
+    assert _change(-0.001, "it") == "leaves it unchanged"  # no "lowers it by -0.00"
