@@ -788,7 +788,7 @@ def _flagged_pass(
             ctx.cfg.seed,
         )
         chosen = select_flagged(flags, table, ctx.probe, ctx.cfg.expensive.per_class)
-        write_json(path, {"subset": "flagged", "reasons": {str(r): f for r, f in chosen.items()}, "final": False})
+        write_json(path, {"subset": "flagged", "reasons": {str(r): f for r, f in chosen.items()}})
     rows = list(chosen)
     ctx.expensive[rows] = True
     bs = ctx.cfg.batch_size
@@ -831,7 +831,6 @@ def _write_expensive(ctx: _Ctx, table: pd.DataFrame, mode: str) -> None:
                 for i, lab, r in zip(rows["id"], rows["label"], rows["row"], strict=True)
             ],
             "reasons": reasons,
-            "final": True,
         },
     )
 
