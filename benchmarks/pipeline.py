@@ -31,19 +31,13 @@ import torchvision
 import yaml
 
 from auditor.cams.core import choose_memory_format
+from auditor.metrics import METRICS
 from auditor.synthetic import write_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import floors  # benchmarks/ is a folder of scripts, not a package
 
-LOCALIZATION = [
-    "energy_in_mask",
-    "energy_outside_mask",
-    "pointing_game",
-    "relevance_rank_accuracy",
-    "mask_iou",
-    "box_iou",
-]
+LOCALIZATION = [name for name, m in METRICS.items() if m.family == "localization"]  # registry order
 SUBSET_METRICS = ("metric:deletion_auc", "metric:insertion_auc")
 
 
