@@ -1,12 +1,33 @@
-"""auditor: dataset-level shortcut-detection auditor for image classifiers."""
+"""auditor: dataset-level shortcut-detection auditor for image classifiers.
+
+The public API is imported on first use (PEP 562), so ``import auditor.outputs.gate`` (``auditor gate``)
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
 
 __version__ = "0.1.0"
 
-from auditor.cams import CAMS, compute_cam, compute_cams
-from auditor.config import load_config
-from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
-from auditor.metrics import METRICS
-from auditor.pipeline import run_audit
+_LAZY = {
+    "CAMS": "auditor.cams",
+    "compute_cam": "auditor.cams",
+    "compute_cams": "auditor.cams",
+    "METRICS": "auditor.metrics",
+    "load_config": "auditor.config",
+    "run_audit": "auditor.run.local",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'auditor' has no attribute {name!r}")
+
 
 __all__ = [
     "CAMS",

@@ -16,14 +16,14 @@ from pathlib import Path
 import yaml
 
 from auditor import __version__
-from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import AuditorError
-from auditor.metrics import FAST_METRICS, METRICS
 
 log = logging.getLogger("auditor")
 
 
 def _methods_rows() -> list[dict[str, str]]:
+    from auditor.cams import CAMS, FAST_METHODS
+
     rows = []
     for name, spec in CAMS.items():
         rows.append(
@@ -42,6 +42,8 @@ def _methods_rows() -> list[dict[str, str]]:
 
 
 def _metrics_rows() -> list[dict[str, str]]:
+    from auditor.metrics import FAST_METRICS, METRICS
+
     return [
         {
             "name": name,
@@ -86,7 +88,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an audit."""
     from auditor.config import load_config
-    from auditor.pipeline import Selection, run_audit
+    from auditor.run.local import Selection, run_audit
 
     cfg = load_config(args.config)
     updates = {
@@ -120,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(flags) > 5:
         print(f"  ... {len(flags) - 5} more in {Path(args.out) / 'flags.json'}")
     if args.gate is not None or cfg.gates is not None:
-        from auditor.gate import run_gate
+        from auditor.outputs.gate import run_gate
 
         ok, report = run_gate(Path(args.out), Path(args.gate) if args.gate else cfg.gates, None, None)
         print(report)
@@ -130,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     """Evaluate CI rules over a finished run; exit 1 when a rule fails or cannot be evaluated."""
-    from auditor.gate import run_gate
+    from auditor.outputs.gate import run_gate
 
     run = Path(args.run)
     rules = Path(args.rules) if args.rules else None
@@ -168,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_screenshot(args: argparse.Namespace) -> int:
     """Check a report in headless Chromium (console errors, network requests, verdict) and save a screenshot."""
-    from auditor.browser import check_report
+    from auditor.outputs.browser import check_report
 
     check = check_report(Path(args.report), Path(args.png) if args.png else None)
     print(
@@ -180,7 +182,7 @@ def cmd_screenshot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-render the report of a finished run (nothing is recomputed)."""
-    from auditor.report import render_report
+    from auditor.outputs.report import render_report
 
     out = render_report(Path(args.run), Path(args.out) if args.out else None)
     print(f"report written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -189,7 +191,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Write the comparison page of two runs."""
-    from auditor.compare import compare_runs
+    from auditor.outputs.compare import compare_runs
 
     data = compare_runs(Path(args.run_a), Path(args.run_b), Path(args.out))
     print(f"{len(data['flag_changes'])} flag change(s); comparison written to {args.out}")

@@ -7,8 +7,6 @@ resolve against the config file's folder.
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import ConfigError
 from auditor.metrics import FAST_METRICS, METRICS
-from auditor.registry import did_you_mean
-from auditor.shortcuts.flags import Thresholds
+from auditor.shortcuts.thresholds import Thresholds
+from auditor.validation import format_validation_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,57 +194,6 @@ class AuditConfig(_Strict):
 # ------------------------------------------------------------------------------------------ loading
 
 
-_ALIASES = {"class_": "class"}
-
-
-def _model_fields_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
-    """Field names of the (nested) model found at ``loc``; empty when ``loc`` is not a model."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or not isinstance(part, str):
-            return []
-        field = current.model_fields.get(part)
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
-    """One line per problem: ``source: key.path: message (got value); did you mean ...``.
-
-    ``model`` is the validated model (for the allowed keys of an unknown-key error); default AuditConfig.
-    """
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before")))
-        # pydantic adds the union member / literal tag to the location; keep the config's own keys
-        keys = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith(("literal", "list"))))]
-        path = ".".join(keys) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            known = _model_fields_at(model or AuditConfig, tuple(keys[:-1]))
-            known = [_ALIASES.get(k, k) for k in known]
-            msg = f"unknown key{did_you_mean(keys[-1], known)}" + (f" (allowed: {', '.join(known)})" if known else "")
-            lines.append(f"{source}: {path}: {msg}")
-            continue
-        given = e.get("input")
-        shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
-        lines.append(f"{source}: {path}: {msg}{shown}")
-    return "\n".join(dict.fromkeys(lines))
-
-
 def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
@@ -295,7 +242,7 @@ def parse_config(raw: Any, *, base: Path, source: str = "config") -> AuditConfig
     try:
         cfg = AuditConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, AuditConfig)) from None
     except ValueError as err:  # a registry lookup inside a validator
         raise ConfigError(f"{source}: {err}") from None
     _resolve_paths(cfg, base)

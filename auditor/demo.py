@@ -12,7 +12,6 @@ import csv
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +20,8 @@ from PIL import Image
 from torch import nn
 
 from auditor.config import load_config
-from auditor.pipeline import run_audit
+from auditor.run.local import run_audit
+from auditor.run.schema import Summary
 from auditor.synthetic import write_dataset
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def train(root: Path, steps: int = 250, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def run_demo(out: Path, *, n_train: int = 200, n_audit: int = 100, size: int = 64, seed: int = 0) -> dict[str, Any]:
+def run_demo(out: Path, *, n_train: int = 200, n_audit: int = 100, size: int = 64, seed: int = 0) -> Summary:
     """Build the data, train the model, audit it into ``out`` and return the summary."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

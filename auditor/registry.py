@@ -90,3 +90,7 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         """All ``(name, item)`` pairs, in registration order."""
         return list(self._items.items())
+
+    def values(self) -> list[T]:
+        """Registered items in registration order."""
+        return [item for _, item in self.items()]

@@ -12,7 +12,7 @@ import yaml
 
 from auditor.cli import main
 from auditor.errors import ConfigError
-from auditor.gate import Rule, evaluate, github_outputs, load_rules, passed, write_junit
+from auditor.outputs.gate import Rule, evaluate, github_outputs, load_rules, passed, write_junit
 
 
 def _stat(mean: float | None, n: int = 10) -> dict[str, Any]:

@@ -674,13 +674,6 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def minmax(x: Tensor, dims: tuple[int, ...], eps: float = 1e-8) -> Tensor:
-    """Per-slice min-max normalization to ``[0, 1]`` over ``dims`` (constant slices become 0)."""
-    lo = x.amin(dim=dims, keepdim=True)
-    hi = x.amax(dim=dims, keepdim=True)
-    return (x - lo) / (hi - lo + eps)
-
-
 # --------------------------------------------------------------------------------------------------
 # what a method function receives
 # --------------------------------------------------------------------------------------------------

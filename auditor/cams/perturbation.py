@@ -18,8 +18,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from auditor.cams.core import CamContext, Layout, balanced_chunks, chunks, get_module, minmax, upsample
+from auditor.cams.core import CamContext, Layout, balanced_chunks, chunks, get_module, upsample
 from auditor.cams.registry import register_cam
+from auditor.ops import minmax
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _channel_scores(ctx: CamContext, repeats: int, perturb: MaskFn, *, exact_zer
     for sl in chunks(pairs.numel(), ctx.batch_size):
         job, rep = pairs[sl], reps[sl]
         img, chan = job // k, job % k
-        masks = minmax(upsample(acts[img, chan], size), dims=(1, 2))
+        masks = minmax(upsample(acts[img, chan], size), (1, 2))
         masks = perturb(masks, rep, img)
         sums.index_add_(0, job, ctx.scores(ctx.images[img] * masks[:, None], ctx.targets[img]))
     out[jobs] = sums[jobs] / repeats

@@ -10,13 +10,13 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import sparse
 from scipy.sparse.linalg import splu
 from torch import Tensor
 
 from auditor.cams.core import balanced_chunks
 from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric
+from auditor.ops import minmax, separable_blur
 
 
 def gaussian_blur(x: Tensor, klen: int = 11, sigma: float = 5.0) -> Tensor:
@@ -25,14 +25,12 @@ def gaussian_blur(x: Tensor, klen: int = 11, sigma: float = 5.0) -> Tensor:
     The kernel is ``scipy.ndimage.gaussian_filter`` of a centred delta (RISE's ``gkern``), which is the
     normalized sampled Gaussian truncated at 4 sigma.
     """
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter1d
 
-    delta = np.zeros((klen, klen))
-    delta[klen // 2, klen // 2] = 1
-    kernel = torch.tensor(gaussian_filter(delta, sigma), dtype=x.dtype, device=x.device)
-    c = x.shape[1]
-    weight = kernel.expand(c, 1, klen, klen).contiguous()
-    return F.conv2d(x, weight, padding=klen // 2, groups=c)
+    delta = np.zeros(klen)
+    delta[klen // 2] = 1
+    # gaussian_filter of a 2-D delta is separable: the outer product of the 1-D filter of a 1-D delta
+    return separable_blur(x, gaussian_filter1d(delta, sigma))
 
 
 def causal_curves(inputs: MetricInputs, mode: str, step: float, seed: int) -> Tensor:
@@ -91,6 +89,8 @@ def _causal(inputs: MetricInputs, mode: str, step: float, seed: int) -> MetricRe
     reference="Petsiuk et al., RISE, arXiv:1806.07421 (eclique/RISE CausalMetric)",
     options={"step": 0.01, "seed": 0},
     expensive=True,
+    columns=("deletion_auc_norm",),
+    curves=("deletion_curve",),
 )
 def deletion_auc(inputs: MetricInputs, step: float, seed: int) -> MetricResult:
     """Deletion AUC (lower = more faithful); extras ``deletion_auc_norm`` (AUC / p(x)) and the curve."""
@@ -106,6 +106,8 @@ def deletion_auc(inputs: MetricInputs, step: float, seed: int) -> MetricResult:
     reference="Petsiuk et al., RISE, arXiv:1806.07421 (eclique/RISE CausalMetric)",
     options={"step": 0.01, "seed": 0},
     expensive=True,
+    columns=("insertion_auc_norm",),
+    curves=("insertion_curve",),
 )
 def insertion_auc(inputs: MetricInputs, step: float, seed: int) -> MetricResult:
     """Insertion AUC (higher = more faithful); extras ``insertion_auc_norm`` and the curve."""
@@ -116,9 +118,7 @@ def _explanation_probs(inputs: MetricInputs) -> tuple[Tensor, Tensor, Tensor]:
     """(p(x), p(E), mean of the normalized map) with ``E = minmax(map) * x`` in pixel space (cached)."""
     if "explanation" not in inputs.cache:
         _, images, targets = inputs.require_model("average_drop")
-        flat = inputs.maps.flatten(1).float()
-        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-        norm = ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(inputs.maps)
+        norm = minmax(inputs.maps.float(), (1, 2))
         explained = inputs.from_pixels(inputs.to_pixels(images) * norm[:, None])
         inputs.cache["explanation"] = (inputs.base_probs(), inputs.probs(explained, targets), norm.flatten(1).mean(1))
     value: tuple[Tensor, Tensor, Tensor] = inputs.cache["explanation"]
@@ -132,6 +132,7 @@ def _explanation_probs(inputs: MetricInputs) -> tuple[Tensor, Tensor, Tensor]:
     needs="model",
     cost="1",
     reference="Chattopadhyay et al., Grad-CAM++, arXiv:1710.11063",
+    columns=("map_mean",),
 )
 def average_drop(inputs: MetricInputs) -> MetricResult:
     """``max(0, p(x) - p(E)) / p(x)`` with ``E = minmax(map) * x`` (pixel space); its mean is Average Drop.
@@ -281,6 +282,7 @@ def _masked(value: Tensor, inputs: MetricInputs) -> Tensor:
     reference=_ROAD_REF,
     options=_ROAD_OPTIONS,
     expensive=True,
+    curves=("road_morf_curve",),
 )
 def road_morf(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float, seed: int) -> MetricResult:
     """Mean probability over ``fractions`` after imputing the most relevant ``p`` of the pixels (lower = better)."""
@@ -297,6 +299,7 @@ def road_morf(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float, 
     reference=_ROAD_REF,
     options=_ROAD_OPTIONS,
     expensive=True,
+    curves=("road_lerf_curve",),
 )
 def road_lerf(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float, seed: int) -> MetricResult:
     """Mean probability over ``fractions`` after imputing the least relevant ``p`` of the pixels (higher = better)."""

@@ -17,6 +17,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric, tie_broken
+from auditor.ops import minmax
 
 NAN = float("nan")
 
@@ -235,8 +236,7 @@ def best_box_iou(cam: np.ndarray, gt: np.ndarray, thresholds: np.ndarray) -> np.
     ``cv2.threshold``) is split into 8-connected components, each giving a box (MaxBoxAccV2: all contours,
     best match).
     """
-    lo, hi = float(cam.min()), float(cam.max())
-    norm = (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
+    norm = minmax(cam, (0, 1))
     out = np.zeros(len(thresholds))
     for i, t in enumerate(thresholds):
         boxes = boxes_from_mask(norm > t)
@@ -263,6 +263,7 @@ def _gt_boxes(inputs: MetricInputs, masks: Tensor) -> list[np.ndarray]:
     cost="0 (one connected-component labelling per threshold)",
     reference="Choe et al., Evaluating WSOL Right, arXiv:2001.07437 (MaxBoxAccV2 boxes); CAM paper's 20% threshold",
     options={"threshold": 0.2, "curve_step": 0.05},
+    curves=("box_iou_curve",),
 )
 def box_iou(inputs: MetricInputs, threshold: float, curve_step: float) -> MetricResult:
     """Best IoU between boxes of the map thresholded at ``threshold`` x max and the ground-truth boxes.

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from auditor.ops import from_pixels, minmax, to_pixels
 from auditor.registry import Registry, merge_options
 
 
@@ -58,15 +59,11 @@ class MetricInputs:
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Normalized ``[B, C, H, W]`` -> pixel space."""
-        if self.mean is None or self.std is None:
-            return x
-        return x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)
+        return to_pixels(x, self.mean, self.std)
 
     def from_pixels(self, x: Tensor) -> Tensor:
         """Pixel space ``[B, C, H, W]`` -> normalized."""
-        if self.mean is None or self.std is None:
-            return x
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return from_pixels(x, self.mean, self.std)
 
     def probs(self, x: Tensor, targets: Tensor) -> Tensor:
         """Softmax probability ``[n]`` of ``targets`` for inputs ``x``, in chunks of ``batch_size``."""
@@ -118,6 +115,8 @@ class Metric:
         options: option names and defaults.
         expensive: run only on the ``expensive`` subset by default.
         chance: whether a ``<name>_chance`` column is produced.
+        columns: the other per-sample columns its result carries (``extras`` of shape ``[B]``).
+        curves: the per-sample curves its result carries (``extras`` of shape ``[B, n]``; kept in ``curves/``).
     """
 
     name: str
@@ -130,6 +129,12 @@ class Metric:
     options: Mapping[str, Any] = field(default_factory=dict)
     expensive: bool = False
     chance: bool = False
+    columns: tuple[str, ...] = ()
+    curves: tuple[str, ...] = ()
+
+    def outputs(self) -> list[str]:
+        """Every column and curve name a result of this metric may hold."""
+        return [self.name, *([f"{self.name}_chance"] if self.chance else []), *self.columns, *self.curves]
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
@@ -153,6 +158,8 @@ def register_metric(
     options: Mapping[str, Any] | None = None,
     expensive: bool = False,
     chance: bool = False,
+    columns: tuple[str, ...] = (),
+    curves: tuple[str, ...] = (),
 ) -> Callable[[MetricFn], MetricFn]:
     """Decorator registering a metric function (see :class:`Metric`)."""
     if direction not in ("higher", "lower"):
@@ -174,11 +181,28 @@ def register_metric(
                 MappingProxyType(dict(options or {})),
                 expensive,
                 chance,
+                tuple(columns),
+                tuple(curves),
             ),
         )
         return fn
 
     return decorate
+
+
+def metric_columns(names: list[str]) -> dict[str, dict[str, str | None]]:
+    """The ``samples.parquet`` columns of the metrics ``names``: ``{column: {metric, direction}}``.
+
+    A metric's own column carries its direction; its chance level and extra columns carry none (they are
+    context, not scores). Curves are not columns.
+    """
+    out: dict[str, dict[str, str | None]] = {}
+    for name in names:
+        metric = METRICS[name]
+        out[name] = {"metric": name, "direction": metric.direction}
+        for col in [*([f"{name}_chance"] if metric.chance else []), *metric.columns]:
+            out[col] = {"metric": name, "direction": None}
+    return out
 
 
 def tie_broken(maps: Tensor, seed: int) -> Tensor:
@@ -189,9 +213,7 @@ def tie_broken(maps: Tensor, seed: int) -> Tensor:
     (from ``seed``), so a sample's ranking does not depend on the rest of its batch.
     """
     b, h, w = maps.shape
-    flat = maps.flatten(1).float()
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    norm = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    norm = minmax(maps.flatten(1).float(), (1,))
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(h * w, generator=gen).to(maps.device)
     return (norm + 1e-4 * noise).view(b, h, w)

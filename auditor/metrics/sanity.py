@@ -15,34 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
 from auditor.cams import compute_cams
 from auditor.cams.core import model_state
-
-
-def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row pair of ``[N, D]`` arrays (average ranks for ties; NaN if constant)."""
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1), np.nan)
+from auditor.ops import minmax
+from auditor.stats import spearman_rows
 
 
 def _abs_norm(m: np.ndarray) -> np.ndarray:
     peak = np.abs(m).reshape(len(m), -1).max(1).reshape(-1, 1, 1)
     return np.abs(m) / np.where(peak > 0, peak, 1)
-
-
-def _minmax(m: np.ndarray) -> np.ndarray:
-    lo = m.reshape(len(m), -1).min(1).reshape(-1, 1, 1)
-    hi = m.reshape(len(m), -1).max(1).reshape(-1, 1, 1)
-    return (m - lo) / np.where(hi > lo, hi - lo, 1)
 
 
 def map_similarity(original: Tensor, other: Tensor) -> dict[str, np.ndarray]:
@@ -54,7 +38,7 @@ def map_similarity(original: Tensor, other: Tensor) -> dict[str, np.ndarray]:
     a = original.detach().double().cpu().numpy()
     b = other.detach().double().cpu().numpy()
     rho = spearman_rows(_abs_norm(a).reshape(len(a), -1), _abs_norm(b).reshape(len(b), -1))
-    ma, mb = _minmax(a), _minmax(b)
+    ma, mb = minmax(a, (1, 2)), minmax(b, (1, 2))
     ssim = np.array(
         [
             structural_similarity(x, y, gaussian_weights=True, data_range=1.0)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
-GRID = 32  # the fixed grid of the spatial analyses
+from auditor.ops import gaussian_kernel, separable_blur
+from auditor.shortcuts.grids import GRID
 
 
 def image_properties(pixels: Tensor) -> dict[str, Tensor]:
@@ -53,24 +53,15 @@ def background_partners(labels: Tensor, usable: Tensor) -> Tensor:
     return torch.where(fits.any(1), cand[torch.arange(n), first], torch.full((n,), -1, dtype=torch.long))
 
 
-def _gaussian(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` with zero padding (radius 3 sigma)."""
-    r = max(1, int(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
-
-
 def _smooth(x: Tensor, sigma: float) -> Tensor:
     """Gaussian blur; large sigmas are applied on an area-downsampled copy (cost independent of sigma)."""
     factor = max(1, int(sigma // 2))
     if factor == 1:
-        return _gaussian(x, sigma)
+        return separable_blur(x, gaussian_kernel(sigma))
     small = F.avg_pool2d(x, factor, ceil_mode=True)
-    return F.interpolate(_gaussian(small, sigma / factor), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return F.interpolate(
+        separable_blur(small, gaussian_kernel(sigma / factor)), size=x.shape[-2:], mode="bilinear", align_corners=False
+    )
 
 
 def inpaint(images: Tensor, holes: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from auditor import compute_cams
 from auditor.cams.core import MAX_CHUNK_CPU, auto_chunk, choose_memory_format, set_memory_format
-from auditor.metrics.sanity import spearman_rows
+from auditor.stats import spearman_rows
 from tests.conftest import SmallCNN
 from tests.shortcuts.planted import make, tensors, train
 

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from scipy.stats import spearmanr
 
-from auditor.metrics.sanity import cascade_blocks, map_similarity, method_agreement, mprt, spearman_rows
+from auditor.metrics.sanity import cascade_blocks, map_similarity, method_agreement, mprt
+from auditor.stats import spearman_rows
 from tests.conftest import SmallCNN
 
 

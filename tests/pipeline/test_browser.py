@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from auditor.browser import check_report, chromium_path
 from auditor.config import load_config
-from auditor.pipeline import run_audit
+from auditor.outputs.browser import check_report, chromium_path
+from auditor.run.local import run_audit
 from tests.pipeline.conftest import make_config
 
 needs_browser = pytest.mark.skipif(

@@ -14,10 +14,12 @@ from PIL import Image
 
 from auditor.cli import main
 from auditor.config import load_config
-from auditor.data import AuditDataset, SampleSpec, decode_image, read_coco, read_image_folder, rle_decode
 from auditor.errors import DataError, ModelError
-from auditor.models import load_weights
-from auditor.pipeline import run_audit
+from auditor.io.dataset import AuditDataset
+from auditor.io.images import decode_image, rle_decode
+from auditor.io.models import load_weights
+from auditor.io.sources import SampleSpec, read_coco, read_image_folder
+from auditor.run.local import run_audit
 from tests.pipeline.conftest import make_config
 from tests.pipeline.tinynet import TinyNet
 
@@ -238,7 +240,7 @@ def _rle_to_string(counts: list[int]) -> str:
 
 
 def test_compressed_rle_string_decodes() -> None:
-    from auditor.data import rle_counts
+    from auditor.io.images import rle_counts
 
     assert rle_counts("538") == [5, 3, 8]
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from auditor.cli import main
 from auditor.config import load_config
-from auditor.pipeline import run_audit
+from auditor.run.local import run_audit
 from tests.pipeline.conftest import make_config
 
 HOSTILE = "<img src=x onerror=alert(1)>"

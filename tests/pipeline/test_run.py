@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from auditor import pipeline
 from auditor.cli import main
 from auditor.config import AuditConfig, load_config
-from auditor.pipeline import Selection, run_audit
+from auditor.run import flagged, local, setup
+from auditor.run.local import Selection, run_audit
 from tests.pipeline.conftest import make_config
 
 
@@ -99,7 +99,7 @@ def _interrupt_then_resume(
 ) -> None:
     """Run clean; run again with a KeyboardInterrupt in batch call ``at_call``; resume; compare outputs."""
     run_audit(cfg, tmp_path / "clean", progress=False)
-    real = pipeline._process_batch
+    real = local.map_batch
     calls = {"n": 0}
 
     def interrupted(ctx, batch):  # type: ignore[no-untyped-def]
@@ -108,12 +108,12 @@ def _interrupt_then_resume(
             raise KeyboardInterrupt
         return real(ctx, batch)
 
-    monkeypatch.setattr(pipeline, "_process_batch", interrupted)
+    monkeypatch.setattr(local, "map_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_audit(cfg, tmp_path / "resumed", progress=False)
     kind, count = parts
     assert len(list((tmp_path / "resumed" / "parts").glob(f"{kind}-*.parquet"))) == count
-    monkeypatch.setattr(pipeline, "_process_batch", real)
+    monkeypatch.setattr(local, "map_batch", real)
     run_audit(cfg, tmp_path / "resumed", progress=False)
     _same_outputs(tmp_path / "clean", tmp_path / "resumed")
 
@@ -242,13 +242,15 @@ def test_select_flagged_takes_cited_samples_then_the_class_subset() -> None:
     )
     stratified = np.array([True, False, True, True, False, False])
     flags = [
-        {"id": "k/x/*", "class": "x", "evidence": {"worst_ids": ["b", "zz"], "n": 3}},
-        {"id": "u/*/*", "class": None, "evidence": {"prototype_ids": ["e", "f", "d"]}},
+        {"id": "k/x/*", "kind": "background_reliance", "class": "x", "evidence": {"worst_ids": ["b", "zz"], "n": 3}},
+        {"id": "u/*/*", "kind": "cluster", "class": None, "evidence": {"prototype_ids": ["e", "f", "d"]}},
+        # ids under a key that is not the kind's declared evidence key are not followed
+        {"id": "v/*/*", "kind": "cluster", "class": None, "evidence": {"worst_ids": ["c"]}},
     ]
-    chosen = pipeline.select_flagged(flags, table, stratified, per_flag=2)
+    chosen = flagged.select_flagged(flags, table, stratified, per_flag=2)  # type: ignore[arg-type]
     # flag 1: the cited "b" first, then the class's stratified samples (a, c) up to 2; flag 2: no class fill
     assert chosen == {0: ["k/x/*"], 1: ["k/x/*"], 4: ["u/*/*"], 5: ["u/*/*"]}
-    assert pipeline.select_flagged([], table, stratified, per_flag=2) == {}
+    assert flagged.select_flagged([], table, stratified, per_flag=2) == {}
 
 
 def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path, tmp_path: Path) -> None:
@@ -295,7 +297,7 @@ def test_flagged_pass_resumes_after_interruption(
 def test_mixed_precision_only_where_it_pays(
     dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, pays: bool
 ) -> None:
-    monkeypatch.setattr(pipeline, "low_precision_pays", lambda device: pays)
+    monkeypatch.setattr(setup, "low_precision_pays", lambda device: pays)
     cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["average_drop"], mixed_precision=True)
     summary = run_audit(load_config(cfg), tmp_path / "run", progress=False)
     assert summary["config"]["mixed_precision"] is pays
@@ -313,20 +315,20 @@ def test_auto_memory_format_is_chosen_once_and_kept_on_resume(
         calls.append("x")
         return "channels_last" if len(calls) == 1 else "contiguous"
 
-    monkeypatch.setattr(pipeline, "choose_memory_format", choose)
+    monkeypatch.setattr(setup, "choose_memory_format", choose)
     cfg = load_config(
         make_config(dataset_dir, tmp_path, memory_format="auto", methods=["grad_cam"], metrics=["energy_in_mask"])
     )
-    real = pipeline._process_batch
+    real = local.map_batch
 
     def interrupted(ctx, batch):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_process_batch", interrupted)
+    monkeypatch.setattr(local, "map_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_audit(cfg, tmp_path / "run", progress=False)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["memory_format"] == "channels_last"
-    monkeypatch.setattr(pipeline, "_process_batch", real)
+    monkeypatch.setattr(local, "map_batch", real)
     summary = run_audit(cfg, tmp_path / "run", progress=False)
     assert calls == ["x"] and summary["run"]["memory_format"] == "channels_last"
     fixed = load_config(

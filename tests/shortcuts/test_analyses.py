@@ -8,29 +8,41 @@ import pytest
 import torch
 from torch import nn
 
-from auditor.shortcuts.analyses import (
-    attribute_leakage,
-    background_reliance,
-    bh_adjust,
-    class_hotspots,
-    counterfactual_summary,
-    describe_location,
-    grid_maps,
-    property_bins,
-    spectral_clusters,
-)
-from auditor.shortcuts.flags import (
-    Thresholds,
-    attribute_flags,
-    background_flags,
-    hotspot_flags,
-    order_flags,
-    unreliable_flags,
-)
+from auditor.shortcuts import attributes, background, clusters, hotspots, reliability
+from auditor.shortcuts.attributes import attribute_leakage, property_bins
+from auditor.shortcuts.background import background_reliance
+from auditor.shortcuts.clusters import spectral_clusters
+from auditor.shortcuts.counterfactual import counterfactual_summary
+from auditor.shortcuts.flags import change, order_flags
+from auditor.shortcuts.grids import describe_location, grid_maps
+from auditor.shortcuts.hotspots import class_hotspots
 from auditor.shortcuts.interventions import hotspot_intervention, region_mask
 from auditor.shortcuts.probes import counterfactuals, image_properties, inpaint
+from auditor.shortcuts.registry import FlagContext
+from auditor.shortcuts.thresholds import Thresholds
+from auditor.stats import bh_adjust
 
 T = Thresholds()
+
+
+def background_flags(per_method, t, unreliable):  # type: ignore[no-untyped-def]
+    return background.background_flags({"background": per_method}, FlagContext(t, unreliable))
+
+
+def hotspot_flags(per_method, interventions, t, unreliable):  # type: ignore[no-untyped-def]
+    return hotspots.hotspot_flags({"hotspots": per_method, "interventions": interventions}, FlagContext(t, unreliable))
+
+
+def attribute_flags(attrs, t):  # type: ignore[no-untyped-def]
+    return attributes.attribute_flags({"attributes": attrs}, FlagContext(t))
+
+
+def cluster_flags(info, t):  # type: ignore[no-untyped-def]
+    return clusters.cluster_flags({"clusters": info}, FlagContext(t))
+
+
+def unreliable_flags(mprt):  # type: ignore[no-untyped-def]
+    return reliability.unreliable_flags({}, FlagContext(T, set(), mprt))
 
 
 def test_bh_adjust_matches_hand_computation() -> None:
@@ -260,7 +272,6 @@ def test_unreliable_method_flags_and_ordering() -> None:
 
 
 def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> None:
-    from auditor.shortcuts.flags import cluster_flags
 
     info = {
         "method": "grad_cam",
@@ -288,9 +299,8 @@ def test_background_partners_next_usable_other_class_cyclically() -> None:
     assert background_partners(torch.tensor([0]), torch.tensor([True])).tolist() == [-1]
 
 
-def test_hotspot_intervention_wording_reads_the_sign_of_the_change() -> None:
-    from auditor.shortcuts.flags import _change
+def test_hotspot_intervention_wording_reads_the_sign_of_thechange() -> None:
 
-    assert _change(-0.3, "p(tank)") == "lowers p(tank) by 0.30"
-    assert _change(0.12, "it") == "raises it by 0.12"
-    assert _change(-0.001, "it") == "leaves it unchanged"  # no "lowers it by -0.00"
+    assert change(-0.3, "p(tank)") == "lowers p(tank) by 0.30"
+    assert change(0.12, "it") == "raises it by 0.12"
+    assert change(-0.001, "it") == "leaves it unchanged"  # no "lowers it by -0.00"

@@ -6,40 +6,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 
 from auditor.errors import ConfigError
-from auditor.gate import check_compatible, load_run
-from auditor.metrics import METRICS
-from auditor.metrics.sanity import spearman_rows
-from auditor.render import data_uri, overlay, thumbnail
-from auditor.shortcuts.analyses import grid_maps
-from auditor.stats import describe
-from auditor.store import atomic_write_bytes
-
-TEMPLATES = Path(__file__).with_name("templates")
-_SKIP = {"row", "prob", "target_prob", "correct", "map_valid", "expensive"}
-
-
-def environment() -> jinja2.Environment:
-    """The jinja2 environment of every auditor page: autoescape on, undefined names are errors."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
-    )
+from auditor.outputs.gate import check_compatible, load_run
+from auditor.outputs.render import data_uri, environment, overlay, thumbnail
+from auditor.run.rundir import RunDir, atomic_write_bytes
+from auditor.shortcuts.grids import grid_maps
+from auditor.stats import describe, spearman_rows
 
 
 def _fmt(x: float) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
-def metric_deltas(a: pd.DataFrame, b: pd.DataFrame, classes: list[str], seed: int = 0) -> list[dict[str, Any]]:
-    """Paired per-sample deltas (b − a) per method, target, class and metric."""
+def metric_deltas(
+    a: pd.DataFrame, b: pd.DataFrame, classes: list[str], columns: dict[str, dict[str, Any]], seed: int = 0
+) -> list[dict[str, Any]]:
+    """Paired per-sample deltas (b − a) per method, target, class and metric.
+
+    ``columns`` is ``summary.metric_columns`` (``{column: {metric, direction}}``, from the metric registry):
+    a delta is called worse or better only for a column with a direction.
+    """
     blocks = []
     keys = ["id", "method", "target"]
     merged = a.merge(b, on=keys, suffixes=("_a", "_b"))
-    metrics = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f" and c not in _SKIP]
+    metrics = [c for c in a.columns if c in b.columns and c in columns]
     for (method, target), grp in merged.groupby(["method", "target"], sort=False):
         rows = []
         for cls in ["*", *classes]:
@@ -50,8 +43,7 @@ def metric_deltas(a: pd.DataFrame, b: pd.DataFrame, classes: list[str], seed: in
                 if ok.sum() < 2:
                     continue
                 d = describe(vb[ok] - va[ok], seed=seed)
-                base = m.removesuffix("_chance").removesuffix("_norm")
-                direction = METRICS[base].direction if base in METRICS else None
+                direction = columns[m].get("direction")
                 worse = (d["ci_high"] < 0) if direction == "higher" else (d["ci_low"] > 0) if direction else False
                 better = (d["ci_low"] > 0) if direction == "higher" else (d["ci_high"] < 0) if direction else False
                 rows.append(
@@ -90,12 +82,11 @@ def changed_explanations(
     run_a: Path, run_b: Path, a: pd.DataFrame, b: pd.DataFrame, top: int = 8
 ) -> tuple[str, list[dict[str, Any]]]:
     """The samples whose maps differ most between the runs (first common method, label target)."""
+    dir_a, dir_b = RunDir(run_a), RunDir(run_b)
     common = [
         m
         for m in a["method"].unique()
-        if m in set(b["method"])
-        and (run_a / "maps" / f"{m}__label.npy").exists()
-        and (run_b / "maps" / f"{m}__label.npy").exists()
+        if m in set(b["method"]) and dir_a.has_maps(m, "label") and dir_b.has_maps(m, "label")
     ]
     if not common:
         return "", []
@@ -103,8 +94,8 @@ def changed_explanations(
     ra = a[(a["method"] == method) & (a["target"] == "label")].set_index("id")
     rb = b[(b["method"] == method) & (b["target"] == "label")].set_index("id")
     ids = [i for i in ra.index if i in rb.index]
-    maps_a = np.load(run_a / "maps" / f"{method}__label.npy", mmap_mode="r")
-    maps_b = np.load(run_b / "maps" / f"{method}__label.npy", mmap_mode="r")
+    maps_a, maps_b = dir_a.load_maps(method, "label"), dir_b.load_maps(method, "label")
+    assert maps_a is not None and maps_b is not None  # checked above
     ga = grid_maps(maps_a[ra.loc[ids, "row"].to_numpy()])
     gb = grid_maps(maps_b[rb.loc[ids, "row"].to_numpy()])
     rho = spearman_rows(np.nan_to_num(ga.reshape(len(ids), -1)), np.nan_to_num(gb.reshape(len(ids), -1)))
@@ -134,10 +125,12 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> dict[str, Any]:
     check_compatible(summary_b, summary_a)
     if summary_a["dataset"]["classes"] != summary_b["dataset"]["classes"]:
         raise ConfigError("the runs use different class lists")
-    a = pd.read_parquet(run_a / "samples.parquet")
-    b = pd.read_parquet(run_b / "samples.parquet")
+    a, b = RunDir(run_a).read_table(), RunDir(run_b).read_table()
     classes = summary_a["dataset"]["classes"]
-    deltas = metric_deltas(a, b, classes)
+    columns = summary_a.get("metric_columns")
+    if columns is None:
+        raise ConfigError(f"{run_a} was written by an auditor without summary.metric_columns; re-run it to compare")
+    deltas = metric_deltas(a, b, classes, columns)
     changes = flag_changes(flags_a, flags_b)
     method, changed = changed_explanations(run_a, run_b, a, b)
     html = (

@@ -6,45 +6,64 @@ chart as inline SVG. Nothing is fetched: no CDN, no ``fetch()``, images are data
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 import yaml
+from scipy import ndimage
 
-from auditor.compare import environment
-from auditor.gate import load_run
-from auditor.render import data_uri, grey, overlay, thumbnail
-from auditor.store import atomic_write_bytes
+from auditor.errors import ConfigError
+from auditor.ops import resize_bilinear
+from auditor.outputs.gate import evaluate, load_rules, load_run, verdict
+from auditor.outputs.render import data_uri, environment, grey, overlay, thumbnail
+from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes
+from auditor.shortcuts.registry import evidence_ids, evidence_keys
+
+log = logging.getLogger(__name__)
 
 GALLERY = 6  # images per flag
 THUMB = 112
 MAX_FLAGS = 20
 MAX_COVERAGE_IDS = 300  # expensive-subset ids listed in the report (all are in expensive.json)
-_EVIDENCE_IDS = ("worst_ids", "error_ids", "ids", "prototype_ids")
+HEADLINES = {
+    "fail": "Shortcut evidence found",
+    "warn": "Possible shortcuts: review the findings",
+    "pass": "No shortcut found",
+}
 
 
-def _verdict(flags: list[dict[str, Any]]) -> tuple[str, str]:
-    severities = {f["severity"] for f in flags if f["kind"] != "unreliable_method"}
-    if "high" in severities:
-        return "fail", "Shortcut evidence found"
-    if "medium" in severities:
-        return "warn", "Possible shortcuts: review the findings"
-    return "pass", "No shortcut found"
+def _verdict(summary: dict[str, Any], flags: list[dict[str, Any]]) -> tuple[str, str, list[str]]:
+    """``(status, headline, deciding rules)`` from the same rules as ``auditor gate`` (no baseline).
+
+    The rules are the config's ``gates:`` file, else the packaged default rules; a rules file that can
+    no longer be read (the report re-rendered elsewhere) falls back to the defaults with a warning.
+    """
+    path = (summary.get("config") or {}).get("gates")
+    try:
+        rules, _ = load_rules(Path(path) if path else None)
+    except ConfigError as err:
+        log.warning("the report's verdict uses the packaged default rules: %s", err)
+        rules, _ = load_rules(None)
+    checks = evaluate(rules, summary, flags)
+    status = verdict(checks)
+    deciding = [c for c in checks if c.status in ("FAIL", "ERROR", "WARN")]
+    flag_rules = {r.label for r in rules if r.kind in ("flags", "new_flags")}
+    headline = HEADLINES[status]
+    if status == "fail" and not any(c.status in ("FAIL", "ERROR") and c.rule in flag_rules for c in deciding):
+        headline = "The gate fails"
+    return status, headline, list(dict.fromkeys(f"{c.status}: {c.rule}" for c in deciding))
 
 
 def _outline(objects: np.ndarray | None, row: int, size: int) -> np.ndarray | None:
     """``[size, size]`` bool outline of the object from the stored 32 x 32 object grid, or None."""
     if objects is None or not np.isfinite(objects[row]).all():
         return None
-    g = torch.from_numpy(np.asarray(objects[row], np.float32))[None, None]
-    inside = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[0, 0] > 0.5
-    eroded = -F.max_pool2d(-inside.float()[None, None], 3, 1, 1)[0, 0] > 0.5
-    return (inside & ~eroded).numpy()
+    inside = resize_bilinear(np.asarray(objects[row], np.float32), (size, size)) > 0.5
+    eroded = ndimage.binary_erosion(inside, np.ones((3, 3), bool), border_value=1)
+    return np.asarray(inside & ~eroded)
 
 
 def _mask_image(objects: np.ndarray | None, row: int, size: int) -> np.ndarray | None:
@@ -74,13 +93,12 @@ def _tile(
     }
 
 
-def _deep_dive(run: Path, table: pd.DataFrame, target: str, objects: np.ndarray | None) -> list[dict[str, Any]]:
+def _deep_dive(run: RunDir, table: pd.DataFrame, target: str, objects: np.ndarray | None) -> list[dict[str, Any]]:
     """Per flagged sample: every method's map, guided backprop, occlusion and the top feature maps."""
-    meta_path, arr_path = run / "deepdive.json", run / "maps" / "deepdive.npz"
-    if not meta_path.exists() or not arr_path.exists():
+    if not run.has(DEEPDIVE) or not run.deepdive_arrays_path.exists():
         return []
-    meta = json.loads(meta_path.read_text())
-    arrays = np.load(arr_path)
+    meta = run.read_json(DEEPDIVE)
+    arrays = np.load(run.deepdive_arrays_path)
     first = table.drop_duplicates("id").set_index("id")
     methods = sorted(str(m) for m in table["method"].unique())
     out = []
@@ -92,9 +110,9 @@ def _deep_dive(run: Path, table: pd.DataFrame, target: str, objects: np.ndarray 
         if mask is not None:
             views.append({"name": "object mask", "src": data_uri(mask, "PNG")})
         for m in methods:
-            path = run / "maps" / f"{m}__{target}.npy"
-            if path.exists():
-                low = np.load(path, mmap_mode="r")[row]
+            stored = run.load_maps(m, target)
+            if stored is not None:
+                low = stored[row]
                 if np.isfinite(low).all():
                     views.append({"name": m, "src": data_uri(overlay(img, low), "JPEG")})
         if "occlusion" in arrays:
@@ -146,107 +164,105 @@ def _heat(diff: list[list[float]]) -> list[dict[str, Any]]:
     return cells
 
 
-def build_context(run: Path) -> dict[str, Any]:
-    """Everything the template shows, from the files of a finished run."""
-    summary, flags = load_run(run)
-    table = pd.read_parquet(run / "samples.parquet")
-    analyses = summary.get("analyses") or {}
-    target = analyses.get("target", "label")
-    methods = analyses.get("methods") or [str(table["method"].iloc[0])]
-    primary = methods[0]
-    rows = table[(table["method"] == primary) & (table["target"] == target)].set_index("id", drop=False)
-    map_path = run / "maps" / f"{primary}__{target}.npy"
-    maps = np.load(map_path, mmap_mode="r") if map_path.exists() else None
-    obj_path = run / "maps" / "_object.npy"
-    objects = np.load(obj_path, mmap_mode="r") if obj_path.exists() else None
-    classes = summary["dataset"]["classes"]
-    status, verdict = _verdict(flags)
-
+def _flag_cards(
+    flags: list[dict[str, Any]], rows: pd.DataFrame, maps: np.ndarray | None, objects: np.ndarray | None, classes: list
+) -> list[dict[str, Any]]:
+    """The first ``MAX_FLAGS`` flags with their evidence galleries (cited samples, else the class's own)."""
     shown = []
     for f in flags[:MAX_FLAGS]:
         ev = f["evidence"]
-        ids: list[str] = next((ev[k] for k in _EVIDENCE_IDS if isinstance(ev.get(k), list) and ev[k]), [])
+        ids = evidence_ids(f)  # type: ignore[arg-type]
         if not ids and f.get("class") in classes:  # e.g. hotspots: the class's own images
             ids = rows[rows["label"] == f["class"]]["id"].head(GALLERY).tolist()
         tiles = [_tile(rows.loc[i], maps, objects, f.get("region")) for i in ids[:GALLERY] if i in rows.index]
-        shown.append(
-            {
-                **f,
-                "tiles": tiles,
-                "evidence_text": yaml.safe_dump(
-                    {k: v for k, v in ev.items() if k not in _EVIDENCE_IDS and k != "mean_map"},
-                    sort_keys=False,
-                    width=100,
-                ),
-            }
-        )
+        hidden = {"mean_map", *evidence_keys(f["kind"])}
+        text = yaml.safe_dump({k: v for k, v in ev.items() if k not in hidden}, sort_keys=False, width=100)
+        shown.append({**f, "tiles": tiles, "evidence_text": text})
+    return shown
 
-    cards = []
+
+def _bars(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    bars = []
+    for metric in ("energy_in_mask", "pointing_game", "relevance_rank_accuracy", "insertion_auc", "deletion_auc"):
+        s = stats.get(metric)
+        if s and s.get("mean") is not None:
+            chance = (stats.get(f"{metric}_chance") or {}).get("mean")
+            bars.append(
+                {
+                    "metric": metric,
+                    "mean": s["mean"],
+                    "lo": s["ci_low"],
+                    "hi": s["ci_high"],
+                    "n": s["n"],
+                    "chance": chance,
+                }
+            )
+    return bars
+
+
+def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, primary: str, target: str) -> list:
+    """Per class: accuracy, metric bars against chance, mean deletion/insertion curves, the hotspot heat map."""
     agg = summary["aggregates"].get(primary, {}).get(target, {})
-    for cls in classes:
+    hotspots = ((summary.get("analyses") or {}).get("hotspots") or {}).get(primary, {})
+    cards = []
+    for cls in summary["dataset"]["classes"]:
         acc = summary["accuracy"].get(cls, {})
-        stats = agg.get(cls, {})
-        bars = []
-        for metric in ("energy_in_mask", "pointing_game", "relevance_rank_accuracy", "insertion_auc", "deletion_auc"):
-            s = stats.get(metric)
-            if s and s.get("mean") is not None:
-                chance = (stats.get(f"{metric}_chance") or {}).get("mean")
-                bars.append(
-                    {
-                        "metric": metric,
-                        "mean": s["mean"],
-                        "lo": s["ci_low"],
-                        "hi": s["ci_high"],
-                        "n": s["n"],
-                        "chance": chance,
-                    }
-                )
         curves = []
         for kind in ("deletion", "insertion"):
-            path = run / "curves" / f"{kind}_curve__{primary}__{target}.npy"
-            if path.exists():
-                arr = np.load(path, mmap_mode="r")[rows[rows["label"] == cls]["row"].to_numpy()]
-                arr = np.asarray(arr, np.float64)
+            stored = run.load_curves(f"{kind}_curve", primary, target)
+            if stored is not None:
+                arr = np.asarray(stored[rows[rows["label"] == cls]["row"].to_numpy()], np.float64)
                 arr = arr[np.isfinite(arr).all(1)]
                 if len(arr):
                     curves.append({"kind": kind, "points": _curve_points(arr.mean(0)), "n": len(arr)})
-        hot = (analyses.get("hotspots") or {}).get(primary, {}).get(cls)
+        hot = hotspots.get(cls)
         cards.append(
             {
                 "cls": cls,
                 "accuracy": acc.get("accuracy"),
                 "n": acc.get("n", 0),
-                "bars": bars,
+                "bars": _bars(agg.get(cls, {})),
                 "curves": curves,
                 "heat": _heat(hot["diff"]) if hot else [],
                 "hot": {k: hot[k] for k in ("location", "lift", "persistence")} if hot else None,
             }
         )
+    return cards
 
+
+def build_context(root: Path) -> dict[str, Any]:
+    """Everything the template shows, from the files of a finished run."""
+    run = RunDir(root)
+    summary, flags = load_run(root)
+    table = run.read_table()
+    analyses = summary.get("analyses") or {}
+    target = analyses.get("target", "label")
+    primary = (analyses.get("methods") or [str(table["method"].iloc[0])])[0]
+    rows = table[(table["method"] == primary) & (table["target"] == target)].set_index("id", drop=False)
+    maps, objects = run.load_maps(primary, target), run.load_objects()
+    status, headline, deciding = _verdict(summary, flags)
     deep = _deep_dive(run, table, target, objects)
-    groups = [
-        {"attribute": a, "values": [{"value": v, **g} for v, g in vals.items()]}
-        for a, vals in (summary.get("groups") or {}).items()
-    ]
     sanity = summary.get("sanity") or {}
-    mprt = (sanity.get("mprt") or {}).get("methods", {})
-    config = yaml.safe_dump(summary.get("config", {}), sort_keys=False, width=100)
     return {
-        "run": str(run.name),
+        "run": str(root.name),
         "status": status,
-        "verdict": verdict,
+        "verdict": headline,
+        "verdict_rules": deciding,
         "summary": summary,
-        "flags": shown,
+        "flags": _flag_cards(flags, rows, maps, objects, summary["dataset"]["classes"]),
         "n_flags": len(flags),
         "by_severity": {s: sum(f["severity"] == s for f in flags) for s in ("high", "medium", "low")},
         "primary": primary,
         "target": target,
         "methods": sorted(summary["aggregates"]),
-        "cards": cards,
-        "groups": groups,
-        "mprt": mprt,
+        "cards": _class_cards(run, summary, rows, primary, target),
+        "groups": [
+            {"attribute": a, "values": [{"value": v, **g} for v, g in vals.items()]}
+            for a, vals in (summary.get("groups") or {}).items()
+        ],
+        "mprt": (sanity.get("mprt") or {}).get("methods", {}),
         "blocks": (sanity.get("mprt") or {}).get("randomized_blocks", []),
-        "config": config,
+        "config": yaml.safe_dump(summary.get("config", {}), sort_keys=False, width=100),
         "skipped": summary["dataset"].get("skipped", [])[:200],
         "warnings": summary["dataset"].get("warning_counts", {}),
         "timings": summary.get("timings", {}),
@@ -259,12 +275,11 @@ def build_context(run: Path) -> dict[str, Any]:
     }
 
 
-def _coverage(run: Path, table: pd.DataFrame, deep: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _coverage(run: RunDir, table: pd.DataFrame, deep: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Which samples got which methods and metrics (``expensive.json``; None for runs that predate it)."""
-    path = run / "expensive.json"
-    if not path.exists():
+    if not run.has(EXPENSIVE):
         return None
-    info = json.loads(path.read_text())
+    info = run.read_json(EXPENSIVE)
     n = int(table["row"].nunique())
     per_method = table.groupby("method", sort=False)["row"].nunique().to_dict()
     metric_cols = [c for c in info["metrics"] if c in table.columns]
@@ -292,7 +307,7 @@ def _coverage(run: Path, table: pd.DataFrame, deep: list[dict[str, Any]]) -> dic
 
 def render_report(run: Path, out: Path | None = None) -> Path:
     """Render ``report.html`` (default: inside the run directory) from saved results; returns its path."""
-    out = out or run / "report.html"
+    out = out or run / REPORT
     html = environment().get_template("report.html.j2").render(**build_context(run))
     atomic_write_bytes(out, html.encode("utf-8"))
     return out

@@ -1,17 +1,11 @@
-"""Datasets: CSV manifest, image folder (+ mirrored mask folder) or COCO JSON -> samples -> batches.
+"""Sample sources: CSV manifest, image folder (+ mirrored mask folder) or COCO JSON -> :class:`Dataset`.
 
-Images of any mode (RGB, grayscale, RGBA, palette, 16-bit) and size are resized (no crop) to
-``image_size x image_size``; masks go through the same resize with nearest interpolation and boxes are
-scaled by the same factors. A sample that cannot be used (missing, corrupt or truncated image) is
-skipped with its reason; a problem that only affects its annotations (mask of the wrong size, empty
-mask, box outside the image) drops or clips that annotation with a warning. Both are counted in
-``summary.json``.
+Light, picklable sample specs; pixels are read later by :class:`auditor.io.dataset.AuditDataset`. Also
+the seeded selections (``--per-class``, ``--limit``, the stratified expensive subset). No torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 from collections.abc import Sequence
@@ -21,9 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from auditor.errors import DataError
 
@@ -226,209 +217,6 @@ def _check_unique_ids(samples: Sequence[SampleSpec]) -> None:
         if s.id in seen:
             raise DataError(f"{s.origin}: sample id {s.id!r} is used twice (also {seen[s.id]}); ids must be unique")
         seen[s.id] = s.origin
-
-
-# ------------------------------------------------------------------------------------------ pixels
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes -> ``[H, W, 3]`` float32 in [0, 1]. Grayscale is repeated, alpha dropped, 16-bit rescaled.
-
-    Raises ``OSError`` / ``UnidentifiedImageError`` / ``ValueError`` for unreadable or truncated files.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decodes fully: a truncated file fails here
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            arr = np.clip(arr / top, 0, 1)
-            return np.repeat(arr[:, :, None], 3, axis=2)
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-        return np.asarray(rgb, dtype=np.float32) / 255.0
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """Bytes -> ``[H, W]`` bool (nonzero in any channel = object)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        arr = np.asarray(im)
-    return np.asarray(arr.any(axis=2) if arr.ndim == 3 else arr != 0, dtype=bool)
-
-
-def rle_counts(counts: str | list[int]) -> list[int]:
-    """COCO RLE counts (compressed string as in pycocotools' ``rleFrString``, or a plain list)."""
-    if isinstance(counts, list):
-        return [int(c) for c in counts]
-    out: list[int] = []
-    p = 0
-    while p < len(counts):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(counts[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(out) > 2:
-            x += out[-2]
-        out.append(x)
-    return out
-
-
-def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE -> ``[H, W]`` bool (column-major runs, starting with background)."""
-    h, w = (int(v) for v in rle["size"])
-    flat = np.zeros(h * w, dtype=bool)
-    pos, value = 0, False
-    for run in rle_counts(rle["counts"]):
-        if value:
-            flat[pos : pos + run] = True
-        pos += run
-        value = not value
-    return flat.reshape(w, h).T
-
-
-def _polygon_mask(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
-    from skimage.draw import polygon as draw_polygon
-
-    mask = np.zeros((h, w), dtype=bool)
-    for poly in polygons:
-        xs, ys = np.array(poly[0::2]), np.array(poly[1::2])
-        rr, cc = draw_polygon(ys, xs, shape=(h, w))
-        mask[rr, cc] = True
-    return mask
-
-
-class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Map-style dataset over sample specs; each item is a dict (see :meth:`__getitem__`)."""
-
-    def __init__(
-        self, samples: Sequence[SampleSpec], image_size: int, mean_std: tuple[list[float], list[float]] | None
-    ) -> None:
-        self.samples = list(samples)
-        self.size = image_size
-        self.mean = torch.tensor(mean_std[0]).view(3, 1, 1) if mean_std else None
-        self.std = torch.tensor(mean_std[1]).view(3, 1, 1) if mean_std else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Load one sample.
-
-        Returns a dict with ``index``, ``ok`` and, when ok: ``image [3, S, S]`` (normalized), ``mask
-        [S, S]`` bool, ``has_mask``, ``mask_source`` (mask | boxes | polygons | none), ``boxes [n, 4]`` in
-        resized pixels, ``scale`` (resized px per original px), ``sha1``, ``orig_size``, ``warnings``;
-        when not ok: ``reason``.
-        """
-        spec = self.samples[index]
-        try:
-            data = spec.path.read_bytes()
-        except OSError as err:
-            return {"index": index, "ok": False, "reason": f"cannot read image: {err.strerror or err}"}
-        try:
-            pixels = decode_image(data)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            return {"index": index, "ok": False, "reason": f"corrupt or truncated image: {err}"}
-        h, w = pixels.shape[:2]
-        s = self.size
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
-        image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
-        image = image.clamp(0, 1)
-        if self.mean is not None and self.std is not None:
-            image = (image - self.mean) / self.std
-        warnings: list[str] = []
-        full_mask, source = self._full_mask(spec, h, w, warnings)
-        sx, sy = s / w, s / h
-        boxes = []
-        for x0, y0, x1, y1 in spec.boxes:
-            cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
-            if cx1 <= cx0 or cy1 <= cy0:
-                warnings.append(f"box {[x0, y0, x1, y1]} lies outside the {w}x{h} image: dropped")
-                continue
-            if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-                warnings.append(f"box {[x0, y0, x1, y1]} extends past the {w}x{h} image: clipped")
-            boxes.append((cx0 * sx, cy0 * sy, cx1 * sx, cy1 * sy))
-        box_t = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
-        if full_mask is not None:
-            mask_t = torch.from_numpy(full_mask)[None, None].float()
-            mask = F.interpolate(mask_t, size=(s, s), mode="nearest")[0, 0] > 0.5
-        elif len(boxes):
-            mask = torch.zeros(s, s, dtype=torch.bool)
-            for x0, y0, x1, y1 in boxes:  # pixel (i, j) is inside when its centre is
-                r0, r1 = round(y0), max(round(y1), round(y0) + 1)
-                c0, c1 = round(x0), max(round(x1), round(x0) + 1)
-                mask[r0:r1, c0:c1] = True
-            source = "boxes"
-        else:
-            mask = torch.zeros(s, s, dtype=torch.bool)
-        has_mask = source != "none"
-        if has_mask and not bool(mask.any()):
-            warnings.append("empty mask (no object pixel after resizing): localization metrics are NaN")
-        return {
-            "index": index,
-            "ok": True,
-            "image": image.float(),
-            "mask": mask,
-            "has_mask": has_mask,
-            "mask_source": source,
-            "boxes": box_t,
-            "scale": float(np.sqrt(sx * sy)),
-            "sha1": hashlib.sha1(data).hexdigest(),
-            "orig_size": (h, w),
-            "warnings": warnings,
-        }
-
-    @staticmethod
-    def _full_mask(spec: SampleSpec, h: int, w: int, warnings: list[str]) -> tuple[np.ndarray | None, str]:
-        """The object mask at the original size and its source, or (None, "none")."""
-        if spec.mask is not None:
-            try:
-                mask = decode_mask(spec.mask.read_bytes())
-            except OSError as err:
-                warnings.append(f"mask {spec.mask} unreadable ({err}): no mask used")
-                return None, "none"
-            except (UnidentifiedImageError, ValueError, SyntaxError) as err:
-                warnings.append(f"mask {spec.mask} is corrupt ({err}): no mask used")
-                return None, "none"
-            if mask.shape != (h, w):
-                warnings.append(
-                    f"mask {spec.mask.name} has size {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}: "
-                    "no mask used"
-                )
-                return None, "none"
-            return mask, "mask"
-        if spec.polygons or spec.rle:
-            mask = _polygon_mask(spec.polygons, h, w)
-            for rle in spec.rle:
-                decoded = rle_decode(rle)
-                if decoded.shape == (h, w):
-                    mask |= decoded
-                else:
-                    warnings.append(f"RLE mask size {decoded.shape} differs from the image {h}x{w}: ignored")
-            return mask, "polygons"
-        return None, "none"
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the usable samples of a batch; keep the skipped ones as ``(index, reason)``."""
-    good = [it for it in items if it["ok"]]
-    batch: dict[str, Any] = {
-        "skipped": [(it["index"], it["reason"]) for it in items if not it["ok"]],
-        "warnings": [(it["index"], w) for it in good for w in it["warnings"]],
-        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
-    }
-    if good:
-        batch["image"] = torch.stack([it["image"] for it in good])
-        batch["mask"] = torch.stack([it["mask"] for it in good])
-        batch["has_mask"] = torch.tensor([it["has_mask"] for it in good])
-        batch["boxes"] = [it["boxes"] for it in good]
-        batch["scale"] = torch.tensor([it["scale"] for it in good], dtype=torch.float32)
-        batch["sha1"] = [it["sha1"] for it in good]
-        batch["mask_source"] = [it["mask_source"] for it in good]
-    return batch
 
 
 def select(

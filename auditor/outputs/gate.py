@@ -31,9 +31,10 @@ from xml.etree import ElementTree as ET
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from auditor.config import format_validation_error
 from auditor.errors import ConfigError
-from auditor.store import write_json
+from auditor.run.rundir import write_json
+from auditor.shortcuts.flags import SEVERITY_RANK
+from auditor.validation import format_validation_error
 
 STATUS_ORDER = ("FAIL", "ERROR", "WARN", "SKIPPED", "PASS")
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -44,7 +45,6 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2}
 
 
 class FlagFilter(BaseModel):
@@ -205,6 +205,8 @@ def check_compatible(run: dict[str, Any], base: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+Baseline = tuple[dict[str, Any], list[dict[str, Any]]] | None
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -228,112 +230,95 @@ def _status(ok: bool, rule: Rule) -> str:
     return "PASS" if ok else ("WARN" if rule.on_fail == "warn" else "FAIL")
 
 
+def _flag_checks(rule: Rule, flags: list[dict[str, Any]], baseline: Baseline) -> list[Check]:
+    filt = rule.flags if rule.kind == "flags" else rule.new_flags
+    assert filt is not None and rule.max is not None
+    if rule.kind == "new_flags" and baseline is None:
+        return [Check(rule.label, "*", "SKIPPED", None, f"<= {rule.max}", "no --baseline given")]
+    known = {f["id"] for f in baseline[1]} if baseline and rule.kind == "new_flags" else set()
+    hits = [f for f in flags if filt.matches(f) and f["id"] not in known]
+    msg = "; ".join(f"[{f['severity']}] {f['message']}" for f in hits[:5]) or "none"
+    return [Check(rule.label, "*", _status(len(hits) <= rule.max, rule), len(hits), f"<= {rule.max}", msg)]
+
+
+def _group_checks(rule: Rule, summary: dict[str, Any]) -> list[Check]:
+    expected = f"{rule.op} {rule.value}"
+    groups = summary.get("groups", {}).get(rule.attribute or "")
+    if not groups:
+        msg = f"the run has no metadata attribute {rule.attribute!r}"
+        return [Check(rule.label, str(rule.attribute), "ERROR", None, expected, msg)]
+    checks = []
+    for value, g in groups.items():
+        obs = g.get(rule.stat)
+        scope = f"{rule.attribute}={value}"
+        if not _finite(obs):
+            checks.append(Check(rule.label, scope, "ERROR", None, expected, f"no {rule.stat} for this group"))
+            continue
+        assert rule.op is not None and rule.value is not None
+        ok = OPS[rule.op](float(obs), rule.value)
+        checks.append(Check(rule.label, scope, _status(ok, rule), float(obs), expected, f"n = {g.get('n')}"))
+    return checks
+
+
+def _baseline_check(rule: Rule, scope: str, obs: Any, ref: Any) -> Check:
+    expected = f"drop <= {rule.max_drop}" if rule.max_drop is not None else f"rise <= {rule.max_rise}"
+    if not (_finite(obs) and _finite(ref)):
+        msg = f"{rule.metric} {rule.stat} is missing in the run or the baseline (no masks, or not configured?)"
+        return Check(rule.label, scope, "ERROR", None, expected, msg)
+    change = float(ref) - float(obs) if rule.max_drop is not None else float(obs) - float(ref)
+    limit = rule.max_drop if rule.max_drop is not None else rule.max_rise
+    assert limit is not None
+    msg = f"baseline {float(ref):.4f}, now {float(obs):.4f}"
+    return Check(rule.label, scope, _status(change <= limit + 1e-12, rule), round(change, 6), expected, msg)
+
+
+def _metric_checks(rule: Rule, summary: dict[str, Any], baseline: Baseline) -> list[Check]:
+    assert rule.metric is not None
+    checks = []
+    for method, cls in _scopes(rule, summary):
+        scope = f"{method}/{rule.target}/{cls}"
+        obs = _stat(summary, method, rule.target, cls, rule.metric, rule.stat)
+        if rule.kind == "baseline_metric":
+            if baseline is None:
+                expected = f"drop <= {rule.max_drop}" if rule.max_drop is not None else f"rise <= {rule.max_rise}"
+                checks.append(Check(rule.label, scope, "SKIPPED", None, expected, "no --baseline given"))
+            else:
+                ref = _stat(baseline[0], method, rule.target, cls, rule.metric, rule.stat)
+                checks.append(_baseline_check(rule, scope, obs, ref))
+            continue
+        assert rule.op is not None and rule.value is not None
+        expected = f"{rule.op} {rule.value}"
+        if not _finite(obs):
+            msg = f"{rule.metric} {rule.stat} could not be computed for this scope (no masks, or not configured?)"
+            checks.append(Check(rule.label, scope, "ERROR", None, expected, msg))
+            continue
+        ok = OPS[rule.op](float(obs), rule.value)
+        checks.append(Check(rule.label, scope, _status(ok, rule), float(obs), expected, ""))
+    return checks
+
+
 def evaluate(
     rules: list[Rule],
     summary: dict[str, Any],
     flags: list[dict[str, Any]],
-    baseline: tuple[dict[str, Any], list[dict[str, Any]]] | None = None,
+    baseline: Baseline = None,
 ) -> list[Check]:
-    """Evaluate every rule on every scope."""
+    """Evaluate every rule on every scope; the worst statuses first."""
     checks: list[Check] = []
     for rule in rules:
-        label = rule.label
         if rule.kind in ("flags", "new_flags"):
-            filt = rule.flags if rule.kind == "flags" else rule.new_flags
-            assert filt is not None and rule.max is not None
-            if rule.kind == "new_flags" and baseline is None:
-                checks.append(Check(label, "*", "SKIPPED", None, f"<= {rule.max}", "no --baseline given"))
-                continue
-            known = {f["id"] for f in baseline[1]} if baseline and rule.kind == "new_flags" else set()
-            hits = [f for f in flags if filt.matches(f) and f["id"] not in known]
-            ok = len(hits) <= rule.max
-            msg = "; ".join(f"[{f['severity']}] {f['message']}" for f in hits[:5]) or "none"
-            checks.append(Check(label, "*", _status(ok, rule), len(hits), f"<= {rule.max}", msg))
-            continue
-        if rule.kind == "group":
-            groups = summary.get("groups", {}).get(rule.attribute or "")
-            if not groups:
-                checks.append(
-                    Check(
-                        label,
-                        str(rule.attribute),
-                        "ERROR",
-                        None,
-                        f"{rule.op} {rule.value}",
-                        f"the run has no metadata attribute {rule.attribute!r}",
-                    )
-                )
-                continue
-            for value, g in groups.items():
-                obs = g.get(rule.stat)
-                scope = f"{rule.attribute}={value}"
-                if not _finite(obs):
-                    checks.append(
-                        Check(label, scope, "ERROR", None, f"{rule.op} {rule.value}", f"no {rule.stat} for this group")
-                    )
-                    continue
-                assert rule.op is not None and rule.value is not None
-                ok = OPS[rule.op](float(obs), rule.value)
-                checks.append(
-                    Check(label, scope, _status(ok, rule), float(obs), f"{rule.op} {rule.value}", f"n = {g.get('n')}")
-                )
-            continue
-        assert rule.metric is not None
-        for method, cls in _scopes(rule, summary):
-            scope = f"{method}/{rule.target}/{cls}"
-            obs = _stat(summary, method, rule.target, cls, rule.metric, rule.stat)
-            if rule.kind == "baseline_metric":
-                expected = f"drop <= {rule.max_drop}" if rule.max_drop is not None else f"rise <= {rule.max_rise}"
-                if baseline is None:
-                    checks.append(Check(label, scope, "SKIPPED", None, expected, "no --baseline given"))
-                    continue
-                ref = _stat(baseline[0], method, rule.target, cls, rule.metric, rule.stat)
-                if not (_finite(obs) and _finite(ref)):
-                    checks.append(
-                        Check(
-                            label,
-                            scope,
-                            "ERROR",
-                            None,
-                            expected,
-                            f"{rule.metric} {rule.stat} is missing in the run or the baseline (no masks, "
-                            "or not configured?)",
-                        )
-                    )
-                    continue
-                change = float(ref) - float(obs) if rule.max_drop is not None else float(obs) - float(ref)
-                limit = rule.max_drop if rule.max_drop is not None else rule.max_rise
-                assert limit is not None
-                checks.append(
-                    Check(
-                        label,
-                        scope,
-                        _status(change <= limit + 1e-12, rule),
-                        round(change, 6),
-                        expected,
-                        f"baseline {float(ref):.4f}, now {float(obs):.4f}",
-                    )
-                )
-                continue
-            assert rule.op is not None and rule.value is not None
-            expected = f"{rule.op} {rule.value}"
-            if not _finite(obs):
-                checks.append(
-                    Check(
-                        label,
-                        scope,
-                        "ERROR",
-                        None,
-                        expected,
-                        f"{rule.metric} {rule.stat} could not be computed for this scope (no masks, or "
-                        "not configured?)",
-                    )
-                )
-                continue
-            checks.append(
-                Check(label, scope, _status(OPS[rule.op](float(obs), rule.value), rule), float(obs), expected, "")
-            )
+            checks += _flag_checks(rule, flags, baseline)
+        elif rule.kind == "group":
+            checks += _group_checks(rule, summary)
+        else:
+            checks += _metric_checks(rule, summary, baseline)
     return sorted(checks, key=lambda c: STATUS_ORDER.index(c.status))
+
+
+def verdict(checks: list[Check]) -> str:
+    """``fail`` (a FAIL or ERROR), ``warn`` (a WARN) or ``pass``: the report's headline uses the gate's own rules."""
+    statuses = {c.status for c in checks}
+    return "fail" if statuses & {"FAIL", "ERROR"} else "warn" if "WARN" in statuses else "pass"
 
 
 def passed(checks: list[Check]) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,21 +18,22 @@ from torch import Tensor, nn
 from auditor.cams import compute_cams
 from auditor.cams.core import layer_pass, model_state, resolve_layer
 from auditor.errors import MethodNotApplicableError
-from auditor.store import atomic_write_bytes
+from auditor.run.rundir import DEEPDIVE, RunDir, atomic_write_bytes
+from auditor.shortcuts.flags import Flag
+from auditor.shortcuts.registry import evidence_ids
 
 DEEP_DIVE = 6
 CHANNELS = 8
 
 
-def pick_samples(flags: list[dict[str, Any]], limit: int = DEEP_DIVE) -> list[str]:
+def pick_samples(flags: list[Flag], limit: int = DEEP_DIVE) -> list[str]:
     """Sample ids named in the evidence of the most severe flags (flags are already ordered)."""
     chosen: list[str] = []
     for f in flags:
-        for key in ("worst_ids", "error_ids", "ids", "prototype_ids"):
-            for sid in f["evidence"].get(key) or []:
-                if isinstance(sid, str) and sid not in chosen:
-                    chosen.append(sid)
-                    break  # one sample per flag first, so several findings are covered
+        # one sample per flag first, so several findings are covered
+        new = next((sid for sid in evidence_ids(f) if sid not in chosen), None)
+        if new is not None:
+            chosen.append(new)
         if len(chosen) >= limit:
             break
     return chosen[:limit]
@@ -67,7 +67,9 @@ def compute(
     return out
 
 
-def save(root: Path, ids: Sequence[str], rows: Sequence[int], arrays: dict[str, np.ndarray], layer: str | None) -> None:
+def save(
+    rundir: RunDir, ids: Sequence[str], rows: Sequence[int], arrays: dict[str, np.ndarray], layer: str | None
+) -> None:
     """Write ``maps/deepdive.npz`` and ``deepdive.json``."""
     import io
 
@@ -75,14 +77,14 @@ def save(root: Path, ids: Sequence[str], rows: Sequence[int], arrays: dict[str, 
     kept: dict[str, Any] = {k: v for k, v in arrays.items() if not k.startswith("_note_")}
     buf = io.BytesIO()
     np.savez_compressed(buf, **kept)
-    atomic_write_bytes(root / "maps" / "deepdive.npz", buf.getvalue())
+    atomic_write_bytes(rundir.deepdive_arrays_path, buf.getvalue())
     meta = {"ids": list(ids), "rows": [int(r) for r in rows], "layer": layer, "arrays": sorted(kept), "notes": notes}
-    atomic_write_bytes(root / "deepdive.json", json.dumps(meta, indent=2).encode())
+    rundir.write_bytes(DEEPDIVE, json.dumps(meta, indent=2).encode())
 
 
 def run_deepdive(
-    root: Path,
-    flags: list[dict[str, Any]],
+    rundir: RunDir,
+    flags: list[Flag],
     table: Any,
     model: nn.Module,
     load: Callable[[Sequence[int]], Tensor],
@@ -101,5 +103,5 @@ def run_deepdive(
     targets = torch.tensor([class_index[first.loc[i, "label"]] for i in ids])
     images = load(rows)
     arrays = compute(model, images, targets.to(images.device), layer, scripted, occlusion)
-    save(root, ids, rows, arrays, layer)
+    save(rundir, ids, rows, arrays, layer)
     return ids

@@ -1,4 +1,4 @@
-"""Small images for HTML pages: thumbnails and map overlays as inline PNG data URIs (no files, no network)."""
+"""HTML pages: the jinja2 environment, thumbnails and map overlays as inline data URIs (no network, no torch)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,25 @@ import base64
 import io
 from pathlib import Path
 
+import jinja2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from auditor.data import decode_image
+from auditor.io.images import decode_image
+from auditor.ops import minmax, resize_bilinear
+
+TEMPLATES = Path(__file__).with_name("templates")
 
 # A perceptually ordered colormap (viridis anchors), interpolated to 256 entries.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 COLORMAP = np.stack([np.interp(np.linspace(0, 4, 256), np.arange(5), _ANCHORS[:, c]) for c in range(3)], 1)
+
+
+def environment() -> jinja2.Environment:
+    """The jinja2 environment of every auditor page: autoescape on, undefined names are errors."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
+    )
 
 
 def thumbnail(path: Path, size: int = 128) -> np.ndarray:
@@ -24,16 +33,14 @@ def thumbnail(path: Path, size: int = 128) -> np.ndarray:
         pixels = decode_image(Path(path).read_bytes())
     except (OSError, ValueError, SyntaxError):
         return np.full((size, size, 3), 128, np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return (t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    rgb = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def overlay(image: np.ndarray, low_res: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """The map (bilinearly upsampled, divided by its maximum for display) blended over ``image``."""
     size = image.shape[:2]
-    t = torch.from_numpy(np.nan_to_num(np.asarray(low_res, np.float32)))[None, None]
-    m = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].clamp_min(0).numpy()
+    m = np.clip(resize_bilinear(np.nan_to_num(np.asarray(low_res, np.float32)), size), 0, None)
     peak = float(m.max())
     m = m / peak if peak > 0 else m
     colour = COLORMAP[(m * 255).astype(np.int64)]
@@ -49,8 +56,5 @@ def data_uri(image: np.ndarray, fmt: str = "PNG") -> str:
 
 def grey(values: np.ndarray, size: int) -> np.ndarray:
     """A ``[h, w]`` array min-max scaled to a ``[size, size, 3]`` grey image (bilinear)."""
-    t = torch.from_numpy(np.nan_to_num(np.asarray(values, np.float32)))[None, None]
-    g = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-    lo, hi = float(g.min()), float(g.max())
-    g = (g - lo) / (hi - lo) if hi > lo else np.zeros_like(g)
+    g = minmax(resize_bilinear(np.nan_to_num(np.asarray(values, np.float32)), (size, size)), (0, 1))
     return np.repeat((g * 255).astype(np.uint8)[:, :, None], 3, axis=2)

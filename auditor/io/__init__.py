@@ -1,0 +1,1 @@
+"""Inputs: sample sources and pixel decoding (no torch), the torch dataset, and model loading."""

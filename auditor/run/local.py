@@ -1,0 +1,190 @@
+"""The local driver: set-up, the map stage over every batch in this process, the flagged second pass, reduce.
+
+A killed run restarted with the same command resumes from its last committed batch and ends with
+identical ``samples.parquet``, ``maps/`` and aggregates. Data loading runs in the DataLoader's workers
+(``workers``); on CUDA, batches come in pinned memory and are copied with ``non_blocking``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from auditor.cams import CAMS
+from auditor.config import AuditConfig
+from auditor.errors import DataError
+from auditor.io.dataset import collate
+from auditor.run import flagged, mapstage
+from auditor.run.mapstage import MapSpec, map_batch
+from auditor.run.progress import Progress
+from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
+from auditor.run.rundir import FLAGGED, MAIN
+from auditor.run.schema import Summary
+from auditor.run.setup import Plan, Selection, plan_run
+from auditor.shortcuts.registry import run_analyses
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    """Seconds per stage, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    def since(self, key: str, start: float) -> float:
+        now = time.perf_counter()
+        self.add(key, now - start)
+        return now
+
+
+def map_spec(plan: Plan) -> MapSpec:
+    """The main pass's spec: the configured expensive subset; counterfactuals on the stratified subset."""
+    mode = plan.cfg.expensive.subset
+    expensive = flagged.initial_subset(mode, plan.stratified)
+    mean_std = plan.cfg.data.mean_std()
+    return MapSpec(
+        cfg=plan.cfg,
+        model=plan.loaded.module,
+        device=plan.device,
+        samples=plan.samples,
+        classes=plan.classes,
+        methods=plan.methods,
+        metrics=plan.cfg.metric_names(),
+        layer=plan.cfg.model.target_layer,
+        expensive=expensive,
+        probe=expensive if mode == "all" else plan.stratified,
+        mean=torch.tensor(mean_std[0], device=plan.device) if mean_std else None,
+        std=torch.tensor(mean_std[1], device=plan.device) if mean_std else None,
+        chunk=plan.chunk,
+    )
+
+
+def run_batches(
+    plan: Plan,
+    spec: MapSpec,
+    numbers: list[int],
+    batches: list[list[int]],
+    kind: str,
+    bar: Progress | None,
+    timer: Timer,
+) -> int:
+    """Map ``batches`` (sample rows) and commit each as part ``kind``-``number``; returns the images done."""
+    loader = torch.utils.data.DataLoader(
+        plan.dataset,
+        batch_sampler=batches,
+        num_workers=plan.cfg.workers,
+        collate_fn=collate,
+        pin_memory=plan.device.type == "cuda",
+        persistent_workers=False,
+    )
+    t = time.perf_counter()
+    processed = 0
+    for b, batch in zip(numbers, loader, strict=True):
+        t = timer.since("data_wait", t)
+        out = map_batch(spec, batch)
+        for key, seconds in out.seconds.items():
+            timer.add(key, seconds)
+        t = timer.since("compute", t)
+        if kind == MAIN:
+            rows = plan.samples
+            plan.store.write_events(
+                b,
+                {
+                    "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in batch["skipped"]],
+                    "warnings": [{"row": i, "path": str(rows[i].path), "warning": w} for i, w in batch["warnings"]],
+                },
+            )
+        mapstage.commit(plan.store, out, b, kind)
+        t = timer.since("write", t)
+        processed += out.images
+        if bar is not None:
+            bar.update(len(batch["index"]) + len(batch["skipped"]))
+    return processed
+
+
+def _main_pass(plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None) -> int:
+    bs, n = plan.cfg.batch_size, len(plan.samples)
+    done = plan.store.done_batches()
+    pending = [b for b in range(plan.n_batches) if b not in done]
+    batches = [list(range(b * bs, min((b + 1) * bs, n))) for b in pending]
+    bar = Progress(plan.n_batches, len(done), n, progress)
+    processed = run_batches(plan, spec, pending, batches, MAIN, bar, timer)
+    bar.close()
+    return processed
+
+
+def _flagged_pass(plan: Plan, spec: MapSpec, table: Any, timer: Timer, progress: bool | None) -> tuple[MapSpec, Any]:
+    """``expensive.subset: flagged``: re-run the samples behind the cheap pass's flags with every method."""
+    chosen = flagged.saved_choice(plan.store)
+    if chosen is None:
+        cheap = [m for m in plan.methods if not CAMS[m].expensive]
+        _, flags = run_analyses(analysis_inputs(plan, table, cheap or plan.methods, None))
+        chosen = flagged.select_flagged(flags, table, spec.probe, plan.cfg.expensive.per_class)
+        flagged.write_choice(plan.store, chosen)
+    second = flagged.flagged_spec(spec, chosen)
+    rows, bs = list(chosen), plan.cfg.batch_size
+    batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
+    done = plan.store.done_batches(FLAGGED)
+    pending = [b for b in range(len(batches)) if b not in done]
+    if rows:
+        n_flags = len({f for v in chosen.values() for f in v})
+        log.info("expensive methods and metrics on %d samples behind %d flag(s)", len(rows), n_flags)
+    bar = Progress(len(batches), len(done), len(rows), progress) if batches else None
+    run_batches(plan, second, pending, [batches[b] for b in pending], FLAGGED, bar, timer)
+    if bar is not None:
+        bar.close()
+    return second, plan.store.consolidate(plan.n_batches, len(batches), keep=("cf_",))
+
+
+def run_audit(
+    cfg: AuditConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    selection: Selection | None = None,
+    progress: bool | None = None,
+) -> Summary:
+    """Run (or resume) an audit into ``out`` and return the summary (also written to ``summary.json``).
+
+    Args:
+        cfg: validated configuration.
+        out: output directory; an unfinished run there is resumed, a finished one needs ``force``.
+        force: delete a previous run's files in ``out`` first.
+        selection: ``--limit`` / ``--per-class`` / ``--only-classes`` restrictions.
+        progress: tqdm bar (True), periodic log lines (False), or auto (a bar on a terminal).
+    """
+    started = time.perf_counter()
+    plan = plan_run(cfg, out, force=force, selection=selection or Selection())
+    spec = map_spec(plan)
+    timer = Timer()
+    processed = _main_pass(plan, spec, timer, progress)
+    main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
+    table = plan.store.consolidate(plan.n_batches)
+    if table.empty:
+        raise DataError("no image could be audited: every sample was skipped (see parts/events-*.json)")
+    if plan.cfg.expensive.subset == "flagged":
+        start = time.perf_counter()
+        spec, table = _flagged_pass(plan, spec, table, timer, progress)
+        timer.since("flagged_pass", start)
+    flagged.write_expensive(plan.store, spec, table, plan.cfg.expensive.subset, plan.cfg.expensive.per_class)
+    summary = reduce_run(plan, spec, table, timer.seconds)
+    summary["timings"] = {
+        **{k: round(v, 3) for k, v in sorted(timer.seconds.items())},
+        "total_s": round(time.perf_counter() - started, 3),
+        "images_this_session": processed,
+        # the main pass only: the flagged pass re-runs a few samples with the expensive methods
+        "images_per_s_this_session": round(processed / max(main_pass, 1e-9), 2),
+    }
+    write_summary(plan, summary)
+    return summary
+
+
+__all__ = ["Selection", "run_audit"]

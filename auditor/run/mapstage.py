@@ -1,0 +1,335 @@
+"""The map stage: one batch of samples -> its rows of ``samples.parquet``, low-res maps and curves.
+
+:func:`map_batch` reads nothing but its arguments and writes nothing: it returns a :class:`BatchOutput`
+that a driver commits to the run directory (:func:`commit`). The local loop calls it today; shard and
+Ray drivers call the same function. Per batch: one forward (+ one backward to the target layer) for the
+cheap methods, chunked forwards for the perturbation methods on the ``expensive`` subset, metrics on the
+upsampled maps, and the per-sample probes of the shortcut analyses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from auditor.cams import CAMS, CamResult, compute_cams
+from auditor.config import AuditConfig
+from auditor.io.sources import SampleSpec
+from auditor.metrics import METRICS, MetricInputs
+from auditor.ops import to_pixels
+from auditor.run.rundir import RunStore, map_key
+from auditor.shortcuts.probes import counterfactuals, image_properties, mask_grid
+
+PIXEL_STORE = 64  # pixel-space maps (occlusion, RISE, guided) are stored average-pooled to at most 64 x 64
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """Everything the map stage reads; immutable, so a second pass is a new spec, never a mutation.
+
+    Attributes:
+        cfg: the run's configuration (options, seed, target, mixed precision).
+        model: the classifier in eval mode.
+        device: where the model runs.
+        samples: every sample of the run (rows index it).
+        classes: class names in model output order.
+        methods: resolved method names.
+        metrics: resolved metric names.
+        layer: target layer name (None: auto).
+        expensive: ``[n]`` bool, the samples that get the expensive methods and metrics.
+        probe: ``[n]`` bool, the samples that get the counterfactual forwards.
+        mean, std: ``[3]`` input normalization or None.
+        chunk: images per forward inside methods and metrics.
+    """
+
+    cfg: AuditConfig
+    model: nn.Module
+    device: torch.device
+    samples: list[SampleSpec]
+    classes: list[str]
+    methods: list[str]
+    metrics: list[str]
+    layer: Any
+    expensive: np.ndarray
+    probe: np.ndarray
+    mean: Tensor | None
+    std: Tensor | None
+    chunk: int
+
+
+@dataclass
+class BatchOutput:
+    """What one batch produced, before it is committed.
+
+    Attributes:
+        frame: the batch's rows of ``samples.parquet``.
+        maps: ``{map_key: (rows [k], float16 maps [k, h, w])}``.
+        curves: ``{(curve, map_key): (rows [k], float32 curves [k, steps])}``.
+        objects: ``(rows [k], float16 object grids [k, 32, 32])`` or None.
+        images: images audited (skipped files excluded).
+        seconds: time per stage.
+    """
+
+    frame: pd.DataFrame
+    maps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    objects: tuple[np.ndarray, np.ndarray] | None = None
+    images: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def tick(self, key: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - start
+        return now
+
+
+def commit(store: RunStore, out: BatchOutput, batch: int, kind: str) -> None:
+    """Write a batch's maps, curves and object grids, then (atomically, last) its parquet part."""
+    for key, (rows, values) in out.maps.items():
+        store.maps(key, tuple(values.shape[1:]))[rows] = values
+    for (curve, key), (rows, values) in out.curves.items():
+        store.curves(curve, key, tuple(values.shape[1:]))[rows] = values
+    if out.objects is not None:
+        rows, values = out.objects
+        store.objects(tuple(values.shape[1:]))[rows] = values
+    store.write_part(batch, out.frame, kind)
+
+
+def _low_res(low: Tensor) -> np.ndarray:
+    if low.shape[-1] > PIXEL_STORE:
+        low = torch.nn.functional.adaptive_avg_pool2d(low[:, None], PIXEL_STORE)[:, 0]
+    return low.detach().cpu().numpy().astype(np.float16)
+
+
+@dataclass
+class _Batch:
+    """One batch on the device, with what every step of :func:`map_batch` shares."""
+
+    raw: dict[str, Any]
+    idx: Tensor
+    images: Tensor
+    labels: Tensor
+    out: BatchOutput
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.idx.numpy()
+
+
+def _metric_inputs(
+    spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, base: Tensor | None
+) -> Callable[[Tensor], MetricInputs]:
+    """A function ``pick -> MetricInputs`` over the positions ``sel`` of the batch."""
+    masks = (b.raw["mask"].to(spec.device) & b.raw["has_mask"].to(spec.device)[:, None, None])[sel]
+    boxes = [b.raw["boxes"][i].to(spec.device) for i in sel.tolist()]
+
+    def make(pick: Tensor) -> MetricInputs:
+        return MetricInputs(
+            maps=maps[pick],
+            masks=masks[pick],
+            boxes=[boxes[i] for i in pick.tolist()],
+            scale=b.raw["scale"][sel][pick].to(spec.device),
+            model=spec.model,
+            images=b.images[sel][pick],
+            targets=targets[pick],
+            mean=spec.mean,
+            std=spec.std,
+            batch_size=spec.chunk,
+            seed=spec.cfg.seed,
+            mixed_precision=spec.cfg.mixed_precision,
+            cache={} if base is None else {"base_probs": base[pick]},
+        )
+
+    return make
+
+
+def _metric_columns(
+    spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, key: str, base: Tensor | None
+) -> dict[str, np.ndarray]:
+    """Every configured metric for the maps of ``sel`` (positions in the batch); NaN where not computed.
+
+    ``base`` (``[len(sel)]``, the explained class's probability on the unperturbed images, from the CAM
+    pass's own forward) spares the faithfulness metrics one forward per image and method. Curves go to
+    ``b.out.curves``.
+    """
+    n = int(sel.numel())
+    rows = b.rows[sel.numpy()]
+    make = _metric_inputs(spec, b, maps, sel, targets, base)
+    every = torch.arange(n)
+    subset = torch.from_numpy(spec.expensive[rows]).nonzero().flatten()
+    inputs = {"all": make(every), "subset": make(subset) if subset.numel() else None}
+    any_mask = bool(b.raw["has_mask"][sel].any())
+    cols: dict[str, np.ndarray] = {}
+    for name in spec.metrics:
+        metric = METRICS[name]
+        pick, given = (subset, inputs["subset"]) if metric.expensive else (every, inputs["all"])
+        if (metric.needs == "mask" and not any_mask) or given is None:
+            cols[name] = np.full(n, np.nan)
+            continue
+        start = time.perf_counter()
+        result = metric(given, **spec.cfg.metric_options.get(name, {}))
+        b.out.tick(f"metric:{name}", start)
+        undeclared = set(result.extras) - set(metric.outputs())
+        if undeclared:  # the registry is the one list of columns: aggregates and compare read it
+            raise RuntimeError(f"metric {name!r} returned undeclared outputs {sorted(undeclared)}; declare them")
+        for col, values in [(name, result.value), *result.extras.items()]:
+            v = values.detach().float().cpu().numpy()
+            if v.ndim == 2:  # a curve: kept in curves/, not in the table
+                b.out.curves[(col, key)] = (rows[pick.numpy()], v)
+                continue
+            full = np.full(n, np.nan)
+            full[pick.numpy()] = v
+            cols[col] = full
+    return cols
+
+
+def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
+    """Per-sample inputs of the shortcut analyses: image properties, object grid, counterfactual predictions."""
+    start = time.perf_counter()
+    pixels = to_pixels(b.images, spec.mean, spec.std)
+    out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
+    masks = b.raw["mask"].to(spec.device)
+    usable = b.raw["has_mask"].to(spec.device) & masks.flatten(1).any(1)
+    # Counterfactual forwards (3 per image) run on a stratified subset: per-class rates need tens of images.
+    in_subset = torch.from_numpy(spec.probe[b.rows]).to(spec.device)
+    if bool(usable.any()):
+        keep = usable.cpu().numpy()
+        b.out.objects = (b.rows[keep], mask_grid(masks[usable]).cpu().numpy().astype(np.float16))
+    cf = counterfactuals(spec.model, b.images, masks, b.labels, usable & in_subset)
+    for key, value in cf.items():
+        v = value.numpy()
+        if key.endswith(("_pred", "_label")):
+            out[key] = np.array([spec.classes[int(c)] if c >= 0 else "" for c in v], dtype=object)
+        else:
+            out[key] = v.astype(np.float64)
+    b.out.tick("probes", start)
+    return out
+
+
+@dataclass(frozen=True)
+class _Explained:
+    """The model's outputs on the batch and one explained target's choice of samples."""
+
+    probs: Tensor
+    preds: Tensor
+    target: str
+    targets: Tensor
+    sel: Tensor
+
+
+def _rows(
+    spec: MapSpec, b: _Batch, e: _Explained, sel: Tensor, method: str, valid: Tensor, cols: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    rows = b.rows[sel.numpy()]
+    specs = [spec.samples[i] for i in rows.tolist()]
+    s = sel.tolist()
+    data: dict[str, Any] = {
+        "row": rows.astype(np.int64),
+        "id": [sp.id for sp in specs],
+        "path": [str(sp.path) for sp in specs],
+        "label": [spec.classes[int(b.labels[i])] for i in s],
+        "pred": [spec.classes[int(e.preds[i])] for i in s],
+        "prob": e.probs.max(1).values[sel].cpu().numpy().astype(np.float64),
+        "correct": (e.preds[sel] == b.labels[sel]).cpu().numpy(),
+        "method": method,
+        "target": e.target,
+        "target_class": [spec.classes[int(c)] for c in e.targets[sel].tolist()],
+        "target_prob": e.probs.gather(1, e.targets[:, None])[:, 0][sel].cpu().numpy().astype(np.float64),
+        "map_valid": valid.cpu().numpy(),
+        "expensive": spec.expensive[rows],
+        "mask_source": [b.raw["mask_source"][i] for i in s],
+        "sha1": [b.raw["sha1"][i] for i in s],
+    }
+    data.update(cols)
+    for k in sorted({k for sp in specs for k in sp.metadata}):
+        data[k] = [sp.metadata.get(k, "") for sp in specs]
+    return pd.DataFrame(data)
+
+
+def _cams(spec: MapSpec, b: _Batch, methods: list[str], sel: Tensor, targets: Tensor) -> CamResult:
+    start = time.perf_counter()
+    res = compute_cams(
+        spec.model,
+        b.images[sel],
+        targets[sel],
+        methods=methods,
+        layer=spec.layer,
+        options={m: spec.cfg.method_options.get(m, {}) for m in methods},
+        batch_size=spec.chunk,
+        mixed_precision=spec.cfg.mixed_precision,
+    )
+    b.out.tick("cams", start)
+    return res
+
+
+def _plans(spec: MapSpec, labels: Tensor, preds: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+    """``(target name, target classes [B], positions explained)`` for the configured ``target``."""
+    every = torch.arange(labels.numel())
+    plans: list[tuple[str, Tensor, Tensor]] = []
+    if spec.cfg.target in ("label", "both"):
+        plans.append(("label", labels, every))
+    if spec.cfg.target == "prediction":
+        plans.append(("prediction", preds, every))
+    if spec.cfg.target == "both":
+        plans.append(("prediction", preds, (preds != labels).nonzero().flatten().cpu()))
+    return plans
+
+
+def _explain(
+    spec: MapSpec, b: _Batch, e: _Explained, methods: list[str], sel: Tensor, res: CamResult, per_sample: dict
+) -> list[pd.DataFrame]:
+    """Maps, metric columns and rows of ``methods`` for the positions ``sel``."""
+    # Under autocast the metrics' forwards are low precision: their base probability must be too.
+    base = None if spec.cfg.mixed_precision else e.probs[sel].gather(1, e.targets[sel, None])[:, 0]
+    frames = []
+    for m in methods:
+        out = res[m]
+        assert out.maps is not None  # compute_cams upsamples by default
+        key = map_key(m, e.target)
+        b.out.maps[key] = (b.rows[sel.numpy()], _low_res(out.low_res))
+        cols = _metric_columns(spec, b, out.maps, sel, e.targets[sel], key, base)
+        cols |= {k: v[sel.numpy()] for k, v in per_sample.items()}
+        frames.append(_rows(spec, b, e, sel, m, out.valid, cols))
+    return frames
+
+
+def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
+    """CAMs, metrics and probes for one collated batch (``auditor.io.dataset.collate``) -> :class:`BatchOutput`."""
+    t = time.perf_counter()
+    idx: Tensor = batch["index"]
+    out = BatchOutput(pd.DataFrame(), images=int(idx.numel()))
+    if idx.numel() == 0:
+        return out
+    images = batch["image"].to(spec.device, non_blocking=True)
+    labels = torch.tensor([spec.samples[i].label for i in idx.tolist()], device=spec.device)
+    b = _Batch(batch, idx, images, labels, out)
+    cheap = [m for m in spec.methods if not CAMS[m].expensive]
+    costly = [m for m in spec.methods if CAMS[m].expensive]
+    first = _cams(spec, b, cheap, torch.arange(idx.numel()), labels) if cheap else None
+    if first is not None:
+        logits = first.logits
+    else:
+        with torch.no_grad():
+            logits = spec.model(images).float()
+    probs, preds = logits.softmax(1), logits.argmax(1)
+    per_sample = _probes(spec, b)
+    exp_rows = torch.from_numpy(spec.expensive[b.rows])
+    frames: list[pd.DataFrame] = []
+    for tname, tvec, sel in _plans(spec, labels, preds):
+        e = _Explained(probs, preds, tname, tvec, sel)
+        for methods, rows_sel in ((cheap, sel), (costly, sel[exp_rows[sel]])):
+            if not methods or rows_sel.numel() == 0:
+                continue
+            reuse = first is not None and tname == "label" and methods is cheap
+            res = first if reuse and first is not None else _cams(spec, b, methods, rows_sel, tvec)
+            frames += _explain(spec, b, e, methods, rows_sel, res, per_sample)
+    out.frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    out.tick("batch_total", t)
+    return out

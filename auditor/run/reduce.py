@@ -1,0 +1,144 @@
+"""The reduce stage: committed parts + the model -> aggregates, sanity, analyses, interventions, flags, the
+summary, the deep dive and the report.
+
+It reads only the run directory and the :class:`~auditor.run.setup.Plan` (for the model and the images
+the interventions and the deep dive reload), so any driver (local, shards, Ray) ends with it.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+import torchvision
+import yaml
+from torch import Tensor
+
+from auditor import __version__
+from auditor.cams import CAMS
+from auditor.config import dump_resolved
+from auditor.metrics.registry import metric_columns
+from auditor.ops import from_pixels, to_pixels
+from auditor.run import aggregate, sanity
+from auditor.run.deepdive import run_deepdive
+from auditor.run.mapstage import MapSpec
+from auditor.run.rundir import FLAGS, SUMMARY, RunDir
+from auditor.run.schema import SCHEMA_VERSION, Summary
+from auditor.run.setup import Plan
+from auditor.shortcuts.flags import Flag, flags_file
+from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
+
+
+def intervener(plan: Plan) -> Intervener:
+    """Model access for interventions: reload images by row, convert between pixels and model inputs."""
+    mean_std = plan.cfg.data.mean_std()
+    mean = torch.tensor(mean_std[0], device=plan.device) if mean_std else None
+    std = torch.tensor(mean_std[1], device=plan.device) if mean_std else None
+
+    def load(rows: Sequence[int]) -> Tensor:
+        return torch.stack([plan.dataset[int(r)]["image"] for r in rows]).to(plan.device)
+
+    return Intervener(plan.loaded.module, load, lambda x: to_pixels(x, mean, std), lambda x: from_pixels(x, mean, std))
+
+
+def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -> list[str]:
+    """Methods whose maps support claims: class-sensitive, not pixel-space (guided) methods, with stored maps."""
+    return [m for m in methods if CAMS[m].class_sensitive and CAMS[m].family != "pixel" and rundir.has_maps(m, target)]
+
+
+def analysis_inputs(plan: Plan, table: pd.DataFrame, methods: Sequence[str], mprt: dict | None) -> AnalysisInputs:
+    """What the analyses read; the explained target is the label unless the run only explained predictions."""
+    target = "label" if (table["target"] == "label").any() else str(table["target"].iloc[0])
+    return AnalysisInputs(
+        table=table[table["target"] == target],
+        target=target,
+        methods=map_methods(methods, plan.store, target),
+        classes=plan.classes,
+        metadata=plan.metadata,
+        rundir=plan.store,
+        thresholds=plan.cfg.thresholds,
+        seed=plan.cfg.seed,
+        mprt=mprt,
+    )
+
+
+def _header(plan: Plan, spec: MapSpec) -> Summary:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "versions": {
+            "auditor": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        },
+        "config": yaml.safe_load(dump_resolved(plan.cfg.model_copy(update={"methods": plan.methods}))),
+        "run": {
+            "model": plan.loaded.description,
+            "device": str(plan.device),
+            "layer": plan.cfg.model.target_layer,
+            "limit": plan.selection.limit,
+            "per_class": plan.selection.per_class,
+            "only_classes": plan.selection.only_classes,
+            "expensive_samples": int(spec.expensive.sum()),
+            "memory_format": plan.memory_format,
+        },
+    }
+
+
+def _deep_dive(plan: Plan, flags: list[Flag], table: pd.DataFrame) -> list[str]:
+    window = max(4, plan.cfg.data.image_size // 8)
+    return run_deepdive(
+        plan.store,
+        flags,
+        table,
+        plan.loaded.module,
+        intervener(plan).load,
+        {c: i for i, c in enumerate(plan.classes)},
+        plan.layer,
+        plan.loaded.scripted,
+        {"window": window, "stride": max(2, window // 2)},
+    )
+
+
+def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str, float]) -> Summary:
+    """Everything dataset-level, written to ``summary.json`` and ``flags.json``; returns the summary.
+
+    ``seconds`` collects stage timings (``analyses``, ``deep_dive``); the caller adds them to the summary.
+    """
+    first = aggregate.first_rows(table)
+    columns = metric_columns(spec.metrics)
+    summary = _header(plan, spec)
+    summary["dataset"] = aggregate.dataset_info(
+        first, plan.store.events(plan.n_batches), plan.classes, len(plan.samples)
+    )
+    summary["metric_columns"] = columns
+    summary["accuracy"] = aggregate.accuracy(first, plan.classes, plan.cfg.seed)
+    summary["aggregates"] = aggregate.aggregates(table, plan.store, plan.classes, list(columns), plan.cfg.seed)
+    summary["groups"] = aggregate.groups(first, plan.metadata)
+    summary["analyses"], summary["sanity"] = {}, None
+    if plan.cfg.sanity is not None and not plan.loaded.scripted:
+        summary["sanity"] = {
+            "mprt": sanity.run_mprt(plan, first),
+            "agreement": sanity.agreement(plan.store, table, plan.methods),
+        }
+    start = time.perf_counter()
+    inputs = analysis_inputs(plan, table, plan.methods, summary["sanity"]["mprt"] if summary["sanity"] else None)
+    inputs.intervener = intervener(plan)
+    summary["analyses"], flags = run_analyses(inputs)
+    seconds["analyses"] = time.perf_counter() - start
+    plan.store.write_json(FLAGS, flags_file(flags))
+    start = time.perf_counter()
+    summary["deep_dive"] = _deep_dive(plan, flags, table)
+    seconds["deep_dive"] = time.perf_counter() - start
+    return summary
+
+
+def write_summary(plan: Plan, summary: Summary) -> None:
+    """``summary.json``, then the report rendered from the saved files."""
+    from auditor.outputs.report import render_report
+
+    plan.store.write_json(SUMMARY, summary)
+    render_report(plan.store.root)

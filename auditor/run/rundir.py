@@ -1,0 +1,281 @@
+"""The run directory: every path and file format under ``--out``, and nothing else spells a file name.
+
+Every file is written to a temporary name and renamed, so a run killed at any point (Ctrl-C, kill -9)
+leaves only complete files. A batch is "done" exactly when its parquet part exists; its maps and curves
+are flushed before that part is written, so a resumed run recomputes only unfinished batches and ends with
+the same bytes as an uninterrupted one.
+
+Layout::
+
+    run.json                   identity of the run (config + sample list) and settings kept on resume
+    parts/part-<b>.parquet     rows of batch b of the main pass (committed = done)
+    parts/events-<b>.json      skipped files and warnings of batch b
+    parts/flagged-<b>.parquet  rows of batch b of the flagged second pass
+    maps/<method>__<target>.npy     [n, h, w] float16 low-resolution maps
+    maps/_object.npy                [n, 32, 32] float16 object masks on the analysis grid
+    maps/deepdive.npz               arrays of the per-sample deep dive
+    curves/<curve>__<method>__<target>.npy   [n, steps] float32 per-sample curves
+    samples.parquet  summary.json  flags.json  expensive.json  deepdive.json  config.resolved.yaml
+    report.html
+
+This module imports no torch: ``auditor gate``, ``report`` and ``compare`` read runs through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SUMMARY = "summary.json"
+FLAGS = "flags.json"
+EXPENSIVE = "expensive.json"
+RUN = "run.json"
+DEEPDIVE = "deepdive.json"
+RESOLVED = "config.resolved.yaml"
+SAMPLES = "samples.parquet"
+REPORT = "report.html"
+GATE = "gate.json"
+MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
+_ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Replace NaN/inf by None and numpy scalars/arrays by Python values (NaN is written as null)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON with NaN as null."""
+    atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode("utf-8") + b"\n")
+
+
+def map_key(method: str, target: str) -> str:
+    """``<method>__<target>``: the name of a method's maps (and the suffix of its curves)."""
+    return f"{method}__{target}"
+
+
+class RunDir:
+    """Paths and readers of one run directory (no state beyond the root).
+
+    Args:
+        root: the ``--out`` directory.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.parts = self.root / "parts"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    # ------------------------------------------------------------------------------ file names
+    def map_path(self, method: str, target: str) -> Path:
+        return self.root / "maps" / f"{map_key(method, target)}.npy"
+
+    def curve_path(self, curve: str, method: str, target: str) -> Path:
+        return self.root / "curves" / f"{curve}__{map_key(method, target)}.npy"
+
+    @property
+    def objects_path(self) -> Path:
+        return self.root / "maps" / "_object.npy"
+
+    @property
+    def deepdive_arrays_path(self) -> Path:
+        return self.root / "maps" / "deepdive.npz"
+
+    def part_path(self, batch: int, kind: str = MAIN) -> Path:
+        """``parts/<kind>-<batch>.parquet``; kind ``part`` = the main pass, ``flagged`` = the second pass."""
+        return self.parts / f"{kind}-{batch:06d}.parquet"
+
+    def events_path(self, batch: int) -> Path:
+        return self.parts / f"events-{batch:06d}.json"
+
+    # ------------------------------------------------------------------------------ readers
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.root / name).read_text())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.root / name, obj)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.root / name, data)
+
+    def read_table(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / SAMPLES)
+
+    def has_maps(self, method: str, target: str) -> bool:
+        return self.map_path(method, target).exists()
+
+    def load_maps(self, method: str, target: str) -> np.ndarray | None:
+        """``[n, h, w]`` float16 memmap of a method's maps, or None when the run has none."""
+        path = self.map_path(method, target)
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
+    def load_curves(self, curve: str, method: str, target: str) -> np.ndarray | None:
+        path = self.curve_path(curve, method, target)
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
+    def load_objects(self) -> np.ndarray | None:
+        """``[n, 32, 32]`` object masks on the analysis grid, or None when no sample had a mask."""
+        return np.load(self.objects_path, mmap_mode="r") if self.objects_path.exists() else None
+
+    def done_batches(self, kind: str = MAIN) -> set[int]:
+        """Indices of the batches of ``kind`` whose part exists."""
+        return {int(p.stem.split("-")[1]) for p in self.parts.glob(f"{kind}-*.parquet")}
+
+    def events(self, batches: int) -> list[dict[str, Any]]:
+        return [json.loads(self.events_path(b).read_text()) for b in range(batches)]
+
+    # ------------------------------------------------------------------------------ set-up
+    def prepare(self, force: bool) -> None:
+        """Create the directory; a finished run needs ``force``, which deletes every earlier artifact."""
+        from auditor.errors import ConfigError
+
+        if (self.root / SUMMARY).exists() and not force:
+            raise ConfigError(f"{self.root} holds a finished run; pass --force to overwrite it or choose another --out")
+        if force:
+            for name in _ARTIFACTS:
+                path = self.root / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+
+class RunStore(RunDir):
+    """The writing side of a run directory: atomic parquet parts and ``[n, ...]`` ``.npy`` memmaps.
+
+    Args:
+        root: the ``--out`` directory.
+        n: number of samples in the run (rows of every array).
+    """
+
+    def __init__(self, root: str | Path, n: int) -> None:
+        super().__init__(root)
+        self.n = n
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self._arrays: dict[str, np.memmap] = {}
+
+    def write_part(self, batch: int, frame: pd.DataFrame, kind: str = MAIN) -> None:
+        """Atomically write one batch's rows (after flushing every array it touched)."""
+        self.flush()
+        atomic_write_bytes(self.part_path(batch, kind), _parquet(frame))
+
+    def write_events(self, batch: int, events: dict[str, Any]) -> None:
+        write_json(self.events_path(batch), events)
+
+    def consolidate(self, batches: int, flagged: int = 0, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+        """Concatenate parts 0..batches-1 in order into ``samples.parquet`` and return the table.
+
+        The ``flagged`` parts of a second pass (``expensive.subset: flagged``) hold every row of the
+        samples they cover, so they replace those samples' rows of the main pass, except for the
+        per-sample columns whose names start with a prefix in ``keep``: those stay the main pass's.
+        """
+        table = _concat([pd.read_parquet(self.part_path(b)) for b in range(batches) if self.part_path(b).exists()])
+        second = _concat([pd.read_parquet(self.part_path(b, FLAGGED)) for b in range(flagged)])
+        if len(second) and len(table):
+            table = _replace_rows(table, second, keep)
+        atomic_write_bytes(self.root / SAMPLES, _parquet(table))
+        return table
+
+    def maps(self, key: str, tail: tuple[int, ...]) -> np.memmap:
+        """``maps/<key>`` where ``key`` is :func:`map_key`."""
+        return self._array(f"maps/{key}", tail, "float16")
+
+    def curves(self, curve: str, key: str, tail: tuple[int, ...]) -> np.memmap:
+        """``curves/<curve>__<key>`` where ``key`` is :func:`map_key`."""
+        return self._array(f"curves/{curve}__{key}", tail, "float32")
+
+    def objects(self, tail: tuple[int, ...]) -> np.memmap:
+        return self._array("maps/_object", tail, "float16")
+
+    def _array(self, name: str, tail: tuple[int, ...], dtype: str) -> np.memmap:
+        """The ``[n, *tail]`` array ``<root>/<name>.npy`` (created NaN-filled, else opened read-write)."""
+        if name in self._arrays:
+            arr = self._arrays[name]
+            if tuple(arr.shape[1:]) != tuple(tail):
+                raise ValueError(f"array {name} has rows of shape {arr.shape[1:]}, got {tail}")
+            return arr
+        path = self.root / f"{name}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            arr = np.load(path, mmap_mode="r+")
+            if tuple(arr.shape) != (self.n, *tail):
+                raise ValueError(f"{path} has shape {arr.shape}, expected {(self.n, *tail)}; use --force")
+        else:
+            tmp = path.with_name(f".{path.name}.tmp")
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.n, *tail))
+            arr[:] = np.nan
+            arr.flush()
+            os.replace(tmp, path)
+            arr = np.load(path, mmap_mode="r+")
+        self._arrays[name] = arr
+        return arr
+
+    def flush(self) -> None:
+        for arr in self._arrays.values():
+            arr.flush()
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buf = frame.to_parquet(index=False)
+    if buf is None:  # to_parquet without a path returns bytes
+        raise RuntimeError("pandas returned no parquet bytes")
+    return buf
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _replace_rows(table: pd.DataFrame, redo: pd.DataFrame, keep: tuple[str, ...]) -> pd.DataFrame:
+    """``table`` with the samples of ``redo`` replaced, keeping ``table``'s columns with a prefix in ``keep``."""
+    main = table.drop_duplicates("row").set_index("row")
+    for col in [c for c in table.columns if keep and c.startswith(keep)]:
+        redo[col] = redo["row"].map(main[col]).to_numpy()
+    table = pd.concat([table[~table["row"].isin(redo["row"])], redo], ignore_index=True)
+    pairs = list(zip(table["method"], table["target"], strict=True))
+    order = {pair: i for i, pair in enumerate(dict.fromkeys(pairs))}
+    key = [order[pair] for pair in pairs]
+    table = table.assign(_key=key).sort_values(["_key", "row"], kind="stable").drop(columns="_key")
+    return table.reset_index(drop=True)

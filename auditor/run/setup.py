@@ -1,0 +1,243 @@
+"""Set-up of a run: everything validated and resolved before the first batch (model, data, methods, layout).
+
+:func:`plan_run` returns a :class:`Plan`: the loaded model, the dataset, the resolved method list, the
+chunk size and memory format (kept on resume through ``run.json``) and the run directory. Every driver
+(the local loop today) starts from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from auditor.cams import compute_cams
+from auditor.cams.core import auto_chunk, choose_memory_format, inspect_model, low_precision_pays, set_memory_format
+from auditor.config import AuditConfig, dump_resolved
+from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
+from auditor.io.dataset import AuditDataset
+from auditor.io.models import LoadedModel, build_model, resolve_device
+from auditor.io.sources import SampleSpec, load_dataset, select, stratified_subset
+from auditor.run.rundir import RESOLVED, RUN, RunDir, RunStore
+
+log = logging.getLogger(__name__)
+
+BLACK_BOX = ("occlusion", "rise")  # the only methods that work without module hooks (TorchScript)
+
+
+@dataclass
+class Selection:
+    """Command-line restrictions of the audited samples (part of the run's identity)."""
+
+    limit: int | None = None
+    per_class: int | None = None
+    only_classes: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run, ready for its map stage.
+
+    Attributes:
+        cfg: the configuration (``mixed_precision`` switched off where it would not pay).
+        store: the run directory.
+        loaded: the model (eval mode, on ``device``, in ``memory_format``).
+        device: where the model runs.
+        dataset: the audited samples as a torch dataset.
+        classes: class names in model output order.
+        metadata: metadata columns.
+        methods: the resolved method list (``fast`` gains ``cam`` where the head allows it).
+        chunk: images per forward inside methods and metrics.
+        memory_format: ``contiguous`` or ``channels_last``.
+        selection: ``--limit`` / ``--per-class`` / ``--only-classes``.
+        stratified: ``[n]`` bool, the seeded per-class subset of the expensive work.
+    """
+
+    cfg: AuditConfig
+    store: RunStore
+    loaded: LoadedModel
+    device: torch.device
+    dataset: AuditDataset
+    classes: list[str]
+    metadata: list[str]
+    methods: list[str]
+    chunk: int
+    memory_format: str
+    selection: Selection
+    stratified: np.ndarray
+
+    @property
+    def samples(self) -> list[SampleSpec]:
+        return self.dataset.samples
+
+    @property
+    def layer(self) -> Any:
+        """The configured target layer: a name, a list of names (multi-layer methods) or None (auto)."""
+        return self.cfg.model.target_layer
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.samples) // self.cfg.batch_size)
+
+
+def resolve_methods(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer: Any) -> list[str]:
+    """The method list for this model: ``fast`` gains ``cam`` when the head is GAP + one Linear."""
+    methods = cfg.method_names()
+    if loaded.scripted:
+        bad = [m for m in methods if m not in BLACK_BOX]
+        if bad:
+            raise ConfigError(
+                f"TorchScript models cannot be hooked, so only black-box methods {list(BLACK_BOX)} apply; "
+                f"remove {bad} from 'methods' (or load the model with arch + checkpoint / a factory)"
+            )
+        return methods
+    if cfg.methods == "fast":
+        try:
+            compute_cams(loaded.module, probe, [0], methods=["cam"], layer=layer)
+            methods = ["cam", *methods]
+        except MethodNotApplicableError as err:
+            log.info("cam left out of the fast set: %s", err)
+    return methods
+
+
+def run_identity(cfg: AuditConfig, samples: Sequence[SampleSpec], selection: Selection) -> str:
+    """Hash of the resolved config, the selection and the sample list: what a resume must match."""
+    h = hashlib.sha256()
+    h.update(dump_resolved(cfg).encode())
+    h.update(json.dumps([selection.limit, selection.per_class, selection.only_classes]).encode())
+    for s in samples:
+        h.update(f"{s.id}\0{s.path}\0{s.label}\n".encode())
+    return h.hexdigest()
+
+
+def _effective(cfg: AuditConfig, device: torch.device) -> AuditConfig:
+    if cfg.mixed_precision and not low_precision_pays(device):
+        log.warning(
+            "mixed_precision: %s has no bfloat16 instructions, where low-precision forwards are emulated and far "
+            "slower than float32; running in float32",
+            device,
+        )
+        return cfg.model_copy(update={"mixed_precision": False})
+    return cfg
+
+
+def _dataset(cfg: AuditConfig, selection: Selection) -> tuple[AuditDataset, list[str], list[str]]:
+    spec = load_dataset(cfg.data)
+    samples = select(
+        spec.samples,
+        spec.classes,
+        only_classes=selection.only_classes,
+        per_class=selection.per_class,
+        limit=selection.limit,
+        seed=cfg.seed,
+    )
+    if not samples:
+        raise DataError("no sample left to audit after --only-classes / --per-class / --limit")
+    mean_std = cfg.data.mean_std()
+    if mean_std is not None and len(mean_std[0]) != 3:
+        raise ConfigError("data.normalize: mean and std need 3 values (images are loaded as RGB)")
+    return AuditDataset(samples, cfg.data.image_size, mean_std), spec.classes, spec.metadata
+
+
+def _probe(dataset: AuditDataset, loaded: LoadedModel, classes: list[str], device: torch.device) -> Tensor:
+    """The first readable image ``[1, 3, H, W]``, after checking the model's outputs against the classes."""
+    n = min(len(dataset), 32)
+    probe = next((it for it in (dataset[i] for i in range(n)) if it["ok"]), None)
+    if probe is None:
+        raise DataError(
+            f"none of the first {n} images can be read; first problem: "
+            f"{dataset.samples[0].path}: {dataset[0].get('reason')}"
+        )
+    image: Tensor = probe["image"][None].to(device)
+    with torch.no_grad():
+        n_out = loaded.module(image).shape[1]
+    if n_out != len(classes):
+        raise ModelError(
+            f"the model has {n_out} outputs but the dataset has {len(classes)} classes {classes}; "
+            "set data.classes in model output order (or fix model.num_classes)"
+        )
+    if not loaded.scripted:
+        try:
+            inspect_model(loaded.module, image)
+        except ValueError as err:
+            raise ModelError(str(err)) from err
+    return image
+
+
+def _chunk(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> int:
+    if isinstance(cfg.chunk_size, int):
+        return cfg.chunk_size
+    if loaded.scripted:  # no module hooks on TorchScript: fall back to the batch size
+        return cfg.batch_size
+    return auto_chunk(loaded.module, torch.cat([probe, probe]))
+
+
+def _memory_format(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, chunk: int) -> str:
+    """The configured memory format, or (``auto``) the faster one timed on a chunk of the probe image."""
+    if loaded.scripted:
+        return "contiguous"
+    if cfg.memory_format != "auto":
+        return cfg.memory_format
+    example = probe.expand(max(2, min(chunk, 16)), *probe.shape[1:]).contiguous()
+    fmt = choose_memory_format(loaded.module, example)
+    log.info("memory format: %s (the faster forward for this model on %s)", fmt, probe.device)
+    return fmt
+
+
+def _previous(out: Path, identity: str) -> dict[str, Any]:
+    """``run.json`` of an unfinished run in ``out`` (empty for a new run); another run there is refused."""
+    path = out / RUN
+    if not path.exists():
+        return {}
+    previous: dict[str, Any] = json.loads(path.read_text())
+    if previous.get("identity") != identity:
+        raise ConfigError(
+            f"{out} holds an unfinished run with another config or sample list; "
+            "pass --force to start over or choose another --out"
+        )
+    log.info("resuming the unfinished run in %s", out)
+    return previous
+
+
+def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selection) -> Plan:
+    """Validate and resolve everything a run needs, and record it in ``run.json``; writes no results."""
+    store_root = Path(out)
+    RunDir(store_root).prepare(force)
+    device = resolve_device(cfg.device)
+    cfg = _effective(cfg, device)
+    loaded = build_model(cfg.model, device)
+    dataset, classes, metadata = _dataset(cfg, selection)
+    probe = _probe(dataset, loaded, classes, device)
+    methods = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
+    chunk = _chunk(cfg, loaded, probe)
+    resolved = cfg.model_copy(update={"methods": methods})
+    identity = run_identity(resolved, dataset.samples, selection)
+    previous = _previous(store_root, identity)
+    # a resumed run keeps the first session's choice, so its batches compute exactly like the others
+    memory_format = previous.get("memory_format") or _memory_format(cfg, loaded, probe, chunk)
+    store = RunStore(store_root, len(dataset.samples))
+    store.write_bytes(RESOLVED, dump_resolved(resolved).encode())
+    store.write_json(
+        RUN,
+        {
+            "identity": identity,
+            "n": len(dataset.samples),
+            "batch_size": cfg.batch_size,
+            "memory_format": memory_format,
+        },
+    )
+    if not loaded.scripted:
+        set_memory_format(loaded.module, memory_format)
+    labels = [s.label for s in dataset.samples]
+    stratified = stratified_subset(labels, cfg.expensive.per_class, cfg.seed)
+    return Plan(
+        cfg, store, loaded, device, dataset, classes, metadata, methods, chunk, memory_format, selection, stratified
+    )

@@ -1,0 +1,202 @@
+"""``attribute_leak``: a (class, attribute value) group much less accurate than the rest of its class.
+
+Attributes are the metadata columns; without metadata, the image properties measured in the map stage
+(``prop_*``: brightness, contrast, mean colour, sharpness, binned in quartiles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from auditor.shortcuts.flags import Flag, level, make_flag
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.stats import NAN, bh_adjust
+
+PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
+
+
+def _purity(values: np.ndarray, target: np.ndarray) -> float:
+    """How well ``values`` alone predict ``target``: accuracy of the majority-per-value rule, rescaled so
+    the overall majority rate is 0 and perfect prediction is 1."""
+    frame = pd.DataFrame({"v": values, "t": target})
+    if frame.empty:
+        return NAN
+    rule = frame.groupby("v")["t"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(frame)
+    base = frame["t"].value_counts().iloc[0] / len(frame)
+    return float((rule - base) / (1 - base)) if base < 1 else 0.0
+
+
+def property_bins(values: np.ndarray) -> np.ndarray:
+    """Quartile bins of a continuous property as readable labels (``'<= 0.31'``, ``'0.31-0.45'``, ``'> 0.58'``)."""
+    edges = np.unique(np.quantile(values, [0.25, 0.5, 0.75]))
+    idx = np.digitize(values, edges, right=True)
+    names = []
+    for i in range(len(edges) + 1):
+        if i == 0:
+            names.append(f"<= {edges[0]:.3g}")
+        elif i == len(edges):
+            names.append(f"> {edges[-1]:.3g}")
+        else:
+            names.append(f"{edges[i - 1]:.3g}-{edges[i]:.3g}")
+    return np.array([names[i] for i in idx], dtype=object)
+
+
+def _columns(first: pd.DataFrame, attributes: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
+    cols = [(a, "metadata", first[a].astype(str).to_numpy()) for a in attributes if a in first.columns]
+    if cols:
+        return cols
+    return [
+        (p, "property", property_bins(first[f"prop_{p}"].to_numpy(np.float64)))
+        for p in PROPERTIES
+        if f"prop_{p}" in first.columns and first[f"prop_{p}"].notna().all()
+    ]
+
+
+def _group_test(first: pd.DataFrame, cls: str, v: Any, g: np.ndarray, rest: np.ndarray, correct: np.ndarray) -> dict:
+    table = [
+        [int(correct[g].sum()), int((~correct[g]).sum())],
+        [int(correct[rest].sum()), int((~correct[rest]).sum())],
+    ]
+    return {
+        "class": cls,
+        "value": str(v),
+        "n": int(g.sum()),
+        "accuracy": float(correct[g].mean()),
+        "rest_accuracy": float(correct[rest].mean()),
+        "gap": float(correct[rest].mean() - correct[g].mean()),
+        "p_value": float(stats.fisher_exact(table, alternative="less").pvalue),
+        "ids": first["id"].to_numpy()[g & ~correct][:6].tolist(),
+    }
+
+
+def _groups_and_tests(
+    first: pd.DataFrame, values: np.ndarray, classes: Sequence[str], min_group: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    labels = first["label"].to_numpy()
+    correct = first["correct"].to_numpy(bool)
+    outside = first["energy_outside_mask"].to_numpy(np.float64) if "energy_outside_mask" in first else None
+    groups, tests = [], []
+    for cls in classes:
+        in_cls = labels == cls
+        for v in np.unique(values[in_cls]):
+            g, rest = in_cls & (values == v), in_cls & (values != v)
+            entry: dict[str, Any] = {
+                "class": cls,
+                "value": str(v),
+                "n": int(g.sum()),
+                "accuracy": float(correct[g].mean()),
+            }
+            if outside is not None and np.isfinite(outside[g]).any():
+                entry["outside"] = float(np.nanmean(outside[g]))
+            groups.append(entry)
+            if g.sum() >= min_group and rest.sum() >= min_group:
+                tests.append(_group_test(first, cls, v, g, rest, correct))
+    return groups, tests
+
+
+def attribute_leakage(
+    first: pd.DataFrame, attributes: Sequence[str], classes: Sequence[str], min_group: int = 5
+) -> dict[str, Any]:
+    """Per attribute: group accuracies, worst-group accuracy, and how well it predicts label and prediction.
+
+    Args:
+        first: one row per sample (one method, ``label`` target) with ``label``, ``pred``, ``correct``.
+        attributes: metadata column names (none: the image properties are used).
+        classes: class names.
+        min_group: smallest (class, value) group that is tested.
+
+    Returns:
+        ``{attribute: {kind, values, groups, worst_group_accuracy, average_accuracy, gap, predicts_label,
+        predicts_prediction, tests: [{class, value, n, accuracy, rest_accuracy, gap, p_value, ids}]}}``; each
+        test is a one-sided Fisher exact test that the group is less accurate than the rest of its class.
+    """
+    correct = first["correct"].to_numpy(bool)
+    out: dict[str, Any] = {}
+    for name, kind, values in _columns(first, attributes):
+        groups, tests = _groups_and_tests(first, values, classes, min_group)
+        wga = min((g["accuracy"] for g in groups if g["n"] >= min_group), default=NAN)
+        out[name] = {
+            "kind": kind,
+            "values": {
+                str(v): {"n": int((values == v).sum()), "accuracy": float(correct[values == v].mean())}
+                for v in np.unique(values)
+            },
+            "groups": groups,
+            "worst_group_accuracy": wga,
+            "average_accuracy": float(correct.mean()),
+            "gap": float(correct.mean() - wga) if np.isfinite(wga) else NAN,
+            "predicts_label": _purity(values, first["label"].to_numpy()),
+            "predicts_prediction": _purity(values, first["pred"].to_numpy()),
+            "tests": tests,
+        }
+    return out
+
+
+def measure(inputs: AnalysisInputs) -> Measurement:
+    return {"attributes": attribute_leakage(inputs.first, inputs.metadata, inputs.classes, inputs.thresholds.min_group)}
+
+
+def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str, str], tuple[dict, float]], dict]:
+    """The largest significant gap per (attribute, class); correlated image properties keep only the strongest."""
+    t = ctx.thresholds
+    tests = [(a, x) for a, info in attrs.items() for x in info["tests"]]
+    q = bh_adjust([x["p_value"] for _, x in tests])
+    best: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+    for (a, x), qv in zip(tests, q, strict=True):
+        if x["gap"] >= t.attribute_gap and qv < t.alpha:
+            key = (a, x["class"])
+            if key not in best or x["gap"] > best[key][0]["gap"]:
+                best[key] = (x, float(qv))
+    # Image properties (used when there is no metadata) are strongly correlated with each other (a brighter
+    # image is also redder, greener, bluer): keep the strongest property per class, cite the others.
+    props = [(a, c) for (a, c) in best if attrs[a]["kind"] == "property"]
+    also: dict[tuple[str, str], list[str]] = {}
+    for c in {c for _, c in props}:
+        ranked = sorted((a for a, cc in props if cc == c), key=lambda a: -best[(a, c)][0]["gap"])
+        also[(ranked[0], c)] = ranked[1:]
+        for a in ranked[1:]:
+            del best[(a, c)]
+    return best, also
+
+
+def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
+    """``attribute_leak`` per (attribute, class) with a significant accuracy gap."""
+    t, attrs = ctx.thresholds, measured["attributes"]
+    best, also = _strongest(attrs, ctx)
+    flags = []
+    for (a, c), (x, qv) in best.items():
+        info = attrs[a]
+        what = f"{a} = {x['value']}" if info["kind"] == "metadata" else f"{a} {x['value']}"
+        msg = (
+            f"{c} images with {what} are classified correctly {x['accuracy']:.0%} of the time, vs "
+            f"{x['rest_accuracy']:.0%} for the other {c} images; {a} alone predicts the model's output "
+            f"{info['predicts_prediction']:.0%} and the true label {info['predicts_label']:.0%} of the way "
+            "above chance."
+        )
+        evidence = {
+            **{k: x[k] for k in ("value", "n", "accuracy", "rest_accuracy", "gap", "p_value")},
+            "q_value": qv,
+            **{k: info[k] for k in ("worst_group_accuracy", "predicts_label", "predicts_prediction", "kind")},
+            "error_ids": x["ids"],
+            "correlated_properties": also.get((a, c), []),
+        }
+        sev = level(x["gap"], t.attribute_medium, t.attribute_high)
+        flags.append(make_flag("attribute_leak", c, a, sev, x["gap"], msg, evidence))
+    return flags
+
+
+ANALYSIS = register_analysis(
+    Analysis(
+        name="attributes",
+        kinds=("attribute_leak",),
+        needs=frozenset({"attributes"}),
+        measure=measure,
+        flag=attribute_flags,
+        evidence_ids=("error_ids",),
+    )
+)

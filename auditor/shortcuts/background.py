@@ -1,0 +1,125 @@
+"""``background_reliance``: a class whose maps put less mass on the object than a uniform map would."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from auditor.shortcuts.flags import Flag, level, make_flag
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.stats import NAN, bh_adjust, median_ci
+
+
+def background_reliance(table: pd.DataFrame, classes: Sequence[str], seed: int = 0, worst: int = 6) -> dict[str, Any]:
+    """Per class: how the map's mass on the object compares with a uniform map's (its chance level).
+
+    ``ratio = energy_in_mask / a`` (``a`` = object area fraction): 1 = what a uniform map gives, < 1 = the
+    map prefers the background, > 1 = it prefers the object (a clean model, even with blurry CAMs).
+
+    Args:
+        table: rows of one method and the ``label`` target, with ``energy_in_mask`` and its chance.
+        classes: class names.
+        seed: bootstrap seed.
+        worst: how many worst-offending sample ids to keep.
+
+    Returns:
+        ``{class: {n, median_ratio, ci_low, ci_high, p_value, outside, chance_outside, worst_ids, worst_values}}``
+        where ``p_value`` is a one-sided Wilcoxon signed-rank test of ``ratio < 1``.
+    """
+    out: dict[str, Any] = {}
+    if not {"energy_in_mask", "energy_in_mask_chance"} <= set(table.columns):
+        return out  # no masks or boxes anywhere in the run
+    for cls in classes:
+        sub = table[(table["label"] == cls) & table["energy_in_mask"].notna()]
+        sub = sub[sub["energy_in_mask_chance"] > 0]
+        if len(sub) < 3:
+            continue
+        ratio = (sub["energy_in_mask"] / sub["energy_in_mask_chance"]).to_numpy(np.float64)
+        low, high = median_ci(ratio, seed)
+        diff = ratio - 1
+        p = float(stats.wilcoxon(diff, alternative="less").pvalue) if np.any(diff != 0) else 1.0
+        order = np.argsort(ratio)[:worst]
+        out[cls] = {
+            "n": len(sub),
+            "median_ratio": float(np.median(ratio)),
+            "ci_low": low,
+            "ci_high": high,
+            "p_value": p,
+            "outside": float(sub["energy_outside_mask"].median()) if "energy_outside_mask" in sub else NAN,
+            "chance_outside": float((1 - sub["energy_in_mask_chance"]).median()),
+            "worst_ids": sub["id"].to_numpy()[order].tolist(),
+            "worst_values": ratio[order].tolist(),
+        }
+    return out
+
+
+def measure(inputs: AnalysisInputs) -> Measurement:
+    per_method = {
+        m: background_reliance(inputs.table[inputs.table["method"] == m], inputs.classes, inputs.seed)
+        for m in inputs.methods
+    }
+    return {"background": per_method}
+
+
+def _message(cls: str, r0: dict[str, Any], ratio: float) -> str:
+    outside = "an unknown share" if not np.isfinite(r0["outside"]) else f"{r0['outside']:.0%}"
+    return (
+        f"{outside} of the {cls} class's attention falls outside the object, where a uniform map "
+        f"would put {r0['chance_outside']:.0%}: the object gets {ratio:.2f}x its fair share of attention."
+    )
+
+
+def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
+    """``background_reliance`` per class, merged over the methods that support it."""
+    t = ctx.thresholds
+    per_method: dict[str, dict[str, Any]] = measured["background"]
+    tests = [(m, c, r) for m, per_class in per_method.items() for c, r in per_class.items()]
+    q = bh_adjust([r["p_value"] for _, _, r in tests])
+    hits: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for (m, c, r), qv in zip(tests, q, strict=True):
+        if r["n"] >= t.min_group and r["ci_high"] < t.background_ratio and qv < t.alpha:
+            hits.setdefault(c, []).append((m, r))
+    flags = []
+    for c, support in hits.items():
+        reliable = [(m, r) for m, r in support if m not in ctx.unreliable] or support
+        ratio = float(np.median([r["median_ratio"] for _, r in reliable]))
+        r0 = reliable[0][1]
+        sev = level(ratio, t.background_medium, t.background_high, smaller_is_worse=True)
+        keys = ("n", "median_ratio", "ci_low", "ci_high", "p_value", "outside", "chance_outside")
+        evidence = {
+            "median_ratio": ratio,
+            "by_method": {m: {k: r[k] for k in keys} for m, r in support},
+            "worst_ids": r0["worst_ids"],
+        }
+        methods = [m for m, _ in support]
+        flags.append(
+            make_flag(
+                "background_reliance",
+                c,
+                None,
+                sev,
+                1 - ratio,
+                _message(c, r0, ratio),
+                evidence,
+                methods,
+                None,
+                ctx.unreliable,
+            )
+        )
+    return flags
+
+
+ANALYSIS = register_analysis(
+    Analysis(
+        name="background",
+        kinds=("background_reliance",),
+        needs=frozenset({"maps", "masks"}),
+        measure=measure,
+        flag=background_flags,
+        evidence_ids=("worst_ids",),
+    )
+)

@@ -1,0 +1,35 @@
+"""The fixed 32 x 32 grid of the spatial analyses, and plain words for places on it (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from auditor.ops import resize_bilinear
+
+GRID = 32
+
+
+def grid_maps(maps: np.ndarray) -> np.ndarray:
+    """``[n, h, w]`` raw maps -> ``[n, 32, 32]`` float32 L1-normalized (rows with no mass or NaN become NaN)."""
+    t = np.asarray(maps, dtype=np.float32)
+    bad = ~np.isfinite(t).reshape(len(t), -1).all(1)
+    t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0, None)
+    g = np.clip(resize_bilinear(t, (GRID, GRID)), 0, None).astype(np.float32)
+    mass = g.reshape(len(g), -1).sum(1)
+    g = g / np.maximum(mass, 1e-12)[:, None, None]
+    g[bad | (mass <= 0)] = np.nan
+    return g  # float32: 4 KiB per sample
+
+
+def describe_location(box: Sequence[float]) -> str:
+    """Plain words for a normalized box: 'the top-left corner', 'the bottom edge', 'the centre'."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    if v and h:
+        return f"the {v}-{h} corner"
+    if v or h:
+        return f"the {v or h} edge"
+    return "the centre"

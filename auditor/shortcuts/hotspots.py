@@ -1,0 +1,215 @@
+"""``spatial_hotspot``: a compact region where one class's maps are hot and the other classes' are not.
+
+The measurement finds each class's region on the 32 x 32 grid. Regions that pass the measurement
+criteria (lift, concentration, area, persistence, FDR, off the object) are *candidates*; with a model,
+each candidate is tested by intervention (remove the region from the class's images, paste it into
+others'). The flag function then judges: high severity needs a confirming intervention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, stats
+
+from auditor.shortcuts.flags import Flag, change, make_flag
+from auditor.shortcuts.grids import GRID, describe_location
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.thresholds import Thresholds
+from auditor.stats import NAN, bh_adjust
+
+
+def _region(diff: np.ndarray, level: float) -> np.ndarray:
+    """The 4-connected cells with ``diff >= level * max`` around the peak (``[32, 32]`` bool)."""
+    peak = np.unravel_index(np.nanargmax(diff), diff.shape)
+    labels, _ = ndimage.label(diff >= level * diff[peak])
+    return np.asarray(labels == labels[peak])
+
+
+def _object_overlap(objects: np.ndarray | None, own: np.ndarray, region: np.ndarray) -> float:
+    if objects is None:
+        return NAN
+    obj = objects[own]
+    has = np.isfinite(obj).all(axis=(1, 2))
+    return float(obj[has][:, region].mean()) if has.any() else NAN
+
+
+def class_hotspots(
+    maps: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    objects: np.ndarray | None = None,
+    level: float = 0.5,
+) -> dict[str, Any]:
+    """Per class: where its mean L1-normalized map exceeds the other classes' mean, on a 32 x 32 grid.
+
+    Args:
+        maps: ``[n, 32, 32]`` L1-normalized maps (:func:`~auditor.shortcuts.grids.grid_maps`; NaN rows ignored).
+        labels: ``[n]`` class names.
+        classes: class names.
+        objects: ``[n, 32, 32]`` object fraction per cell (NaN rows = no mask), or None.
+        level: the region is the connected set of cells within ``level`` of the peak difference.
+
+    Returns:
+        ``{class: {region [x0, y0, x1, y1] in [0, 1], area (of the box), location, lift, concentration,
+        persistence, p_value, object_overlap, class_mass, other_mass, diff}}``; ``lift`` = the class's mean
+        mass in the region over the other classes'; ``persistence`` = share of the class's maps with more
+        than twice the other classes' mean mass there; ``concentration`` = the class's mean mass in the
+        region over the region's share of the grid (1 = a uniform map); ``p_value`` = one-sided
+        Mann-Whitney U (class > others); ``diff`` = the ``[32, 32]`` mean difference (7 decimals).
+    """
+    out: dict[str, Any] = {}
+    ok = np.isfinite(maps).all(axis=(1, 2))
+    for cls in classes:
+        own, rest = ok & (labels == cls), ok & (labels != cls)
+        if own.sum() < 3 or rest.sum() < 3:
+            continue
+        diff = maps[own].mean(0) - maps[rest].mean(0)
+        if not np.isfinite(diff).any() or np.nanmax(diff) <= 0:
+            continue
+        region = _region(diff, level)
+        ys, xs = np.nonzero(region)
+        box = [xs.min() / GRID, ys.min() / GRID, (xs.max() + 1) / GRID, (ys.max() + 1) / GRID]
+        m_own = maps[own][:, region].sum(1)
+        m_rest = maps[rest][:, region].sum(1)
+        base = float(m_rest.mean())
+        out[cls] = {
+            "region": [float(v) for v in box],
+            "area": float((box[2] - box[0]) * (box[3] - box[1])),  # of the bounding box: artefacts are compact
+            "location": describe_location(box),
+            "lift": float(m_own.mean() / max(base, 1e-12)),
+            "concentration": float(m_own.mean() / region.mean()),
+            "persistence": float((m_own > 2 * base).mean()),
+            "p_value": float(stats.mannwhitneyu(m_own, m_rest, alternative="greater").pvalue),
+            "object_overlap": _object_overlap(objects, own, region),
+            "class_mass": float(m_own.mean()),
+            "other_mass": base,
+            "diff": np.round(np.asarray(diff), 7).tolist(),
+        }
+    return out
+
+
+def measure(inputs: AnalysisInputs) -> Measurement:
+    hotspots = {}
+    for m, (sub, grids) in inputs.grids.items():
+        rows = sub["row"].to_numpy()
+        obj = np.asarray(inputs.objects[rows], dtype=np.float64) if inputs.objects is not None else None
+        hotspots[m] = class_hotspots(grids, sub["label"].to_numpy(), inputs.classes, obj)
+    return {"hotspots": hotspots, "interventions": {}}
+
+
+def candidates(per_method: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Per class, the methods whose region passes every measurement criterion (a measurement, no verdict)."""
+    tests = [(m, c, r) for m, per_class in per_method.items() for c, r in per_class.items()]
+    q = bh_adjust([r["p_value"] for _, _, r in tests])
+    hits: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for (m, c, r), qv in zip(tests, q, strict=True):
+        on_object = np.isfinite(r["object_overlap"]) and r["object_overlap"] > t.hotspot_object_overlap
+        if (
+            r["lift"] >= t.hotspot_lift
+            and r["area"] <= t.hotspot_max_area
+            and r["concentration"] >= t.hotspot_concentration
+            and r["persistence"] >= t.hotspot_persistence
+            and qv < t.alpha
+            and not on_object
+        ):
+            hits.setdefault(c, []).append((m, r))
+    return hits
+
+
+def _strongest(support: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    return max(support, key=lambda mr: mr[1]["lift"])[1]
+
+
+def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
+    """Remove / paste each candidate region on seeded draws of the class's and other classes' images."""
+    from auditor.shortcuts.interventions import hotspot_intervention
+
+    assert inputs.intervener is not None
+    iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
+    rng = np.random.default_rng(inputs.seed)
+    out: dict[str, Any] = {}
+    for cls, support in candidates(measured["hotspots"], inputs.thresholds).items():
+        region = [round(float(v), 4) for v in _strongest(support)["region"]]  # TEMP: as the flag rounded it
+        own = first[first["label"] == cls]["row"].to_numpy()
+        other = first[first["label"] != cls]["row"].to_numpy()
+        own = np.sort(rng.choice(own, min(n, len(own)), replace=False))
+        other = np.sort(rng.choice(other, min(n, len(other)), replace=False))
+        result = hotspot_intervention(
+            iv.model,
+            iv.load,
+            own.tolist(),
+            other.tolist(),
+            inputs.classes.index(cls),
+            region,
+            to_pixels=iv.to_pixels,
+            from_pixels=iv.from_pixels,
+            seed=inputs.seed,
+        )
+        out[cls] = {"region": region, **result}
+    return {"interventions": out}
+
+
+def _confirmed(test: dict[str, Any] | None, t: Thresholds) -> bool:
+    return bool(
+        test
+        and test["removal_drop"] >= t.intervention_effect
+        and test["removal_p"] < t.alpha
+        and test["paste_gain"] >= t.intervention_effect
+        and test["paste_p"] < t.alpha
+    )
+
+
+def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed: bool) -> str:
+    msg = (
+        f"The {c} class's maps concentrate on {r0['location']} ({r0['persistence']:.0%} of its images, "
+        f"{r0['lift']:.1f}x the other classes' attention there)"
+    )
+    if test:
+        drop, gain = -test["removal_drop"], test["paste_gain"]
+        msg += (
+            f"; removing that region {change(drop, f'p({c})')} and pasting it into other images "
+            f"{change(gain, 'it')}" + ("" if confirmed else " (not significant)")
+        )
+    return msg + "."
+
+
+def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
+    """``spatial_hotspot`` per class; high severity requires a confirming intervention."""
+    t, interventions = ctx.thresholds, measured.get("interventions", {})
+    flags = []
+    for c, support in candidates(measured["hotspots"], t).items():
+        r0 = _strongest(support)
+        test = interventions.get(c)
+        confirmed = _confirmed(test, t)
+        if confirmed:
+            sev = "high"
+        elif test is not None:
+            sev = "low"
+        else:
+            sev = "medium" if r0["lift"] >= 2 * t.hotspot_lift else "low"
+        evidence = {k: r0[k] for k in ("lift", "concentration", "persistence", "area", "p_value", "object_overlap")}
+        evidence["intervention"] = test
+        evidence["confirmed"] = confirmed
+        score = min(1.0, r0["persistence"] * (1 - 1 / r0["lift"]))
+        methods = [m for m, _ in support]
+        msg = _message(c, r0, test, confirmed)
+        flags.append(
+            make_flag("spatial_hotspot", c, None, sev, score, msg, evidence, methods, r0["region"], ctx.unreliable)
+        )
+    return flags
+
+
+ANALYSIS = register_analysis(
+    Analysis(
+        name="hotspots",
+        kinds=("spatial_hotspot",),
+        needs=frozenset({"maps", "model"}),
+        measure=measure,
+        flag=hotspot_flags,
+        evidence_ids=(),
+        intervene=intervene,
+    )
+)

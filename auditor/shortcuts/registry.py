@@ -1,0 +1,176 @@
+"""The analysis registry: each shortcut analysis is one module that registers one :class:`Analysis`.
+
+An analysis declares what it needs, a measurement function (numbers for ``summary.json``), optionally an
+intervention step planned from its own measurement (never from a verdict), a flag function (numbers ->
+verdicts) and the evidence keys that hold sample ids. :func:`run_analyses` runs every registered analysis
+in registration order: measure, intervene, then flag. Adding a flag kind = one module + its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from auditor.registry import Registry
+from auditor.run.rundir import RunDir
+from auditor.shortcuts.flags import Flag, order_flags
+from auditor.shortcuts.grids import grid_maps
+from auditor.shortcuts.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+NEEDS = ("maps", "masks", "attributes", "counterfactuals", "model", "mprt")
+
+
+@dataclass
+class Intervener:
+    """What interventions need: the model and a way to reload images by row (pixel <-> normalized)."""
+
+    model: nn.Module
+    load: Callable[[Sequence[int]], Tensor]
+    to_pixels: Callable[[Tensor], Tensor]
+    from_pixels: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class AnalysisInputs:
+    """What a measurement may read: the finished pass's table, maps and (optionally) the model.
+
+    Attributes:
+        table: ``samples.parquet`` rows of the analysed target (every method).
+        target: the explained target analysed (``label`` unless the run explained predictions only).
+        methods: the map methods whose maps support claims (class-sensitive, not pixel-space).
+        classes: class names in model order.
+        metadata: metadata columns.
+        rundir: the run directory (maps, object grid).
+        thresholds: flag thresholds (interventions read their sample counts from here).
+        seed: seed of bootstraps, clustering and intervention draws.
+        mprt: ``summary.sanity.mprt`` or None.
+        intervener: model access, or None (interventions are then skipped).
+    """
+
+    table: pd.DataFrame
+    target: str
+    methods: list[str]
+    classes: list[str]
+    metadata: list[str]
+    rundir: RunDir
+    thresholds: Thresholds
+    seed: int = 0
+    mprt: dict[str, Any] | None = None
+    intervener: Intervener | None = None
+
+    @cached_property
+    def first(self) -> pd.DataFrame:
+        """One row per sample (the first method's rows)."""
+        return self.table[self.table["method"] == self.table["method"].iloc[0]]
+
+    @cached_property
+    def grids(self) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+        """Per map method: its rows and ``[n, 32, 32]`` L1-normalized maps (computed once, shared)."""
+        out = {}
+        for m in self.methods:
+            sub = self.table[self.table["method"] == m]
+            maps = self.rundir.load_maps(m, self.target)
+            if maps is not None:
+                out[m] = (sub, grid_maps(maps[sub["row"].to_numpy()]))
+        return out
+
+    @cached_property
+    def objects(self) -> np.ndarray | None:
+        return self.rundir.load_objects()
+
+
+@dataclass(frozen=True)
+class FlagContext:
+    """What a flag function may read besides its measurement."""
+
+    thresholds: Thresholds
+    unreliable: set[str] = field(default_factory=set)
+    mprt: dict[str, Any] | None = None
+
+
+Measurement = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis.
+
+    Attributes:
+        name: registry key.
+        kinds: the flag kinds it emits.
+        needs: what it reads, from :data:`NEEDS`; without it the analysis measures nothing.
+        measure: ``measure(inputs) -> {summary key: value}`` (``summary.json`` ``analyses``).
+        flag: ``flag(measurement, ctx) -> flags``.
+        evidence_ids: evidence keys whose values are lists of sample ids (report galleries, the deep dive
+            and the flagged second pass read them).
+        intervene: ``intervene(measurement, inputs) -> {summary key: value}``, run only with a model.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    needs: frozenset[str]
+    measure: Callable[[AnalysisInputs], Measurement]
+    flag: Callable[[Measurement, FlagContext], list[Flag]]
+    evidence_ids: tuple[str, ...] = ()
+    intervene: Callable[[Measurement, AnalysisInputs], Measurement] | None = None
+
+
+ANALYSES: Registry[Analysis] = Registry("analysis")
+
+
+def register_analysis(analysis: Analysis) -> Analysis:
+    bad = set(analysis.needs) - set(NEEDS)
+    if bad:
+        raise ValueError(f"analysis {analysis.name!r} needs unknown inputs {sorted(bad)}; known: {list(NEEDS)}")
+    ANALYSES.add(analysis.name, analysis)
+    return analysis
+
+
+def registered() -> list[Analysis]:
+    """Every registered analysis, in registration order (importing the catalog registers them)."""
+    import auditor.shortcuts.catalog  # noqa: F401
+
+    return ANALYSES.values()
+
+
+def evidence_keys(kind: str) -> tuple[str, ...]:
+    """The evidence keys holding sample ids in flags of ``kind`` (none for an unknown kind)."""
+    return next((a.evidence_ids for a in registered() if kind in a.kinds), ())
+
+
+def evidence_ids(flag: Flag) -> list[str]:
+    """The sample ids a flag's evidence cites, in the order its analysis declares its id keys."""
+    out: list[str] = []
+    for key in evidence_keys(flag["kind"]):
+        out += [v for v in flag["evidence"].get(key) or [] if isinstance(v, str)]
+    return list(dict.fromkeys(out))
+
+
+def unreliable_methods(mprt: dict[str, Any] | None) -> set[str]:
+    return {m for m, r in (mprt or {}).get("methods", {}).items() if r["unreliable"]}
+
+
+def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
+    """Measure, intervene (where a model is given and ``interventions``), then flag, for every analysis.
+
+    Returns:
+        ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first).
+    """
+    ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt)
+    analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
+    flags: list[Flag] = []
+    for analysis in registered():
+        measured = analysis.measure(inputs)
+        if analysis.intervene is not None:
+            measured |= analysis.intervene(measured, inputs) if interventions and inputs.intervener else {}
+        flags += analysis.flag(measured, ctx)
+        analyses |= measured
+    return analyses, order_flags(flags)
