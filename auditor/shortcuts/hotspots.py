@@ -132,7 +132,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     rng = np.random.default_rng(inputs.seed)
     out: dict[str, Any] = {}
     for cls, support in candidates(measured["hotspots"], inputs.thresholds).items():
-        region = [round(float(v), 4) for v in _strongest(support)["region"]]  # TEMP: as the flag rounded it
+        region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
         own = first[first["label"] == cls]["row"].to_numpy()
         other = first[first["label"] != cls]["row"].to_numpy()
         own = np.sort(rng.choice(own, min(n, len(own)), replace=False))
