@@ -10,8 +10,7 @@ import importlib
 from typing import Any
 
 from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
-
-__version__ = "0.1.0"
+from auditor.version import __version__
 
 _LAZY = {
     "CAMS": "auditor.cams",

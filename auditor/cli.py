@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from auditor import __version__
 from auditor.errors import AuditorError
+from auditor.version import __version__
 
 log = logging.getLogger("auditor")
 

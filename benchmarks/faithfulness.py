@@ -17,7 +17,7 @@ import time
 import torch
 import torchvision
 
-from auditor.cams.core import auto_chunk
+from auditor.cams.speed import auto_chunk
 from auditor.metrics import METRICS, MetricInputs
 from auditor.metrics.faithfulness import gaussian_blur
 from auditor.metrics.registry import tie_broken

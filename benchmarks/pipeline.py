@@ -30,7 +30,7 @@ import torch
 import torchvision
 import yaml
 
-from auditor.cams.core import choose_memory_format
+from auditor.cams.speed import choose_memory_format
 from auditor.metrics import METRICS
 from auditor.synthetic import write_dataset
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from auditor.cams.core import autocast, low_precision_pays
+from auditor.cams.speed import autocast, low_precision_pays
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import sync  # benchmarks/ is a folder of scripts, not a package

@@ -11,21 +11,11 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from auditor.cams.core import (
-    CamContext,
-    LayerData,
-    auto_chunk,
-    check_images,
-    check_target_range,
-    check_targets,
-    finalize,
-    layer_pass,
-    model_device,
-    model_state,
-    resolve_layer,
-    upsample,
-)
+from auditor.cams.context import CamContext, finalize, upsample
+from auditor.cams.core import check_images, check_target_range, check_targets, model_device, model_state
+from auditor.cams.layers import LayerData, layer_pass, resolve_layer
 from auditor.cams.registry import CAMS, CamMethod
+from auditor.cams.speed import auto_chunk
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +112,7 @@ def compute_cams(
     Returns:
         :class:`CamResult`.
     """
-    if isinstance(methods, str):
-        methods = [methods]
-    if not methods:
-        raise ValueError("methods is empty; pass at least one method name")
-    options = dict(options or {})
-    unknown = [m for m in options if m not in methods]
-    if unknown:
-        raise ValueError(f"options given for method(s) {unknown} that are not in methods={list(methods)}")
-    specs = [CAMS[m] for m in methods]
-    resolved = {s.name: s.resolve_options(options.get(s.name)) for s in specs}
+    specs, resolved = _specs(methods, options)
     device = model_device(model)
     images = check_images(images, device)
     targets = check_targets(targets, images.shape[0], device)
@@ -140,30 +121,8 @@ def compute_cams(
     with model_state(model):
         if batch_size is None:
             batch_size = auto_chunk(model, images) if any(s.family == "perturbation" for s in specs) else 32
-        needs_layer = any(s.needs != "nothing" for s in specs)
-        default = None
-        if needs_layer and (layer is None or any(s.needs != "nothing" and not s.multi_layer for s in specs)):
-            single = layer if isinstance(layer, str) or layer is None else (layer[0] if len(layer) == 1 else None)
-            if single is not None or layer is None:
-                default = resolve_layer(model, single, images)
-        per_method = {s.name: _method_layers(s, layer, resolved[s.name], default) for s in specs}
-        for s in specs:
-            for name in per_method[s.name]:
-                resolve_layer(model, name, images)
-        all_layers = list(dict.fromkeys(n for names in per_method.values() for n in names))
-        need_grad = any(s.needs == "gradients" for s in specs)
-        captured: dict[str, LayerData] = {}
-        if all_layers:
-            logits, captured = layer_pass(model, images, targets, all_layers, grad=need_grad)
-        else:
-            with torch.no_grad():
-                logits = model(images)
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError("the model must return logits of shape [B, num_classes]")
-            logits = logits.detach()
-            check_target_range(targets, logits.shape[1])
-        logits = logits.float()
-
+        per_method = _layers_per_method(model, images, specs, resolved, layer)
+        logits, captured = _shared_pass(model, images, targets, specs, per_method)
         outputs: dict[str, CamOutput] = {}
         for spec in specs:
             names = sorted(per_method[spec.name], key=lambda n: captured[n].order)
@@ -173,18 +132,68 @@ def compute_cams(
                 targets=targets,
                 logits=logits,
                 layers=captured,
-                layer=names[0] if names else "",
+                layer=(names[-1] if spec.multi_layer else names[0]) if names else "",
                 layer_names=names,
                 options=resolved[spec.name],
                 batch_size=batch_size,
                 mixed_precision=mixed_precision,
             )
-            if spec.multi_layer and names:
-                ctx.layer = names[-1]
             low, valid = finalize(spec.fn(ctx))
             maps = upsample(low, size) if upsample_maps else None
             outputs[spec.name] = CamOutput(spec.name, maps, low, valid, names)
     return CamResult(logits=logits, outputs=outputs)
+
+
+def _specs(
+    methods: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None
+) -> tuple[list[CamMethod], dict[str, dict[str, Any]]]:
+    """The registered methods and their options (defaults overlaid), after checking the arguments."""
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods:
+        raise ValueError("methods is empty; pass at least one method name")
+    options = dict(options or {})
+    unknown = [m for m in options if m not in methods]
+    if unknown:
+        raise ValueError(f"options given for method(s) {unknown} that are not in methods={list(methods)}")
+    specs = [CAMS[m] for m in methods]
+    return specs, {s.name: s.resolve_options(options.get(s.name)) for s in specs}
+
+
+def _layers_per_method(
+    model: nn.Module, images: Tensor, specs: list[CamMethod], resolved: dict[str, dict[str, Any]], layer: LayerArg
+) -> dict[str, list[str]]:
+    """The layer names each method reads (none for black-box methods), each resolved against the model."""
+    default = None
+    if any(s.needs != "nothing" for s in specs) and (
+        layer is None or any(s.needs != "nothing" and not s.multi_layer for s in specs)
+    ):
+        single = layer if isinstance(layer, str) or layer is None else (layer[0] if len(layer) == 1 else None)
+        if single is not None or layer is None:
+            default = resolve_layer(model, single, images)
+    per_method = {s.name: _method_layers(s, layer, resolved[s.name], default) for s in specs}
+    for names in per_method.values():
+        for name in names:
+            resolve_layer(model, name, images)
+    return per_method
+
+
+def _shared_pass(
+    model: nn.Module, images: Tensor, targets: Tensor, specs: list[CamMethod], per_method: dict[str, list[str]]
+) -> tuple[Tensor, dict[str, LayerData]]:
+    """One forward (+ one backward to the layers when a method needs gradients): float logits and captures."""
+    all_layers = list(dict.fromkeys(n for names in per_method.values() for n in names))
+    if all_layers:
+        logits, captured = layer_pass(
+            model, images, targets, all_layers, grad=any(s.needs == "gradients" for s in specs)
+        )
+        return logits.float(), captured
+    with torch.no_grad():
+        logits = model(images)
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise ValueError("the model must return logits of shape [B, num_classes]")
+    check_target_range(targets, logits.shape[1])
+    return logits.detach().float(), {}
 
 
 @overload

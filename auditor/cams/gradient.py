@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from auditor.cams.core import CamContext, chunks, combine, get_module, inspect_model, layer_pass, upsample
+from auditor.cams.context import CamContext, combine, upsample
+from auditor.cams.layers import get_module, inspect_model, layer_pass
 from auditor.cams.registry import register_cam
+from auditor.cams.speed import chunks
 from auditor.errors import MethodNotApplicableError
 
 

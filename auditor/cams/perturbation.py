@@ -18,8 +18,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from auditor.cams.core import CamContext, Layout, balanced_chunks, chunks, get_module, upsample
+from auditor.cams.context import CamContext, upsample
+from auditor.cams.layers import Layout, get_module
 from auditor.cams.registry import register_cam
+from auditor.cams.speed import balanced_chunks, chunks
 from auditor.ops import minmax
 
 log = logging.getLogger(__name__)

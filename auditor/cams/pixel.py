@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from auditor.cams.core import CamContext, combine, upsample
+from auditor.cams.context import CamContext, combine, upsample
 from auditor.cams.registry import register_cam
 from auditor.errors import MethodNotApplicableError
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from auditor.cams.core import CamContext
+from auditor.cams.context import CamContext
 from auditor.registry import Registry, merge_options
 
 MethodFn = Callable[[CamContext], Tensor]

@@ -64,28 +64,13 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         warnings: list[str] = []
         full_mask, source = self._full_mask(spec, h, w, warnings)
         sx, sy = s / w, s / h
-        boxes = []
-        for x0, y0, x1, y1 in spec.boxes:
-            cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
-            if cx1 <= cx0 or cy1 <= cy0:
-                warnings.append(f"box {[x0, y0, x1, y1]} lies outside the {w}x{h} image: dropped")
-                continue
-            if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-                warnings.append(f"box {[x0, y0, x1, y1]} extends past the {w}x{h} image: clipped")
-            boxes.append((cx0 * sx, cy0 * sy, cx1 * sx, cy1 * sy))
-        box_t = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+        boxes = _resized_boxes(spec.boxes, h, w, sx, sy, warnings)
         if full_mask is not None:
             mask_t = torch.from_numpy(full_mask)[None, None].float()
             mask = F.interpolate(mask_t, size=(s, s), mode="nearest")[0, 0] > 0.5
-        elif len(boxes):
-            mask = torch.zeros(s, s, dtype=torch.bool)
-            for x0, y0, x1, y1 in boxes:  # pixel (i, j) is inside when its centre is
-                r0, r1 = round(y0), max(round(y1), round(y0) + 1)
-                c0, c1 = round(x0), max(round(x1), round(x0) + 1)
-                mask[r0:r1, c0:c1] = True
-            source = "boxes"
         else:
-            mask = torch.zeros(s, s, dtype=torch.bool)
+            mask = _box_mask(boxes, s)
+            source = "boxes" if boxes else source
         has_mask = source != "none"
         if has_mask and not bool(mask.any()):
             warnings.append("empty mask (no object pixel after resizing): localization metrics are NaN")
@@ -96,7 +81,7 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
             "mask": mask,
             "has_mask": has_mask,
             "mask_source": source,
-            "boxes": box_t,
+            "boxes": torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
             "scale": float(np.sqrt(sx * sy)),
             "sha1": hashlib.sha1(data).hexdigest(),
             "orig_size": (h, w),
@@ -132,6 +117,32 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
                     warnings.append(f"RLE mask size {decoded.shape} differs from the image {h}x{w}: ignored")
             return mask, "polygons"
         return None, "none"
+
+
+def _resized_boxes(
+    boxes: Sequence[tuple[float, float, float, float]], h: int, w: int, sx: float, sy: float, warnings: list[str]
+) -> list[tuple[float, float, float, float]]:
+    """Boxes clipped to the ``w x h`` image (dropped when outside, with a warning) and scaled by ``(sx, sy)``."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+        if cx1 <= cx0 or cy1 <= cy0:
+            warnings.append(f"box {[x0, y0, x1, y1]} lies outside the {w}x{h} image: dropped")
+            continue
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            warnings.append(f"box {[x0, y0, x1, y1]} extends past the {w}x{h} image: clipped")
+        out.append((cx0 * sx, cy0 * sy, cx1 * sx, cy1 * sy))
+    return out
+
+
+def _box_mask(boxes: Sequence[tuple[float, float, float, float]], s: int) -> torch.Tensor:
+    """``[s, s]`` bool union of the boxes; pixel (i, j) is inside when its centre is."""
+    mask = torch.zeros(s, s, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        r0, r1 = round(y0), max(round(y1), round(y0) + 1)
+        c0, c1 = round(x0), max(round(x1), round(x0) + 1)
+        mask[r0:r1, c0:c1] = True
+    return mask
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _BOX_COLS = ("x0", "y0", "x1", "y1")
 _RESERVED = {"path", "label", "mask", "id", "boxes", *_BOX_COLS}
+Box = tuple[float, float, float, float]
 
 
 @dataclass
@@ -67,6 +68,23 @@ def _float(value: str, origin: str, column: str) -> float:
         raise DataError(f"{origin}: column {column!r} must be a number, got {value!r}") from None
 
 
+def _row_boxes(row: dict[str, Any], box_cols: bool, boxes_col: bool, origin: str) -> list[Box]:
+    """The boxes of one manifest row: ``x0, y0, x1, y1`` columns and/or a JSON ``boxes`` list."""
+    boxes: list[Box] = []
+    if box_cols and any(str(row[c]).strip() for c in _BOX_COLS):
+        x0, y0, x1, y1 = (_float(str(row[c]), origin, c) for c in _BOX_COLS)
+        boxes.append((x0, y0, x1, y1))
+    if boxes_col and str(row["boxes"]).strip():
+        try:
+            parsed = json.loads(row["boxes"])
+            boxes += [tuple(float(v) for v in b) for b in parsed]  # type: ignore[misc]
+        except (ValueError, TypeError) as err:
+            raise DataError(f"{origin}: column 'boxes' must be a JSON list of [x0, y0, x1, y1]: {err}") from None
+        if any(len(b) != 4 for b in boxes):
+            raise DataError(f"{origin}: every box needs 4 numbers x0, y0, x1, y1")
+    return boxes
+
+
 def read_manifest(path: Path, root: Path | None, classes: list[str] | None, metadata: list[str] | None) -> Dataset:
     """Read a CSV manifest: ``path, label[, mask][, x0, y0, x1, y1 | boxes][, id][, metadata...]``.
 
@@ -99,18 +117,7 @@ def read_manifest(path: Path, root: Path | None, classes: list[str] | None, meta
         if not rel:
             raise DataError(f"{origin}: empty path")
         label = _class_index(str(row["label"]).strip(), classes, origin)
-        boxes: list[tuple[float, float, float, float]] = []
-        if present_box and any(str(row[c]).strip() for c in _BOX_COLS):
-            x0, y0, x1, y1 = (_float(str(row[c]), origin, c) for c in _BOX_COLS)
-            boxes.append((x0, y0, x1, y1))
-        if "boxes" in df.columns and str(row["boxes"]).strip():
-            try:
-                parsed = json.loads(row["boxes"])
-                boxes += [tuple(float(v) for v in b) for b in parsed]  # type: ignore[misc]
-            except (ValueError, TypeError) as err:
-                raise DataError(f"{origin}: column 'boxes' must be a JSON list of [x0, y0, x1, y1]: {err}") from None
-            if any(len(b) != 4 for b in boxes):
-                raise DataError(f"{origin}: every box needs 4 numbers x0, y0, x1, y1")
+        boxes = _row_boxes(row, bool(present_box), "boxes" in df.columns, origin)
         mask = str(row.get("mask", "")).strip()
         meta = {c: str(row[c]) for c in extra}
         sid = str(row.get("id", "")).strip() or rel

@@ -14,7 +14,7 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 from torch import Tensor
 
-from auditor.cams.core import balanced_chunks
+from auditor.cams.speed import balanced_chunks
 from auditor.metrics.registry import MetricInputs, MetricResult, pixel_ranks, register_metric
 from auditor.ops import minmax, separable_blur
 

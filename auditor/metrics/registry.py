@@ -69,7 +69,7 @@ class MetricInputs:
         """Softmax probability ``[n]`` of ``targets`` for inputs ``x``, in chunks of ``batch_size``."""
         model, _, _ = self.require_model("probs")
         out = []
-        from auditor.cams.core import autocast, balanced_chunks
+        from auditor.cams.speed import autocast, balanced_chunks
 
         with torch.no_grad(), autocast(x.device, self.mixed_precision):
             for sl in balanced_chunks(x.shape[0], self.batch_size):

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from auditor.cams import compute_cams
-from auditor.cams.core import layer_pass, model_state, resolve_layer
+from auditor.cams.core import model_state
+from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.errors import MethodNotApplicableError
 from auditor.run.rundir import DEEPDIVE, RunDir, atomic_write_bytes
 from auditor.shortcuts.flags import Flag

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -17,7 +18,6 @@ import torchvision
 import yaml
 from torch import Tensor
 
-from auditor import __version__
 from auditor.cams import CAMS
 from auditor.config import dump_resolved
 from auditor.metrics.registry import metric_columns
@@ -29,19 +29,43 @@ from auditor.run.rundir import FLAGS, SUMMARY, RunDir
 from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
 from auditor.shortcuts.flags import Flag, flags_file
+from auditor.shortcuts.interventions import hotspot_intervention
 from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
+from auditor.version import __version__
 
 
-def intervener(plan: Plan) -> Intervener:
-    """Model access for interventions: reload images by row, convert between pixels and model inputs."""
-    mean_std = plan.cfg.data.mean_std()
-    mean = torch.tensor(mean_std[0], device=plan.device) if mean_std else None
-    std = torch.tensor(mean_std[1], device=plan.device) if mean_std else None
+def loader(plan: Plan) -> Callable[[Sequence[int]], Tensor]:
+    """Rows -> ``[n, 3, S, S]`` normalized images on the model's device (reloaded from the files)."""
 
     def load(rows: Sequence[int]) -> Tensor:
         return torch.stack([plan.dataset[int(r)]["image"] for r in rows]).to(plan.device)
 
-    return Intervener(plan.loaded.module, load, lambda x: to_pixels(x, mean, std), lambda x: from_pixels(x, mean, std))
+    return load
+
+
+def intervener(plan: Plan) -> Intervener:
+    """Model access for the analyses' interventions (region removal and pasting, see ``interventions``)."""
+    mean_std = plan.cfg.data.mean_std()
+    mean = torch.tensor(mean_std[0], device=plan.device) if mean_std else None
+    std = torch.tensor(mean_std[1], device=plan.device) if mean_std else None
+    load = loader(plan)
+
+    def region_test(
+        own_rows: Sequence[int], other_rows: Sequence[int], cls: int, region: Sequence[float], seed: int
+    ) -> dict[str, Any]:
+        return hotspot_intervention(
+            plan.loaded.module,
+            load,
+            own_rows,
+            other_rows,
+            cls,
+            region,
+            to_pixels=lambda x: to_pixels(x, mean, std),
+            from_pixels=lambda x: from_pixels(x, mean, std),
+            seed=seed,
+        )
+
+    return Intervener(region_test)
 
 
 def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -> list[str]:
@@ -95,7 +119,7 @@ def _deep_dive(plan: Plan, flags: list[Flag], table: pd.DataFrame) -> list[str]:
         flags,
         table,
         plan.loaded.module,
-        intervener(plan).load,
+        loader(plan),
         {c: i for i, c in enumerate(plan.classes)},
         plan.layer,
         plan.loaded.scripted,

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from auditor.cams import compute_cams
-from auditor.cams.core import auto_chunk, choose_memory_format, inspect_model, low_precision_pays, set_memory_format
+from auditor.cams.layers import inspect_model
+from auditor.cams.speed import auto_chunk, choose_memory_format, low_precision_pays, set_memory_format
 from auditor.config import AuditConfig, dump_resolved
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.io.dataset import AuditDataset

@@ -125,8 +125,6 @@ def _strongest(support: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Remove / paste each candidate region on seeded draws of the class's and other classes' images."""
-    from auditor.shortcuts.interventions import hotspot_intervention
-
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
     rng = np.random.default_rng(inputs.seed)
@@ -137,17 +135,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         other = first[first["label"] != cls]["row"].to_numpy()
         own = np.sort(rng.choice(own, min(n, len(own)), replace=False))
         other = np.sort(rng.choice(other, min(n, len(other)), replace=False))
-        result = hotspot_intervention(
-            iv.model,
-            iv.load,
-            own.tolist(),
-            other.tolist(),
-            inputs.classes.index(cls),
-            region,
-            to_pixels=iv.to_pixels,
-            from_pixels=iv.from_pixels,
-            seed=inputs.seed,
-        )
+        result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, inputs.seed)
         out[cls] = {"region": region, **result}
     return {"interventions": out}
 

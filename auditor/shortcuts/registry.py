@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,20 +22,30 @@ from auditor.shortcuts.flags import Flag, order_flags
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.thresholds import Thresholds
 
-if TYPE_CHECKING:
-    from torch import Tensor, nn
-
 NEEDS = ("maps", "masks", "attributes", "counterfactuals", "model", "mprt")
+
+
+class RegionTest(Protocol):
+    """Remove a region from some images and paste it into others; returns the intervention's numbers.
+
+    Args:
+        own_rows: rows of the class's images (the region is removed from them).
+        other_rows: rows of other classes' images (the region is pasted into them).
+        cls: the class index.
+        region: normalized ``[x0, y0, x1, y1]``.
+        seed: seed of the imputation noise.
+    """
+
+    def __call__(
+        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, region: Sequence[float], seed: int
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
 class Intervener:
-    """What interventions need: the model and a way to reload images by row (pixel <-> normalized)."""
+    """Model access for interventions, injected by the run stage: analyses call it and import no torch."""
 
-    model: nn.Module
-    load: Callable[[Sequence[int]], Tensor]
-    to_pixels: Callable[[Tensor], Tensor]
-    from_pixels: Callable[[Tensor], Tensor]
+    region_test: RegionTest
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from auditor import compute_cam, compute_cams
-from auditor.cams.core import Layout, infer_layout, inspect_model
+from auditor.cams.layers import Layout, infer_layout, inspect_model
 from auditor.errors import MethodNotApplicableError
 
 CNNS = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from auditor import compute_cams
-from auditor.cams.core import MAX_CHUNK_CPU, auto_chunk, choose_memory_format, set_memory_format
+from auditor.cams.speed import MAX_CHUNK_CPU, auto_chunk, choose_memory_format, set_memory_format
 from auditor.stats import spearman_rows
 from tests.conftest import SmallCNN
 from tests.shortcuts.planted import make, tensors, train
@@ -101,7 +101,7 @@ def test_every_method_gives_the_same_maps_in_channels_last(small_cnn: SmallCNN) 
 
 
 def test_balanced_chunks_cover_the_jobs_in_the_fewest_even_chunks() -> None:
-    from auditor.cams.core import balanced_chunks
+    from auditor.cams.speed import balanced_chunks
 
     assert [(s.start, s.stop) for s in balanced_chunks(32, 15)] == [(0, 11), (11, 22), (22, 32)]
     assert list(balanced_chunks(0, 4)) == []

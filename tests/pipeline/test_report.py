@@ -45,3 +45,33 @@ def test_report_is_self_contained_escaped_and_re_rendered(dataset_dir: Path, tmp
     report.unlink()
     assert main(["report", str(tmp_path / "run")]) == 0  # re-rendered from the saved files alone
     assert report.read_text() == before
+
+
+def test_gate_report_and_compare_run_without_torch(dataset_dir: Path, tmp_path: Path) -> None:
+    """The commands that read finished runs work in a process where ``import torch`` fails."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam", "hires_cam"])
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    before = (run / "report.html").read_text()
+    code = (
+        "import sys\n"
+        "class Block:  # any import of torch now raises ImportError\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from auditor.cli import main\n"
+        f"run = {str(run)!r}\n"
+        "codes = [main(['gate', run]), main(['report', run]), main(['compare', run, run, '--out', run + '/c.html'])]\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(codes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes[1:] == [0, 0] and codes[0] in (0, 1)  # the gate may fail: this model learned the sky
+    assert (run / "c.html").exists() and (run / "report.html").read_text() == before  # re-rendered identically

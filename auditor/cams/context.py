@@ -1,0 +1,127 @@
+"""What a method function receives (:class:`CamContext`), and the steps every method shares: combine the
+channel weights with the activations, finalize (ReLU + validity), upsample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from auditor.cams.layers import LayerData
+from auditor.cams.speed import autocast
+
+# --------------------------------------------------------------------------------------------------
+# combine, finalize, upsample
+# --------------------------------------------------------------------------------------------------
+
+
+def combine(weights: Tensor, activations: Tensor) -> Tensor:
+    """Weighted channel sum: ``sum_k w_k * A^k``.
+
+    Args:
+        weights: ``[B, K]`` channel weights or ``[B, K, h, w]`` element weights.
+        activations: ``[B, K, h, w]``.
+
+    Returns:
+        ``[B, h, w]`` signed map.
+    """
+    if weights.ndim == 2:
+        return torch.einsum("bk,bkhw->bhw", weights, activations)
+    return (weights * activations).sum(1)
+
+
+def finalize(signed: Tensor) -> tuple[Tensor, Tensor]:
+    """ReLU a signed map and flag the maps that carry no information.
+
+    Args:
+        signed: ``[B, h, w]`` raw signed map.
+
+    Returns:
+        ``(map [B, h, w] float32 >= 0 without NaN/inf, valid [B] bool)``; ``valid`` is False where the
+        map had a non-finite value or is constant after the ReLU (e.g. all zero).
+    """
+    signed = signed.float()
+    finite = torch.isfinite(signed).flatten(1).all(1)
+    relu = torch.nan_to_num(signed, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    flat = relu.flatten(1)
+    constant = flat.amax(1) <= flat.amin(1)
+    return relu, finite & ~constant
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (``align_corners=False``) resize of ``[B, h, w]`` maps to ``size``; identity if equal."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# what a method function receives
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CamContext:
+    """Everything a CAM method function may use.
+
+    Attributes:
+        model: the classifier, in eval mode, with no auditor hooks attached.
+        images: ``[B, C, H, W]`` on the model's device.
+        targets: ``[B]`` explained class indices.
+        logits: ``[B, num_classes]`` of the unperturbed images (detached).
+        layers: captured layers by name (activations/gradients on ``[B, K, h, w]`` grids).
+        layer: the method's target layer name (or the first of several for multi-layer methods).
+        layer_names: every layer this method uses (in depth order).
+        options: the method's options, defaults filled in.
+        batch_size: chunk size for extra forwards (masked / noisy / ablated inputs).
+        mixed_precision: run extra forwards under autocast.
+    """
+
+    model: nn.Module
+    images: Tensor
+    targets: Tensor
+    logits: Tensor
+    layers: dict[str, LayerData]
+    layer: str
+    layer_names: list[str]
+    options: dict[str, Any]
+    batch_size: int
+    generator: torch.Generator | None = None
+    mixed_precision: bool = False
+
+    @property
+    def data(self) -> LayerData:
+        """The captured data of the method's (first) target layer."""
+        return self.layers[self.layer]
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Logits ``[n, num_classes]`` of extra inputs, without gradients (float32 out).
+
+        With ``mixed_precision`` the forward runs under autocast (bfloat16 on CPU, float16 on CUDA).
+        """
+        with torch.no_grad(), autocast(inputs.device, self.mixed_precision):
+            return self.model(inputs).float()
+
+    def scores(self, inputs: Tensor, targets: Tensor, kind: str = "logit") -> Tensor:
+        """Score ``[n]`` of class ``targets[i]`` for ``inputs[i]``: raw logit or softmax probability."""
+        logits = self.forward(inputs)
+        if kind == "prob":
+            logits = logits.softmax(1)
+        elif kind != "logit":
+            raise ValueError(f"score must be 'logit' or 'prob', got {kind!r}")
+        return logits.gather(1, targets[:, None])[:, 0]
+
+    def base_scores(self, kind: str = "logit") -> Tensor:
+        """Score ``[B]`` of the unperturbed images for their targets."""
+        logits = self.logits.softmax(1) if kind == "prob" else self.logits
+        return logits.gather(1, self.targets[:, None])[:, 0]
+
+    def rng(self) -> torch.Generator:
+        """A generator seeded from the method's ``seed`` option, on the images' device."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.images.device)
+            self.generator.manual_seed(int(self.options.get("seed", 0)))
+        return self.generator

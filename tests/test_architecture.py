@@ -1,0 +1,134 @@
+"""The architecture's rules, checked on the source: imports point down the layers, readers of finished runs
+import no torch, modules and functions stay small. ``docs/architecture.md`` draws the same layers."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1] / "auditor"
+
+# Lower layers never import higher ones. Layers 0-2 import no torch (readers of finished runs live there).
+LAYERS: dict[int, tuple[str, ...]] = {
+    0: ("version", "errors", "registry", "validation", "stats", "ops"),
+    1: (
+        "run.rundir",
+        "run.schema",
+        "shortcuts.flags",
+        "shortcuts.thresholds",
+        "shortcuts.grids",
+        "io.sources",
+        "io.images",
+    ),
+    2: (
+        "shortcuts.registry",
+        "shortcuts.catalog",
+        "shortcuts.background",
+        "shortcuts.hotspots",
+        "shortcuts.attributes",
+        "shortcuts.counterfactual",
+        "shortcuts.clusters",
+        "shortcuts.reliability",
+        "outputs.render",
+        "outputs.gate",
+        "outputs.report",
+        "outputs.compare",
+        "outputs.browser",
+    ),
+    3: ("cams", "metrics"),
+    4: ("config", "io.models", "io.dataset", "shortcuts.probes", "shortcuts.interventions", "synthetic"),
+    5: (
+        "run.setup",
+        "run.mapstage",
+        "run.aggregate",
+        "run.sanity",
+        "run.deepdive",
+        "run.flagged",
+        "run.progress",
+        "run.reduce",
+        "run.local",
+    ),
+    6: ("demo", "cli", "__main__", "__init__"),
+}
+PACKAGE_INITS = ("io", "run", "shortcuts", "outputs")  # docstring-only __init__ files
+
+
+def _layer(module: str) -> int:
+    """The layer of ``auditor.<module>``: the entry whose name is the module or one of its packages."""
+    best = None
+    for layer, names in LAYERS.items():
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > len(best[1])):
+                best = (layer, name)
+    if best is None:
+        raise AssertionError(f"auditor.{module} has no layer: add it to LAYERS and docs/architecture.md")
+    return best[0]
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+            if parts[0] in PACKAGE_INITS and len(parts) == 1:
+                continue  # checked below: they import nothing
+        out.append((".".join(parts), path))
+    return out
+
+
+def _imports(path: Path) -> list[str]:
+    """Every ``auditor.*`` module imported anywhere in the file (function-level imports included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("auditor"):
+            base = node.module.removeprefix("auditor").removeprefix(".")
+            for alias in node.names:  # ``from auditor.run import local``: the submodule auditor.run.local
+                sub = Path(*base.split("."), alias.name) if base else Path(alias.name)
+                is_module = (ROOT / sub).is_dir() or (ROOT / sub).with_suffix(".py").is_file()
+                found.append(".".join(sub.parts) if is_module else base or "__init__")
+        elif isinstance(node, ast.Import):
+            found += [a.name.removeprefix("auditor.") for a in node.names if a.name.startswith("auditor.")]
+    return found
+
+
+def test_every_import_points_down_the_layers() -> None:
+    upward = []
+    for module, path in _modules():
+        own = _layer(module)
+        for target in _imports(path):
+            if _layer(target) > own:
+                upward.append(f"auditor.{module} (layer {own}) imports auditor.{target} (layer {_layer(target)})")
+    assert upward == []
+
+
+def test_package_inits_import_nothing() -> None:
+    for name in PACKAGE_INITS:
+        tree = ast.parse((ROOT / name / "__init__.py").read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)], name
+
+
+@pytest.mark.parametrize("module", ["auditor.outputs.gate", "auditor.outputs.report", "auditor.outputs.compare"])
+def test_readers_of_finished_runs_import_without_torch(module: str) -> None:
+    code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_no_module_or_function_is_too_long() -> None:
+    """~500 lines a module, ~60 lines of code a function (its docstring not counted)."""
+    long = []
+    for module, path in _modules():
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            long.append(f"auditor.{module}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+                n = (node.end_lineno or node.lineno) - body[0].lineno + 1  # code lines, docstring excluded
+                if n > 60:
+                    long.append(f"auditor.{module}.{node.name}: {n} lines")
+    assert long == []
