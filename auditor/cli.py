@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from auditor.errors import AuditorError
+from auditor.run.rundir import REPORT, RunDir
 from auditor.version import __version__
 
 log = logging.getLogger("auditor")
@@ -116,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"audited {summary['dataset']['n']} images ({len(summary['dataset']['skipped'])} skipped), "
         f"accuracy {acc['accuracy']:.3f}; results in {args.out}"
     )
-    flags = json.loads((Path(args.out) / "flags.json").read_text())["flags"]
+    flags = RunDir(args.out).read_flags()
     for flag in flags[:5]:
         print(f"  [{flag['severity']}] {flag['message']}")
     if len(flags) > 5:
@@ -157,14 +158,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     summary = run_demo(out)
-    flags = json.loads((out / "run" / "flags.json").read_text())["flags"]
+    flags = RunDir(out / "run").read_flags()
     print(
         f"audited {summary['dataset']['n']} images in {time.perf_counter() - start:.0f} s; "
         f"accuracy {summary['accuracy']['*']['accuracy']:.2f}"
     )
     for flag in flags[:5]:
         print(f"  [{flag['severity']}] {flag['message']}")
-    print(f"report: {(out / 'run' / 'report.html').resolve()}")
+    print(f"report: {(RunDir(out / 'run') / REPORT).resolve()}")
     return 0
 
 

@@ -122,7 +122,7 @@ def test_rule_files_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="op \\+ value, or max_drop"):
         load_rules(bad)
     rules, source = load_rules(None)
-    assert len(rules) == 2 and "default" in source
+    assert len(rules) == 3 and "default" in source
     assert Path("configs/gates.yaml").read_text() == Path("auditor/resources/gates.yaml").read_text()
 
 

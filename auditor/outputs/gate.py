@@ -17,7 +17,6 @@ SKIPPED (a baseline rule without ``--baseline``: it does not fail).
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import os
@@ -32,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from auditor.errors import ConfigError
-from auditor.run.rundir import write_json
+from auditor.run.rundir import GATE, SUMMARY, RunDir, write_json
 from auditor.shortcuts.flags import SEVERITY_RANK
 from auditor.validation import format_validation_error
 
@@ -182,12 +181,10 @@ def load_rules(path: Path | None) -> tuple[list[Rule], str]:
 
 def load_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, flags) of a finished run directory."""
-    summary_path, flags_path = run / "summary.json", run / "flags.json"
-    if not summary_path.is_file():
-        raise ConfigError(f"{run} is not a finished run (no summary.json); run 'auditor run' first")
-    summary = json.loads(summary_path.read_text())
-    flags = json.loads(flags_path.read_text())["flags"] if flags_path.is_file() else []
-    return summary, flags
+    rundir = RunDir(run)
+    if not rundir.has(SUMMARY):
+        raise ConfigError(f"{run} is not a finished run (no {SUMMARY}); run 'auditor run' first")
+    return rundir.read_json(SUMMARY), rundir.read_flags()
 
 
 def check_compatible(run: dict[str, Any], base: dict[str, Any]) -> None:
@@ -412,7 +409,7 @@ def run_gate(run: Path, rules_path: Path | None, baseline: Path | None, junit: P
     checks = evaluate(rules, summary, flags, base)
     ok = passed(checks)
     write_json(
-        run / "gate.json",
+        run / GATE,
         {
             "schema_version": 1,
             "passed": ok,

@@ -141,6 +141,10 @@ class RunDir:
     def read_table(self) -> pd.DataFrame:
         return pd.read_parquet(self.root / SAMPLES)
 
+    def read_flags(self) -> list[dict[str, Any]]:
+        """``flags.json``'s flags (empty when the file is absent)."""
+        return list(self.read_json(FLAGS)["flags"]) if self.has(FLAGS) else []
+
     def has_maps(self, method: str, target: str) -> bool:
         return self.map_path(method, target).exists()
 
