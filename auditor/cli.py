@@ -9,17 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from auditor.errors import AuditorError
+from auditor.errors import AuditorError, ConfigError
 from auditor.run.rundir import REPORT, RunDir
 from auditor.version import __version__
 
 log = logging.getLogger("auditor")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """Text from the data (labels, paths, messages) with control characters (terminal escapes) replaced."""
+    if not keep_newlines:
+        text = text.replace("\n", " ")
+    return _CONTROL.sub("?", text)
 
 
 def _methods_rows() -> list[dict[str, str]]:
@@ -103,7 +112,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if v is not None
     }
     if updates:
-        cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+        from pydantic import ValidationError
+
+        from auditor.config import AuditConfig
+        from auditor.validation import format_validation_error
+
+        try:
+            cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "command line", AuditConfig)) from None
     only = [c.strip() for c in args.only_classes.split(",") if c.strip()] if args.only_classes else None
     summary = run_audit(
         cfg,
@@ -119,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     flags = RunDir(args.out).read_flags()
     for flag in flags[:5]:
-        print(f"  [{flag['severity']}] {flag['message']}")
+        print(f"  [{flag['severity']}] {printable(flag['message'])}")
     if len(flags) > 5:
         print(f"  ... {len(flags) - 5} more in {Path(args.out) / 'flags.json'}")
     if args.gate is not None or cfg.gates is not None:
@@ -164,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"accuracy {summary['accuracy']['*']['accuracy']:.2f}"
     )
     for flag in flags[:5]:
-        print(f"  [{flag['severity']}] {flag['message']}")
+        print(f"  [{flag['severity']}] {printable(flag['message'])}")
     print(f"report: {(RunDir(out / 'run') / REPORT).resolve()}")
     return 0
 
@@ -273,8 +290,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditorError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err), keep_newlines=True)}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished batches are kept)", file=sys.stderr)
+        return 130
+    except Exception as err:  # not one of ours: a runtime error (3), never the gate's 1, and never silent
+        if args.debug:
+            raise
+        print(
+            f"error: unexpected {type(err).__name__}: {printable(str(err))}\n"
+            "this input is not handled cleanly yet; rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

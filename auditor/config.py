@@ -8,13 +8,23 @@ resolve against the config file's folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import ConfigError
+from auditor.io.images import DEFAULT_MAX_PIXELS
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.validation import format_validation_error
@@ -34,7 +44,7 @@ class ModelConfig(_Strict):
     torchscript: Path | None = None
     factory: str | None = None
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
-    num_classes: int | None = Field(default=None, ge=1)
+    num_classes: StrictInt | None = Field(default=None, ge=1)
     checkpoint: Path | None = None
     target_layer: str | list[str] | None = None
 
@@ -72,9 +82,23 @@ class DataConfig(_Strict):
     coco: Path | None = None
     root: Path | None = None
     classes: list[str] | None = None
-    image_size: int = Field(default=224, ge=8, le=4096)
+    image_size: StrictInt = Field(default=224, ge=8, le=4096)
     normalize: Literal["imagenet", "none"] | NormalizeConfig = "imagenet"
     metadata: list[str] | None = None
+    max_image_pixels: StrictInt = Field(
+        default=DEFAULT_MAX_PIXELS, ge=1, description="larger images are skipped, checked from the header"
+    )
+    allow_outside_root: StrictBool = Field(
+        default=False, description="read image and mask paths that resolve outside the data root"
+    )
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, value: Any) -> Any:
+        """Class names may be written as numbers (``[0, 1, 2]``): they are names, compared as text."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -105,15 +129,15 @@ class ExpensiveConfig(_Strict):
     """
 
     subset: Literal["stratified", "flagged", "all"] = "stratified"
-    per_class: int = Field(default=50, ge=1)
+    per_class: StrictInt = Field(default=50, ge=1)
 
 
 class SanityConfig(_Strict):
     """Model-parameter randomization test settings (run once per audit)."""
 
     methods: list[str] = Field(default_factory=lambda: ["grad_cam", "layer_cam"])
-    n_images: int = Field(default=32, ge=2)
-    n_blocks: int = Field(default=3, ge=1)
+    n_images: StrictInt = Field(default=32, ge=2)
+    n_blocks: StrictInt = Field(default=3, ge=1)
 
 
 class AuditConfig(_Strict):
@@ -131,12 +155,15 @@ class AuditConfig(_Strict):
     thresholds: Thresholds = Field(default_factory=lambda: Thresholds())
     gates: Path | None = None
     device: str = "auto"
-    batch_size: int = Field(default=32, ge=1)
-    chunk_size: int | Literal["auto"] = "auto"
-    mixed_precision: bool = False
+    batch_size: StrictInt = Field(default=32, ge=1)
+    chunk_size: Annotated[StrictInt, Field(ge=1)] | Literal["auto"] = "auto"
+    mixed_precision: StrictBool = False
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
-    workers: int = Field(default=0, ge=0)
-    seed: int = 0
+    workers: StrictInt = Field(default=0, ge=0)
+    seed: StrictInt = 0
+    max_nonfinite_share: float = Field(
+        default=0.05, ge=0, le=1, description="stop the run when more samples than this share give NaN/inf logits"
+    )
 
     @field_validator("methods")
     @classmethod

@@ -12,7 +12,8 @@ import yaml
 
 from auditor.cli import main
 from auditor.errors import ConfigError
-from auditor.outputs.gate import Rule, evaluate, github_outputs, load_rules, passed, write_junit
+from auditor.outputs.gate import evaluate, github_outputs, passed, write_junit
+from auditor.outputs.rules import Rule, load_rules
 
 
 def _stat(mean: float | None, n: int = 10) -> dict[str, Any]:
@@ -76,8 +77,12 @@ def test_missing_metric_is_an_error_that_fails() -> None:
         _rules({"metric": "energy_in_mask", "method": "grad_cam", "class": "tank", "op": ">=", "value": 0.5}), s, []
     )
     assert [c.status for c in checks] == ["ERROR"] and not passed(checks)
-    checks = evaluate(_rules({"metric": "pointing_game", "method": "grad_cam", "op": ">=", "value": 0.5}), s, [])
-    assert [c.status for c in checks] == ["ERROR"]
+    # a metric the run does not have is a config error (never a PASS), unless the rule is optional
+    with pytest.raises(ConfigError, match="metric 'pointing_game' is not in this run"):
+        evaluate(_rules({"metric": "pointing_game", "method": "grad_cam", "op": ">=", "value": 0.5}), s, [])
+    optional = {"metric": "pointing_game", "method": "grad_cam", "op": ">=", "value": 0.5, "optional": True}
+    checks = evaluate(_rules(optional), s, [])
+    assert [c.status for c in checks] == ["SKIPPED"] and passed(checks)
 
 
 def test_group_rule() -> None:
@@ -85,12 +90,43 @@ def test_group_rule() -> None:
         _rules({"attribute": "weather", "stat": "accuracy", "op": ">=", "value": 0.8}), _summary({"*": 1}), []
     )
     assert {(c.scope, c.status) for c in checks} == {("weather=sunny", "PASS"), ("weather=cloudy", "FAIL")}
-    missing = evaluate(_rules({"attribute": "hospital", "op": ">=", "value": 0.8}), _summary({"*": 1}), [])
-    assert missing[0].status == "ERROR"
+    with pytest.raises(ConfigError, match="attribute 'hospital' is not in this run"):
+        evaluate(_rules({"attribute": "hospital", "op": ">=", "value": 0.8}), _summary({"*": 1}), [])
+    optional = evaluate(
+        _rules({"attribute": "hospital", "op": ">=", "value": 0.8, "optional": True}), _summary({"*": 1}), []
+    )
+    assert optional[0].status == "SKIPPED"
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            {"flags": {"kind": "backgroud_reliance"}, "max": 0},
+            "flags.kind 'backgroud_reliance' .*did you mean 'background_reliance'",
+        ),
+        ({"flags": {"kind": "*", "class": "tnak"}, "max": 0}, "flags.class 'tnak' .*did you mean 'tank'"),
+        ({"new_flags": {"kind": "clustr"}, "max": 0}, "flags.kind 'clustr'"),
+        (
+            {"metric": "energy_in_msk", "op": ">=", "value": 0.5},
+            "metric 'energy_in_msk' .*did you mean 'energy_in_mask'",
+        ),
+        ({"metric": "energy_in_mask", "method": "gradcam", "op": ">=", "value": 0.5}, "method 'gradcam' .*'grad_cam'"),
+        ({"metric": "energy_in_mask", "class": "buss", "op": ">=", "value": 0.5}, "class 'buss' .*did you mean 'bus'"),
+        ({"metric": "energy_in_mask", "stat": "avg", "op": ">=", "value": 0.5}, "stat 'avg'"),
+        ({"metric": "energy_in_mask", "target": "labels", "op": ">=", "value": 0.5}, "target 'labels'"),
+        ({"attribute": "weathr", "op": ">=", "value": 0.5}, "attribute 'weathr' .*did you mean 'weather'"),
+    ],
+)
+def test_rules_naming_what_the_run_lacks_are_config_errors(rule: dict[str, Any], message: str) -> None:
+    """A misspelled kind, class, method, metric, stat or attribute must never PASS (it used to)."""
+    s = _summary({"*": 0.6, "tank": 0.3, "bus": 0.8})
+    with pytest.raises(ConfigError, match=message):
+        evaluate(_rules(rule), s, [FLAG_HIGH])
 
 
 def test_flag_rules_count_by_kind_and_severity() -> None:
-    s = _summary({"*": 0.6})
+    s = _summary({"*": 0.6, "tank": 0.3, "bus": 0.8})
     high = _rules({"flags": {"kind": "*", "severity": "high"}, "max": 0})
     assert evaluate(high, s, [FLAG_LOW])[0].status == "PASS"
     fail = evaluate(high, s, [FLAG_LOW, FLAG_HIGH])[0]
@@ -127,12 +163,11 @@ def test_rule_files_are_validated(tmp_path: Path) -> None:
 
 
 def test_junit_is_parseable(tmp_path: Path) -> None:
-    s = _summary({"*": 0.6, "tank": 0.3, "bus": 0.8})
+    s = _summary({"*": 0.6, "tank": 0.3, "bus": 0.8, "van": None})  # van: no masks, an ERROR
     checks = evaluate(
         _rules(
             {"metric": "energy_in_mask", "class": "each", "method": "grad_cam", "op": ">=", "value": 0.5},
             {"new_flags": {"severity": "high"}, "max": 0},
-            {"metric": "pointing_game", "method": "grad_cam", "op": ">=", "value": 0.5},
         ),
         s,
         [],

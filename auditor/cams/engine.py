@@ -121,7 +121,7 @@ def compute_cams(
     with model_state(model):
         if batch_size is None:
             batch_size = auto_chunk(model, images) if any(s.family == "perturbation" for s in specs) else 32
-        per_method = _layers_per_method(model, images, specs, resolved, layer)
+        per_method = _resolved_layers(model, images, specs, resolved, layer)
         logits, captured = _shared_pass(model, images, targets, specs, per_method)
         outputs: dict[str, CamOutput] = {}
         for spec in specs:
@@ -160,7 +160,19 @@ def _specs(
     return specs, {s.name: s.resolve_options(options.get(s.name)) for s in specs}
 
 
-def _layers_per_method(
+def layers_per_method(
+    model: nn.Module,
+    images: Tensor,
+    methods: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    layer: LayerArg = None,
+) -> dict[str, list[str]]:
+    """The layer names each method would read on ``model`` (checked to exist); raises ``ValueError`` otherwise."""
+    specs, resolved = _specs(methods, options)
+    return _resolved_layers(model, images, specs, resolved, layer)
+
+
+def _resolved_layers(
     model: nn.Module, images: Tensor, specs: list[CamMethod], resolved: dict[str, dict[str, Any]], layer: LayerArg
 ) -> dict[str, list[str]]:
     """The layer names each method reads (none for black-box methods), each resolved against the model."""

@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
 
-from auditor.io.images import decode_image, decode_mask, polygon_mask, rle_decode
+from auditor.io.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    decode_for,
+    decode_mask,
+    polygon_mask,
+    read_regular,
+    rle_decode,
+)
 from auditor.io.sources import SampleSpec
 
 
@@ -27,10 +34,15 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
     """Map-style dataset over sample specs; each item is a dict (see :meth:`__getitem__`)."""
 
     def __init__(
-        self, samples: Sequence[SampleSpec], image_size: int, mean_std: tuple[list[float], list[float]] | None
+        self,
+        samples: Sequence[SampleSpec],
+        image_size: int,
+        mean_std: tuple[list[float], list[float]] | None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.samples = list(samples)
         self.size = image_size
+        self.max_pixels = max_pixels
         self.mean = torch.tensor(mean_std[0]).view(3, 1, 1) if mean_std else None
         self.std = torch.tensor(mean_std[1]).view(3, 1, 1) if mean_std else None
 
@@ -47,14 +59,10 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         """
         spec = self.samples[index]
         try:
-            data = spec.path.read_bytes()
-        except OSError as err:
-            return {"index": index, "ok": False, "reason": f"cannot read image: {err.strerror or err}"}
-        try:
-            pixels = decode_image(data)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            return {"index": index, "ok": False, "reason": f"corrupt or truncated image: {err}"}
-        h, w = pixels.shape[:2]
+            data = read_regular(spec.path)
+            pixels, (h, w) = decode_for(data, self.max_pixels, self.size)
+        except ImageError as err:
+            return {"index": index, "ok": False, "reason": str(err)}
         s = self.size
         image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
         image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
@@ -62,7 +70,7 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if self.mean is not None and self.std is not None:
             image = (image - self.mean) / self.std
         warnings: list[str] = []
-        full_mask, source = self._full_mask(spec, h, w, warnings)
+        full_mask, source = self._full_mask(spec, h, w, warnings, self.max_pixels)
         sx, sy = s / w, s / h
         boxes = _resized_boxes(spec.boxes, h, w, sx, sy, warnings)
         if full_mask is not None:
@@ -89,17 +97,23 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         }
 
     @staticmethod
-    def _full_mask(spec: SampleSpec, h: int, w: int, warnings: list[str]) -> tuple[np.ndarray | None, str]:
+    def _full_mask(
+        spec: SampleSpec, h: int, w: int, warnings: list[str], max_pixels: int
+    ) -> tuple[np.ndarray | None, str]:
         """The object mask at the original size and its source, or (None, "none")."""
         if spec.mask is not None:
             try:
-                mask = decode_mask(spec.mask.read_bytes())
-            except OSError as err:
-                warnings.append(f"mask {spec.mask} unreadable ({err}): no mask used")
+                mask, distinct = decode_mask(read_regular(spec.mask), max_pixels)
+            except ImageError as err:
+                warnings.append(f"mask {spec.mask.name} unusable ({err}): no mask used")
                 return None, "none"
-            except (UnidentifiedImageError, ValueError, SyntaxError) as err:
-                warnings.append(f"mask {spec.mask} is corrupt ({err}): no mask used")
-                return None, "none"
+            if distinct > 2:
+                warnings.append(
+                    f"mask {spec.mask.name} has {distinct} distinct values, not 2: read as nonzero = object "
+                    "(save masks as 0 = background, nonzero = object)"
+                )
+            if mask.all():
+                warnings.append(f"mask {spec.mask.name} covers the whole image: the object has no background")
             if mask.shape != (h, w):
                 warnings.append(
                     f"mask {spec.mask.name} has size {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}: "
@@ -143,6 +157,25 @@ def _box_mask(boxes: Sequence[tuple[float, float, float, float]], s: int) -> tor
         c0, c1 = round(x0), max(round(x1), round(x0) + 1)
         mask[r0:r1, c0:c1] = True
     return mask
+
+
+def drop(batch: dict[str, Any], positions: Sequence[int], reason: str) -> dict[str, Any]:
+    """The collated ``batch`` without the samples at ``positions``, which join its skipped list with ``reason``."""
+    gone = set(positions)
+    keep = [i for i in range(int(batch["index"].numel())) if i not in gone]
+    rows = batch["index"].tolist()
+    out: dict[str, Any] = {
+        "skipped": [*batch["skipped"], *((rows[i], reason) for i in sorted(gone))],
+        "warnings": [(r, w) for r, w in batch["warnings"] if r not in {rows[i] for i in gone}],
+        "index": batch["index"][keep],
+    }
+    if keep:
+        pick = torch.tensor(keep, dtype=torch.long)
+        for key in ("image", "mask", "has_mask", "scale"):
+            out[key] = batch[key][pick.to(batch[key].device)]
+        for key in ("boxes", "sha1", "mask_source"):
+            out[key] = [batch[key][i] for i in keep]
+    return out
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,34 +3,123 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import stat
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
-def decode_image(data: bytes) -> np.ndarray:
+class ImageError(ValueError):
+    """A file that cannot be used as an image (the message is a stable, human-readable skip reason)."""
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a FIFO would block, a device never ends).
+
+    Raises:
+        ImageError: not a regular file, or unreadable (the reason names the problem, not an address).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ImageError(f"cannot read: {err.strerror or type(err).__name__}") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError("not a regular file (a folder, FIFO or device): only regular files are read")
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ImageError(f"cannot read: {err.strerror or type(err).__name__}") from None
+
+
+def _stable(err: BaseException) -> str:
+    """An exception's message without object addresses, so two runs of the same data give the same reason."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(err))
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before anything is decoded."""
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check must not fire below our limit
+    try:
+        with warnings.catch_warnings():  # the pixel count is checked below, against data.max_image_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"too large to decode ({_stable(err)}); raise data.max_image_pixels to audit it") from None
+    except UnidentifiedImageError:
+        raise ImageError("corrupt, or not an image: PIL cannot identify its format") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"corrupt image: {_stable(err)}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over data.max_image_pixels = {max_pixels}")
+    return im
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> ``[H, W, 3]`` float32 in [0, 1]. Grayscale is repeated, alpha dropped, 16-bit rescaled.
 
-    Raises ``OSError`` / ``UnidentifiedImageError`` / ``ValueError`` for unreadable or truncated files.
+    Raises:
+        ImageError: unreadable, corrupt, truncated or over ``max_pixels`` (a stable reason).
     """
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decodes fully: a truncated file fails here
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    return decode_for(data, max_pixels, None)[0]
+
+
+def decode_for(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`decode_image`, for a caller that needs at least ``min_side`` pixels a side.
+
+    A much larger image is decoded at a reduced scale (JPEG draft mode, then an integer box reduction),
+    so peak memory stays near the output's rather than the file's. Returns the pixels and the original
+    ``(H, W)`` (boxes and masks are given in original pixels).
+    """
+    with _open(data, max_pixels) as im:
+        size = (im.size[1], im.size[0])
+        high_bit = im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+        try:
+            if min_side is not None and im.format == "JPEG":
+                im.draft("RGB", (2 * min_side, 2 * min_side))
+            im.load()  # decodes fully: a truncated file fails here
+            factor = min(im.size) // (2 * min_side) if min_side else 1
+            if factor >= 2 and not high_bit:
+                im = im.convert("RGB").reduce(factor)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageError(f"corrupt or truncated image: {_stable(err)}") from None
+        if high_bit:
             arr = np.asarray(im, dtype=np.float32)
             top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
             arr = np.clip(arr / top, 0, 1)
-            return np.repeat(arr[:, :, None], 3, axis=2)
+            return np.repeat(arr[:, :, None], 3, axis=2), size
         rgb = im if im.mode == "RGB" else im.convert("RGB")
-        return np.asarray(rgb, dtype=np.float32) / 255.0
+        return np.asarray(rgb, dtype=np.float32) / 255.0, size
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """Bytes -> ``[H, W]`` bool (nonzero in any channel = object)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
+def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """Bytes -> ``[H, W]`` bool (nonzero in any channel = object) and the number of distinct pixel values.
+
+    A binary mask has at most 2 distinct values; more means a label map or a photo, which the caller warns
+    about (nonzero still reads as object).
+
+    Raises:
+        ImageError: unreadable, corrupt or too large.
+    """
+    with _open(data, max_pixels) as im:
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageError(f"corrupt or truncated mask: {_stable(err)}") from None
         arr = np.asarray(im)
-    return np.asarray(arr.any(axis=2) if arr.ndim == 3 else arr != 0, dtype=bool)
+    flat = arr.reshape(-1, arr.shape[2]) if arr.ndim == 3 else arr.reshape(-1, 1)
+    distinct = len(np.unique(flat, axis=0)) if flat.shape[1] > 1 else len(np.unique(flat))
+    return np.asarray(arr.any(axis=2) if arr.ndim == 3 else arr != 0, dtype=bool), int(distinct)
 
 
 def rle_counts(counts: str | list[int]) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 from auditor.config import ModelConfig
 from auditor.errors import ModelError
@@ -162,3 +162,65 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
+
+
+def _logits_of(out: Any) -> Tensor | None:
+    """The ``[B, C]`` logits inside a model's output: the tensor itself, the first 2-D tensor of a tuple or
+    list, a dict's ``logits`` entry or its only 2-D tensor (Hugging Face and torchvision aux heads)."""
+    if isinstance(out, Tensor):
+        return out if out.ndim == 2 else None
+    if isinstance(out, list | tuple):
+        return next((o for o in out if isinstance(o, Tensor) and o.ndim == 2), None)
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        if isinstance(out.get("logits"), Tensor) and out["logits"].ndim == 2:
+            return out["logits"]
+        tensors = [v for v in out.values() if isinstance(v, Tensor) and v.ndim == 2]
+        return tensors[0] if len(tensors) == 1 else None
+    return None
+
+
+class _Logits(nn.Module):
+    """Wraps a TorchScript model whose output holds the logits (the methods that apply to it are black-box)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = _logits_of(self.inner(x))
+        assert logits is not None  # checked on the probe image
+        return logits
+
+
+def logits_only(loaded: LoadedModel, example: Tensor) -> LoadedModel:
+    """A model whose forward returns ``[B, C]`` logits, adapting one that returns a tuple, list or dict.
+
+    A Python module keeps its own class and module names (its ``forward`` is wrapped on the instance,
+    so layer names and hooks are unchanged).
+
+    Raises:
+        ModelError: the output holds no ``[B, C]`` logits (naming what it returned and how to fix it).
+    """
+    with torch.no_grad():
+        out = loaded.module(example)
+    logits = _logits_of(out)
+    if logits is None:
+        what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise ModelError(
+            f"the model returned {what}, with no [batch, classes] logits in it; make forward return the logits "
+            "(or a tuple whose first 2-D tensor, or a dict whose 'logits' entry, is the logits)"
+        )
+    if isinstance(out, Tensor):
+        return loaded
+    log.info("the model returns %s: auditing its logits %s", type(out).__name__, tuple(logits.shape))
+    if loaded.scripted:
+        return LoadedModel(_Logits(loaded.module), True, loaded.description)
+    module, inner = loaded.module, loaded.module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Tensor:
+        picked = _logits_of(inner(*args, **kwargs))
+        assert picked is not None
+        return picked
+
+    module.forward = forward
+    return loaded

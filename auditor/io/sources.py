@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +64,12 @@ def _class_index(label: str, classes: list[str], origin: str) -> int:
 
 def _float(value: str, origin: str, column: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise DataError(f"{origin}: column {column!r} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise DataError(f"{origin}: column {column!r} must be a finite number, got {value!r}")
+    return number
 
 
 def _row_boxes(row: dict[str, Any], box_cols: bool, boxes_col: bool, origin: str) -> list[Box]:
@@ -77,7 +81,7 @@ def _row_boxes(row: dict[str, Any], box_cols: bool, boxes_col: bool, origin: str
     if boxes_col and str(row["boxes"]).strip():
         try:
             parsed = json.loads(row["boxes"])
-            boxes += [tuple(float(v) for v in b) for b in parsed]  # type: ignore[misc]
+            boxes += [tuple(_float(str(v), origin, "boxes") for v in b) for b in parsed]  # type: ignore[misc]
         except (ValueError, TypeError) as err:
             raise DataError(f"{origin}: column 'boxes' must be a JSON list of [x0, y0, x1, y1]: {err}") from None
         if any(len(b) != 4 for b in boxes):
@@ -206,7 +210,7 @@ def read_coco(path: Path, root: Path | None, classes: list[str] | None) -> Datas
             origin=origin,
         )
         for a in chosen:
-            x, y, w, h = (float(v) for v in a["bbox"])
+            x, y, w, h = (_float(str(v), origin, "bbox") for v in a["bbox"])
             spec.boxes.append((x, y, x + w, y + h))
             seg = a.get("segmentation")
             if isinstance(seg, list):
@@ -289,9 +293,38 @@ def stratified_subset(labels: Sequence[int], per_class: int, seed: int) -> np.nd
 
 
 def load_dataset(cfg: Any) -> Dataset:
-    """Read the configured source (``cfg`` is a :class:`auditor.config.DataConfig`)."""
+    """Read the configured source (``cfg`` is a :class:`auditor.config.DataConfig`), confined to its root."""
     if cfg.manifest is not None:
-        return read_manifest(cfg.manifest, cfg.root, cfg.classes, cfg.metadata)
-    if cfg.image_folder is not None:
-        return read_image_folder(cfg.image_folder, cfg.mask_folder, cfg.classes)
-    return read_coco(cfg.coco, cfg.root, cfg.classes)
+        data = read_manifest(cfg.manifest, cfg.root, cfg.classes, cfg.metadata)
+        roots = [cfg.root or cfg.manifest.parent]
+    elif cfg.image_folder is not None:
+        data = read_image_folder(cfg.image_folder, cfg.mask_folder, cfg.classes)
+        roots = [cfg.image_folder, *([cfg.mask_folder] if cfg.mask_folder is not None else [])]
+    else:
+        data = read_coco(cfg.coco, cfg.root, cfg.classes)
+        roots = [cfg.root or cfg.coco.parent]
+    if not getattr(cfg, "allow_outside_root", False):
+        confine(data.samples, roots)
+    return data
+
+
+def confine(samples: Sequence[SampleSpec], roots: Sequence[Path]) -> None:
+    """Refuse image or mask paths that resolve (``..``, absolute paths, symbolic links) outside ``roots``.
+
+    A shared report embeds the audited images: a manifest must not be able to pull in any file of the
+    machine. Raises :class:`DataError` naming up to five offending rows.
+    """
+    resolved = [Path(r).resolve() for r in roots]
+    bad = []
+    for s in samples:
+        for kind, path in (("image", s.path), ("mask", s.mask)):
+            if path is not None and not any(Path(path).resolve().is_relative_to(r) for r in resolved):
+                bad.append(f"{s.origin}: {kind} {path} resolves outside {', '.join(map(str, resolved))}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(
+            "paths outside the data root are refused:\n  "
+            + "\n  ".join(bad[:5])
+            + more
+            + "\nmove the files under the root, set data.root, or set data.allow_outside_root: true"
+        )

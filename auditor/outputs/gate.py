@@ -1,39 +1,25 @@
-"""``auditor gate``: evaluate CI rules over a finished run (and optionally a baseline run).
+"""``auditor gate``: evaluate CI rules (:mod:`auditor.outputs.rules`) over a finished run and a baseline run.
 
-Rules (YAML list, DESIGN.md §5), each with an optional ``name`` and ``on_fail: fail | warn``:
-
-* metric rule: ``{metric, method, target, class, stat, op, value}``: ``class`` and ``method`` may be a name,
-  ``"*"`` (the all-classes aggregate) or ``each`` (one check per class / method of the run);
-* group rule: ``{attribute, stat: accuracy, op, value}``: one check per value of a metadata attribute;
-* flag rule: ``{flags: {kind, severity, class}, max}``: at most ``max`` matching flags;
-* baseline metric rule: ``{metric, method, target, class, stat, max_drop}`` (or ``max_rise`` for metrics where
-  lower is better): compared with ``--baseline``;
-* baseline flag rule: ``{new_flags: {kind, severity, class}, max}``: flags (matched by ``id``) absent from the
-  baseline.
-
-Each check is PASS, WARN, FAIL, ERROR (could not be evaluated, e.g. no masks for that class: it fails) or
-SKIPPED (a baseline rule without ``--baseline``: it does not fail).
+Writes ``gate.json``, optionally JUnit XML, a GitHub step summary and annotations; every text that came
+from the data is escaped for its medium. Each check is PASS, WARN, FAIL, ERROR (could not be evaluated:
+it fails) or SKIPPED (a baseline rule without ``--baseline``, an optional rule the run cannot answer).
 """
 
 from __future__ import annotations
 
+import html
 import math
 import operator
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from xml.etree import ElementTree as ET
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from auditor.errors import ConfigError
+from auditor.outputs.rules import Rule, load_rules, validate_rules
 from auditor.run.rundir import GATE, SUMMARY, RunDir, write_json
-from auditor.shortcuts.flags import SEVERITY_RANK
-from auditor.validation import format_validation_error
 
 STATUS_ORDER = ("FAIL", "ERROR", "WARN", "SKIPPED", "PASS")
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -44,98 +30,6 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-
-
-class FlagFilter(BaseModel):
-    """Which flags a flag rule counts; ``severity`` counts that level and above."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    kind: str = "*"
-    severity: Literal["low", "medium", "high"] = "low"
-    class_: str = Field("*", alias="class")
-
-    def matches(self, flag: dict[str, Any]) -> bool:
-        return (
-            (self.kind == "*" or flag["kind"] == self.kind)
-            and SEVERITY_RANK[flag["severity"]] >= SEVERITY_RANK[self.severity]
-            and (self.class_ == "*" or flag.get("class") == self.class_)
-        )
-
-    def describe(self) -> str:
-        return f"{self.severity}+ {self.kind} flags" + ("" if self.class_ == "*" else f" of class {self.class_}")
-
-
-class Rule(BaseModel):
-    """One rule of a rules file (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str | None = None
-    on_fail: Literal["fail", "warn"] = "fail"
-    metric: str | None = None
-    method: str = "each"
-    target: str = "label"
-    class_: str = Field("*", alias="class")
-    stat: str = "mean"
-    op: Literal[">=", ">", "<=", "<", "==", "!="] | None = None
-    value: float | None = None
-    attribute: str | None = None
-    flags: FlagFilter | None = None
-    new_flags: FlagFilter | None = None
-    max: int | None = None
-    max_drop: float | None = None
-    max_rise: float | None = None
-
-    @model_validator(mode="after")
-    def _kind(self) -> Rule:
-        kinds = [
-            k
-            for k, on in (
-                ("metric", self.metric is not None and self.attribute is None),
-                ("group", self.attribute is not None),
-                ("flags", self.flags is not None),
-                ("new_flags", self.new_flags is not None),
-            )
-            if on
-        ]
-        if len(kinds) != 1:
-            raise ValueError("a rule needs exactly one of metric, attribute, flags, new_flags")
-        kind = kinds[0]
-        if kind in ("flags", "new_flags") and self.max is None:
-            raise ValueError(f"a {kind} rule needs 'max'")
-        if kind == "metric":
-            relative = self.max_drop is not None or self.max_rise is not None
-            if relative == (self.op is not None):
-                raise ValueError("a metric rule needs either op + value, or max_drop / max_rise (against a baseline)")
-            if self.op is not None and self.value is None:
-                raise ValueError("a metric rule with 'op' needs 'value'")
-        if kind == "group" and (self.op is None or self.value is None):
-            raise ValueError("an attribute rule needs op and value")
-        return self
-
-    @property
-    def kind(self) -> str:
-        if self.flags is not None:
-            return "flags"
-        if self.new_flags is not None:
-            return "new_flags"
-        if self.attribute is not None:
-            return "group"
-        return "baseline_metric" if self.op is None else "metric"
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        if self.kind == "flags" and self.flags is not None:
-            return f"at most {self.max} {self.flags.describe()}"
-        if self.kind == "new_flags" and self.new_flags is not None:
-            return f"at most {self.max} new {self.new_flags.describe()}"
-        if self.kind == "group":
-            return f"{self.attribute} group {self.stat} {self.op} {self.value}"
-        if self.kind == "baseline_metric":
-            change = f"drop <= {self.max_drop}" if self.max_drop is not None else f"rise <= {self.max_rise}"
-            return f"{self.metric} {self.stat} {change} vs baseline"
-        return f"{self.metric} {self.stat} {self.op} {self.value}"
 
 
 @dataclass
@@ -151,32 +45,6 @@ class Check:
 
 
 # ------------------------------------------------------------------------------------------ loading
-
-
-def load_rules(path: Path | None) -> tuple[list[Rule], str]:
-    """Rules from ``path``, or the packaged default rule set; returns ``(rules, source)``."""
-    if path is None:
-        text = resources.files("auditor").joinpath("resources/gates.yaml").read_text(encoding="utf-8")
-        source = "the packaged default rules (configs/gates.yaml)"
-    else:
-        if not path.is_file():
-            raise ConfigError(f"rules file not found: {path}")
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    if isinstance(raw, dict) and "rules" in raw:
-        raw = raw["rules"]
-    if not isinstance(raw, list):
-        raise ConfigError(f"{source}: expected a list of rules (or a mapping with 'rules:')")
-    rules = []
-    for i, item in enumerate(raw):
-        try:
-            rules.append(Rule.model_validate(item or {}))
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, f"{source}: rule {i + 1}", Rule)) from None
-    return rules, source
 
 
 def load_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -198,6 +66,9 @@ def check_compatible(run: dict[str, Any], base: dict[str, Any]) -> None:
     ma, mb = set(run["aggregates"]), set(base["aggregates"])
     if ma != mb:
         raise ConfigError(f"the baseline ran other methods ({sorted(mb)} vs {sorted(ma)}); use the same 'methods'")
+    ca, cb = run["dataset"].get("classes"), base["dataset"].get("classes")
+    if ca != cb:
+        raise ConfigError(f"the baseline has other classes ({cb} vs {ca}); use the same data.classes in the same order")
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -300,10 +171,14 @@ def evaluate(
     flags: list[dict[str, Any]],
     baseline: Baseline = None,
 ) -> list[Check]:
-    """Evaluate every rule on every scope; the worst statuses first."""
+    """Validate the rules against the run, then evaluate every rule on every scope; the worst statuses first."""
+    skip = validate_rules(rules, summary)
     checks: list[Check] = []
-    for rule in rules:
-        if rule.kind in ("flags", "new_flags"):
+    for i, rule in enumerate(rules):
+        if i in skip:
+            missing = f"{rule.metric} ({rule.target})" if rule.kind != "group" else rule.attribute
+            checks.append(Check(rule.label, "*", "SKIPPED", None, "-", f"optional: this run has no {missing}"))
+        elif rule.kind in ("flags", "new_flags"):
             checks += _flag_checks(rule, flags, baseline)
         elif rule.kind == "group":
             checks += _group_checks(rule, summary)
@@ -364,6 +239,16 @@ def write_junit(checks: list[Check], path: Path) -> None:
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def _markdown_cell(text: str) -> str:
+    """A table cell of GitHub markdown from data (labels, paths): HTML escaped, pipes and newlines neutralized."""
+    return html.escape(str(text)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _annotation(text: str) -> str:
+    """A workflow-command message: GitHub's escapes for %, CR and LF (data cannot start a new command)."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
 def github_outputs(checks: list[Check], run: Path, limit_bytes: int = 1 << 20) -> list[str]:
     """Append a markdown summary to ``$GITHUB_STEP_SUMMARY`` (under 1 MiB) and, under GitHub Actions, return
     at most 10 ``::error`` annotation lines, worst first."""
@@ -371,14 +256,15 @@ def github_outputs(checks: list[Check], run: Path, limit_bytes: int = 1 << 20) -
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if target:
         lines = [
-            f"## auditor gate: {'PASSED' if not bad else 'FAILED'} ({run})",
+            f"## auditor gate: {'PASSED' if not bad else 'FAILED'} ({_markdown_cell(str(run))})",
             "",
             "| status | rule | scope | observed | expected |",
             "|---|---|---|---|---|",
         ]
         for c in checks:
             obs = "-" if c.observed is None else f"{c.observed:.4g}"
-            lines.append(f"| {c.status} | {c.rule} | {c.scope} | {obs} | {c.expected} |".replace("\n", " "))
+            cells = [c.status, c.rule, c.scope, obs, c.expected]
+            lines.append("| " + " | ".join(_markdown_cell(v) for v in cells) + " |")
         text = "\n".join(lines) + "\n"
         encoded = text.encode()
         if len(encoded) > limit_bytes:
@@ -389,8 +275,10 @@ def github_outputs(checks: list[Check], run: Path, limit_bytes: int = 1 << 20) -
     if os.environ.get("GITHUB_ACTIONS") != "true":
         return []
     notes = [
-        f"::error title=auditor gate {c.status}::{c.rule} [{c.scope}]: observed {c.observed}, expected "
-        f"{c.expected}. {c.message}".replace("\n", " ")[:1000]
+        "::error title=auditor gate "
+        + c.status
+        + "::"
+        + _annotation(f"{c.rule} [{c.scope}]: observed {c.observed}, expected {c.expected}. {c.message}"[:1000])
         for c in bad[:10]
     ]
     if len(bad) > 10:

@@ -17,8 +17,9 @@ from scipy import ndimage
 
 from auditor.errors import ConfigError
 from auditor.ops import resize_bilinear
-from auditor.outputs.gate import evaluate, load_rules, load_run, verdict
+from auditor.outputs.gate import evaluate, load_run, verdict
 from auditor.outputs.render import data_uri, environment, grey, overlay, thumbnail
+from auditor.outputs.rules import load_rules
 from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes
 from auditor.shortcuts.registry import evidence_ids, evidence_keys
 
@@ -44,10 +45,11 @@ def _verdict(summary: dict[str, Any], flags: list[dict[str, Any]]) -> tuple[str,
     path = (summary.get("config") or {}).get("gates")
     try:
         rules, _ = load_rules(Path(path) if path else None)
+        checks = evaluate(rules, summary, flags)
     except ConfigError as err:
         log.warning("the report's verdict uses the packaged default rules: %s", err)
         rules, _ = load_rules(None)
-    checks = evaluate(rules, summary, flags)
+        checks = evaluate(rules, summary, flags)
     status = verdict(checks)
     deciding = [c for c in checks if c.status in ("FAIL", "ERROR", "WARN")]
     flag_rules = {r.label for r in rules if r.kind in ("flags", "new_flags")}
@@ -264,6 +266,8 @@ def build_context(root: Path) -> dict[str, Any]:
         "blocks": (sanity.get("mprt") or {}).get("randomized_blocks", []),
         "config": yaml.safe_dump(summary.get("config", {}), sort_keys=False, width=100),
         "skipped": summary["dataset"].get("skipped", [])[:200],
+        "n_skipped": len(summary["dataset"].get("skipped", [])),
+        "skip_counts": summary["dataset"].get("skip_counts", {}),
         "warnings": summary["dataset"].get("warning_counts", {}),
         "timings": summary.get("timings", {}),
         "versions": summary.get("versions", {}),

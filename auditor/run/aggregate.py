@@ -94,12 +94,37 @@ def groups(first: pd.DataFrame, metadata: list[str]) -> dict[str, Any]:
     return out
 
 
+WARNING_KINDS = {  # message fragment -> category of dataset.warning_counts (first match wins)
+    "empty mask": "empty mask",
+    "unusable": "mask unusable",
+    "distinct values": "multi-valued mask",
+    "covers the whole image": "full-image mask",
+    "outside": "outside",
+    "clipped": "clipped",
+    "size": "size",
+}
+SKIP_KINDS = {  # reason fragment -> category of dataset.skip_counts (first match wins)
+    "not a regular file": "not a regular file",
+    "megapixels": "too large",
+    "too large": "too large",
+    "cannot read": "unreadable",
+    "non-finite": "non-finite model output",
+    "corrupt": "corrupt",
+}
+
+
+def _kind(text: str, kinds: dict[str, str]) -> str:
+    return next((kind for fragment, kind in kinds.items() if fragment in text), "other")
+
+
 def warning_kind(warning: str) -> str:
     """A stable category of a per-sample warning, for ``dataset.warning_counts``."""
-    for key in ("empty mask", "outside", "clipped", "size", "unreadable", "corrupt"):
-        if key in warning:
-            return key
-    return "other"
+    return _kind(warning, WARNING_KINDS)
+
+
+def skip_kind(reason: str) -> str:
+    """A stable category of a skip reason, for ``dataset.skip_counts``."""
+    return _kind(reason, SKIP_KINDS)
 
 
 def dataset_info(
@@ -117,6 +142,7 @@ def dataset_info(
         "per_class": {c: int((first["label"] == c).sum()) for c in classes},
         "with_mask": int((first["mask_source"] != "none").sum()),
         "skipped": [{"path": s["path"], "reason": s["reason"]} for s in skipped],
+        "skip_counts": dict(sorted(Counter(skip_kind(s["reason"]) for s in skipped).items())),
         "warning_counts": dict(sorted(kinds.items())),
         "warnings": warnings[:1000],
         "id": hashlib.sha256("\n".join(f"{i}\0{h}" for i, h in ids).encode()).hexdigest(),

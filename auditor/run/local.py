@@ -16,13 +16,13 @@ import torch
 
 from auditor.cams import CAMS
 from auditor.config import AuditConfig
-from auditor.errors import DataError
+from auditor.errors import DataError, ModelError
 from auditor.io.dataset import collate
 from auditor.run import flagged, mapstage
 from auditor.run.mapstage import MapSpec, map_batch
 from auditor.run.progress import Progress
 from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
-from auditor.run.rundir import FLAGGED, MAIN
+from auditor.run.rundir import FLAGGED, MAIN, RunDir
 from auditor.run.schema import Summary
 from auditor.run.setup import Plan, Selection, plan_run
 from auditor.shortcuts.registry import run_analyses
@@ -43,6 +43,39 @@ class Timer:
         now = time.perf_counter()
         self.add(key, now - start)
         return now
+
+
+class NonFinite:
+    """Counts samples with NaN/inf logits; stops the run past ``max_nonfinite_share`` of all its samples.
+
+    The share is of the whole run, so the stop comes as soon as the limit can no longer be met, and the
+    batches committed before it stay (a rerun with a higher limit resumes from them).
+    """
+
+    def __init__(self, plan: Plan, kind: str) -> None:
+        self.plan, self.kind = plan, kind
+        self.count = (
+            sum(
+                e["reason"] == mapstage.NONFINITE
+                for ev in plan.store.events(plan.n_batches, missing_ok=True)
+                for e in ev["skipped"]
+            )
+            if kind == MAIN
+            else 0
+        )
+        self.rows: list[int] = []
+
+    def add(self, n: int, rows: list[int]) -> None:
+        self.count += n
+        self.rows += rows
+        limit = self.plan.cfg.max_nonfinite_share * len(self.plan.samples)
+        if n and self.count > limit:
+            first = ", ".join(str(self.plan.samples[r].path) for r in self.rows[:3])
+            raise ModelError(
+                f"the model returned NaN or inf logits for {self.count} of {len(self.plan.samples)} samples, more "
+                f"than max_nonfinite_share = {self.plan.cfg.max_nonfinite_share} (first: {first}); check the "
+                "checkpoint and data.normalize, or raise max_nonfinite_share to skip them and go on (the run resumes)"
+            )
 
 
 def map_spec(plan: Plan) -> MapSpec:
@@ -87,6 +120,7 @@ def run_batches(
     )
     t = time.perf_counter()
     processed = 0
+    nonfinite = NonFinite(plan, kind)
     for b, batch in zip(numbers, loader, strict=True):
         t = timer.since("data_wait", t)
         out = map_batch(spec, batch)
@@ -98,11 +132,12 @@ def run_batches(
             plan.store.write_events(
                 b,
                 {
-                    "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in batch["skipped"]],
+                    "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in out.skipped],
                     "warnings": [{"row": i, "path": str(rows[i].path), "warning": w} for i, w in batch["warnings"]],
                 },
             )
         mapstage.commit(plan.store, out, b, kind)
+        nonfinite.add(out.nonfinite, [i for i, r in out.skipped if r == mapstage.NONFINITE])
         t = timer.since("write", t)
         processed += out.images
         if bar is not None:
@@ -161,8 +196,13 @@ def run_audit(
         selection: ``--limit`` / ``--per-class`` / ``--only-classes`` restrictions.
         progress: tqdm bar (True), periodic log lines (False), or auto (a bar on a terminal).
     """
+    with RunDir(out).lock():
+        return _run(cfg, Path(out), force, selection or Selection(), progress)
+
+
+def _run(cfg: AuditConfig, out: Path, force: bool, selection: Selection, progress: bool | None) -> Summary:
     started = time.perf_counter()
-    plan = plan_run(cfg, out, force=force, selection=selection or Selection())
+    plan = plan_run(cfg, out, force=force, selection=selection)
     spec = map_spec(plan)
     timer = Timer()
     processed = _main_pass(plan, spec, timer, progress)

@@ -21,12 +21,14 @@ from torch import Tensor, nn
 
 from auditor.cams import CAMS, CamResult, compute_cams
 from auditor.config import AuditConfig
+from auditor.io.dataset import drop
 from auditor.io.sources import SampleSpec
 from auditor.metrics import METRICS, MetricInputs
 from auditor.ops import to_pixels
 from auditor.run.rundir import RunStore, map_key
 from auditor.shortcuts.probes import counterfactuals, image_properties, mask_grid
 
+NONFINITE = "non-finite model output (NaN or inf logits)"
 PIXEL_STORE = 64  # pixel-space maps (occlusion, RISE, guided) are stored average-pooled to at most 64 x 64
 
 
@@ -75,6 +77,8 @@ class BatchOutput:
         objects: ``(rows [k], float16 object grids [k, 32, 32])`` or None.
         images: images audited (skipped files excluded).
         seconds: time per stage.
+        skipped: every ``(row, reason)`` skipped in this batch (unreadable files, non-finite outputs).
+        nonfinite: how many samples were skipped for non-finite logits.
     """
 
     frame: pd.DataFrame
@@ -83,6 +87,8 @@ class BatchOutput:
     objects: tuple[np.ndarray, np.ndarray] | None = None
     images: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    nonfinite: int = 0
 
     def tick(self, key: str, start: float) -> float:
         now = time.perf_counter()
@@ -304,7 +310,7 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
     """CAMs, metrics and probes for one collated batch (``auditor.io.dataset.collate``) -> :class:`BatchOutput`."""
     t = time.perf_counter()
     idx: Tensor = batch["index"]
-    out = BatchOutput(pd.DataFrame(), images=int(idx.numel()))
+    out = BatchOutput(pd.DataFrame(), images=int(idx.numel()), skipped=list(batch["skipped"]))
     if idx.numel() == 0:
         return out
     images = batch["image"].to(spec.device, non_blocking=True)
@@ -318,6 +324,11 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
     else:
         with torch.no_grad():
             logits = spec.model(images).float()
+    bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
+    if bad:  # NaN/inf logits would be predicted as class 0: skip those samples, map the rest again
+        again = map_batch(spec, drop(batch, bad, NONFINITE))
+        again.nonfinite += len(bad)
+        return again
     probs, preds = logits.softmax(1), logits.argmax(1)
     per_sample = _probes(spec, b)
     exp_rows = torch.from_numpy(spec.expensive[b.rows])

@@ -7,6 +7,7 @@ the same bytes as an uninterrupted one.
 
 Layout::
 
+    .lock                      PID and host of the run that holds the directory
     run.json                   identity of the run (config + sample list) and settings kept on resume
     parts/part-<b>.parquet     rows of batch b of the main pass (committed = done)
     parts/events-<b>.json      skipped files and warnings of batch b
@@ -24,15 +25,23 @@ This module imports no torch: ``auditor gate``, ``report`` and ``compare`` read 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from auditor.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 FLAGS = "flags.json"
@@ -43,6 +52,7 @@ RESOLVED = "config.resolved.yaml"
 SAMPLES = "samples.parquet"
 REPORT = "report.html"
 GATE = "gate.json"
+LOCK = ".lock"
 MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
 _ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
 
@@ -82,6 +92,49 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON with NaN as null."""
     atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode("utf-8") + b"\n")
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # being written right now, or damaged
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process still runs (a lock from another host is assumed alive)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("host") != socket.gethostname():
+        return bool(holder)  # another host: cannot check; empty or damaged: stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _acquire(path: Path) -> None:
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if _alive(holder):
+                raise ConfigError(
+                    f"{path.parent} is in use by another auditor run (PID {holder.get('pid')} on "
+                    f"{holder.get('host')}); wait for it, choose another --out, or delete {path} if that "
+                    "process is gone"
+                ) from None
+            log.warning("taking over the stale lock %s of PID %s", path, holder.get("pid"))
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+        return
+    raise ConfigError(f"could not take the lock {path}: another run keeps taking it")
 
 
 def map_key(method: str, target: str) -> str:
@@ -130,7 +183,17 @@ class RunDir:
         return (self.root / name).is_file()
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.root / name).read_text())
+        """A JSON file of the run; a missing, truncated or corrupt one is a :class:`ConfigError` naming it."""
+        path = self.root / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} is missing: {self.root} is not a finished run; run 'auditor run'") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(
+                f"{path} cannot be read ({err}); the run was interrupted or the file damaged: run 'auditor run' "
+                "again with the same --out (it resumes) or with --force"
+            ) from None
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json(self.root / name, obj)
@@ -139,7 +202,34 @@ class RunDir:
         atomic_write_bytes(self.root / name, data)
 
     def read_table(self) -> pd.DataFrame:
-        return pd.read_parquet(self.root / SAMPLES)
+        """``samples.parquet``; a missing or damaged file is a :class:`ConfigError` naming it."""
+        path = self.root / SAMPLES
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: {self.root} is not a finished run; run 'auditor run'")
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"{path} cannot be read ({err}); run 'auditor run' again with the same --out (it resumes)"
+            ) from None
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``<out>/.lock`` (PID and host) for a run: a second run on the same ``--out`` is refused.
+
+        A lock left by a process that no longer exists on this host is taken over. A folder created here
+        and left empty (a start that failed validation) is removed again.
+        """
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        _acquire(path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()
 
     def read_flags(self) -> list[dict[str, Any]]:
         """``flags.json``'s flags (empty when the file is absent)."""
@@ -165,16 +255,20 @@ class RunDir:
         """Indices of the batches of ``kind`` whose part exists."""
         return {int(p.stem.split("-")[1]) for p in self.parts.glob(f"{kind}-*.parquet")}
 
-    def events(self, batches: int) -> list[dict[str, Any]]:
-        return [json.loads(self.events_path(b).read_text()) for b in range(batches)]
+    def events(self, batches: int, missing_ok: bool = False) -> list[dict[str, Any]]:
+        """The events of batches ``0..batches-1`` (``missing_ok``: skip batches not yet committed)."""
+        paths = [self.events_path(b) for b in range(batches)]
+        return [json.loads(p.read_text()) for p in paths if not missing_ok or p.exists()]
 
     # ------------------------------------------------------------------------------ set-up
-    def prepare(self, force: bool) -> None:
-        """Create the directory; a finished run needs ``force``, which deletes every earlier artifact."""
-        from auditor.errors import ConfigError
-
+    def check_finished(self, force: bool) -> None:
+        """A finished run is only overwritten with ``force`` (checked before anything is written)."""
         if (self.root / SUMMARY).exists() and not force:
             raise ConfigError(f"{self.root} holds a finished run; pass --force to overwrite it or choose another --out")
+
+    def prepare(self, force: bool) -> None:
+        """Create the directory; ``force`` deletes every earlier artifact."""
+        self.check_finished(force)
         if force:
             for name in _ARTIFACTS:
                 path = self.root / name

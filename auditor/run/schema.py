@@ -28,6 +28,7 @@ class DatasetInfo(TypedDict):
     per_class: dict[str, int]
     with_mask: int
     skipped: list[dict[str, str]]
+    skip_counts: dict[str, int]
     warning_counts: dict[str, int]
     warnings: list[dict[str, Any]]
     id: str

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from auditor.cams import compute_cams
+from auditor.cams import CAMS, compute_cams
+from auditor.cams.engine import layers_per_method
 from auditor.cams.layers import inspect_model
 from auditor.cams.speed import auto_chunk, choose_memory_format, low_precision_pays, set_memory_format
 from auditor.config import AuditConfig, dump_resolved
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.io.dataset import AuditDataset
-from auditor.io.models import LoadedModel, build_model, resolve_device
+from auditor.io.models import LoadedModel, build_model, logits_only, resolve_device
 from auditor.io.sources import SampleSpec, load_dataset, select, stratified_subset
 from auditor.run.rundir import RESOLVED, RUN, RunDir, RunStore
 
@@ -110,9 +111,13 @@ def resolve_methods(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer:
 
 
 def run_identity(cfg: AuditConfig, samples: Sequence[SampleSpec], selection: Selection) -> str:
-    """Hash of the resolved config, the selection and the sample list: what a resume must match."""
+    """Hash of the resolved config, the selection and the sample list: what a resume must match.
+
+    ``max_nonfinite_share`` and ``workers`` change no computed row, so a run stopped by the first can be
+    resumed with a higher limit.
+    """
     h = hashlib.sha256()
-    h.update(dump_resolved(cfg).encode())
+    h.update(dump_resolved(cfg.model_copy(update={"max_nonfinite_share": 0.0, "workers": 0})).encode())
     h.update(json.dumps([selection.limit, selection.per_class, selection.only_classes]).encode())
     for s in samples:
         h.update(f"{s.id}\0{s.path}\0{s.label}\n".encode())
@@ -145,11 +150,11 @@ def _dataset(cfg: AuditConfig, selection: Selection) -> tuple[AuditDataset, list
     mean_std = cfg.data.mean_std()
     if mean_std is not None and len(mean_std[0]) != 3:
         raise ConfigError("data.normalize: mean and std need 3 values (images are loaded as RGB)")
-    return AuditDataset(samples, cfg.data.image_size, mean_std), spec.classes, spec.metadata
+    return AuditDataset(samples, cfg.data.image_size, mean_std, cfg.data.max_image_pixels), spec.classes, spec.metadata
 
 
 def _probe(dataset: AuditDataset, loaded: LoadedModel, classes: list[str], device: torch.device) -> Tensor:
-    """The first readable image ``[1, 3, H, W]``, after checking the model's outputs against the classes."""
+    """The first readable image ``[1, 3, H, W]``."""
     n = min(len(dataset), 32)
     probe = next((it for it in (dataset[i] for i in range(n)) if it["ok"]), None)
     if probe is None:
@@ -158,6 +163,11 @@ def _probe(dataset: AuditDataset, loaded: LoadedModel, classes: list[str], devic
             f"{dataset.samples[0].path}: {dataset[0].get('reason')}"
         )
     image: Tensor = probe["image"][None].to(device)
+    return image
+
+
+def _check_outputs(loaded: LoadedModel, image: Tensor, classes: list[str]) -> None:
+    """The model's logits must have one column per class."""
     with torch.no_grad():
         n_out = loaded.module(image).shape[1]
     if n_out != len(classes):
@@ -170,7 +180,6 @@ def _probe(dataset: AuditDataset, loaded: LoadedModel, classes: list[str], devic
             inspect_model(loaded.module, image)
         except ValueError as err:
             raise ModelError(str(err)) from err
-    return image
 
 
 def _chunk(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> int:
@@ -208,19 +217,57 @@ def _previous(out: Path, identity: str) -> dict[str, Any]:
     return previous
 
 
+def check_layers(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> None:
+    """Every layer the configured methods read must exist (and one must be found when none is named).
+
+    Raises:
+        ConfigError: a named layer (``model.target_layer``, ``method_options.*.layers``) does not exist.
+        ModelError: no layer is named and the model has no spatial layer to find.
+    """
+    methods = [m for m in cfg.method_names() if CAMS[m].needs != "nothing"]
+    if loaded.scripted or not methods:
+        return
+    named = cfg.model.target_layer is not None or any("layers" in cfg.method_options.get(m, {}) for m in methods)
+    if not named and inspect_model(loaded.module, probe).default_layer is None:
+        raise ModelError(
+            "the model has no spatial layer CAM methods can read (no [B, K, h, w] feature map and no token grid "
+            f"before its head), needed by {methods}; set model.target_layer, or use methods: [occlusion, rise]"
+        )
+    options = {m: cfg.method_options.get(m, {}) for m in methods}
+    try:
+        layers_per_method(loaded.module, probe, methods, options, cfg.model.target_layer)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.target_layer / method_options: {err}") from None
+    cheap = [m for m in methods if not CAMS[m].expensive]
+    try:  # one image through the shared pass: a layer that runs twice, a non-tensor output, ... fail here
+        if cheap:
+            given = {m: options[m] for m in cheap}
+            compute_cams(loaded.module, probe, [0], methods=cheap, layer=cfg.model.target_layer, options=given)
+    except (ValueError, TypeError) as err:
+        raise ModelError(f"the configured methods cannot run on this model: {err}") from None
+
+
 def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selection) -> Plan:
-    """Validate and resolve everything a run needs, and record it in ``run.json``; writes no results."""
+    """Validate and resolve everything a run needs, then record it in ``run.json``.
+
+    Nothing is written under ``out`` until the config, model, data and layers have been checked, so a
+    corrected rerun of a failed start needs no ``--force``.
+    """
     store_root = Path(out)
-    RunDir(store_root).prepare(force)
+    RunDir(store_root).check_finished(force)
     device = resolve_device(cfg.device)
     cfg = _effective(cfg, device)
     loaded = build_model(cfg.model, device)
     dataset, classes, metadata = _dataset(cfg, selection)
     probe = _probe(dataset, loaded, classes, device)
+    loaded = logits_only(loaded, probe)
+    _check_outputs(loaded, probe, classes)
+    check_layers(cfg, loaded, probe)
     methods = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
     chunk = _chunk(cfg, loaded, probe)
     resolved = cfg.model_copy(update={"methods": methods})
     identity = run_identity(resolved, dataset.samples, selection)
+    RunDir(store_root).prepare(force)
     previous = _previous(store_root, identity)
     # a resumed run keeps the first session's choice, so its batches compute exactly like the others
     memory_format = previous.get("memory_format") or _memory_format(cfg, loaded, probe, chunk)

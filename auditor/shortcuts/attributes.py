@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from auditor.shortcuts.flags import Flag, level, make_flag
+from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.stats import NAN, bh_adjust
 
@@ -173,9 +173,9 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         info = attrs[a]
         what = f"{a} = {x['value']}" if info["kind"] == "metadata" else f"{a} {x['value']}"
         msg = (
-            f"{c} images with {what} are classified correctly {x['accuracy']:.0%} of the time, vs "
-            f"{x['rest_accuracy']:.0%} for the other {c} images; {a} alone predicts the model's output "
-            f"{info['predicts_prediction']:.0%} and the true label {info['predicts_label']:.0%} of the way "
+            f"{c} images with {what} are classified correctly {pct(x['accuracy'])} of the time, vs "
+            f"{pct(x['rest_accuracy'])} for the other {c} images; {a} alone predicts the model's output "
+            f"{pct(info['predicts_prediction'])} and the true label {pct(info['predicts_label'])} of the way "
             "above chance."
         )
         evidence = {

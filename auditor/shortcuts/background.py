@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from auditor.shortcuts.flags import Flag, level, make_flag
+from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.stats import NAN, bh_adjust, median_ci
 
@@ -66,10 +66,10 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 
 
 def _message(cls: str, r0: dict[str, Any], ratio: float) -> str:
-    outside = "an unknown share" if not np.isfinite(r0["outside"]) else f"{r0['outside']:.0%}"
+    outside = "an unknown share" if not np.isfinite(r0["outside"]) else pct(r0["outside"])
     return (
         f"{outside} of the {cls} class's attention falls outside the object, where a uniform map "
-        f"would put {r0['chance_outside']:.0%}: the object gets {ratio:.2f}x its fair share of attention."
+        f"would put {pct(r0['chance_outside'])}: the object gets {ratio:.2f}x its fair share of attention."
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from auditor.shortcuts.flags import Flag, make_flag
+from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 
 CLUSTER_CAP = 400  # maps per class clustered (seeded choice); the eigen-decomposition is O(n^3)
@@ -151,7 +151,7 @@ def cluster_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
                 continue
             if k["share"] >= t.cluster_min_share and k["size"] >= t.min_group and ratio < 1 <= rest:
                 msg = (
-                    f"{k['size']} {c} images ({k['share']:.0%} of the class) form a cluster of explanations "
+                    f"{k['size']} {c} images ({pct(k['share'])} of the class) form a cluster of explanations "
                     f"that sits off the object (its object share is {ratio:.2f}x chance, the class's "
                     f"{rest:.2f}x): review its prototypes."
                 )

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-from auditor.shortcuts.flags import Flag, level, make_flag
+from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.stats import NAN, bh_adjust
 
@@ -79,9 +79,9 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
             continue
         sev = level(gap, t.counterfactual_medium, t.counterfactual_high)
         msg = (
-            f"With the object removed, {c} images are still called {c} {r['bg_only_self']:.0%} of the time "
-            f"(other classes' backgrounds: {r['bg_only_other']:.0%}); {c} objects pasted on another class's "
-            f"background are recognised {r['mixed_accuracy']:.0%} of the time (originals: {r['accuracy']:.0%})."
+            f"With the object removed, {c} images are still called {c} {pct(r['bg_only_self'])} of the time "
+            f"(other classes' backgrounds: {pct(r['bg_only_other'])}); {c} objects pasted on another class's "
+            f"background are recognised {pct(r['mixed_accuracy'])} of the time (originals: {pct(r['accuracy'])})."
         )
         flags.append(make_flag("counterfactual_background", c, None, sev, gap, msg, {**r, "q_value": float(qv)}))
     return flags

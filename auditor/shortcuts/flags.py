@@ -57,6 +57,11 @@ def level(value: float, medium: float, high: float, smaller_is_worse: bool = Fal
     return "high" if value >= high else "medium" if value >= medium else "low"
 
 
+def pct(value: float | None) -> str:
+    """A share as ``42%``; ``n/a`` where it is undefined (a message never prints ``nan%``)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.0%}"
+
+
 def change(delta: float, what: str) -> str:
     """``raises p(a) by 0.31`` / ``lowers p(a) by 0.12`` / ``leaves p(a) unchanged`` for a probability change."""
     if abs(delta) < 0.005:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
-from auditor.shortcuts.flags import Flag, change, make_flag
+from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import GRID, describe_location
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.thresholds import Thresholds
@@ -152,7 +152,7 @@ def _confirmed(test: dict[str, Any] | None, t: Thresholds) -> bool:
 
 def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed: bool) -> str:
     msg = (
-        f"The {c} class's maps concentrate on {r0['location']} ({r0['persistence']:.0%} of its images, "
+        f"The {c} class's maps concentrate on {r0['location']} ({pct(r0['persistence'])} of its images, "
         f"{r0['lift']:.1f}x the other classes' attention there)"
     )
     if test:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class Thresholds(BaseModel):
@@ -11,7 +11,7 @@ class Thresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate (Benjamini-Hochberg) of every test")
-    min_group: int = Field(5, ge=2, description="smallest group or class tested")
+    min_group: StrictInt = Field(5, ge=2, description="smallest group or class tested")
     background_ratio: float = Field(
         1.0,
         gt=0,
@@ -27,7 +27,7 @@ class Thresholds(BaseModel):
     hotspot_persistence: float = Field(0.5, gt=0, le=1, description="share of the class's maps hot in the region")
     hotspot_object_overlap: float = Field(0.5, ge=0, le=1, description="regions mostly on the object are not flagged")
     intervention_effect: float = Field(0.05, ge=0, description="least mean probability change that confirms a hotspot")
-    intervention_images: int = Field(32, ge=4)
+    intervention_images: StrictInt = Field(32, ge=4)
     attribute_gap: float = Field(0.15, gt=0, le=1, description="least accuracy gap of a (class, value) group")
     attribute_medium: float = 0.25
     attribute_high: float = 0.4
