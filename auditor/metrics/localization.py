@@ -230,7 +230,10 @@ def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def best_box_iou(cam: np.ndarray, gt: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Best IoU between any CAM box and any ground-truth box, for each threshold (``[T]``).
+    """Best IoU between any CAM box and any ground-truth box, for each threshold (``[T]``): the reference.
+
+    One labelling per threshold; :func:`auditor.metrics.components.box_iou_curve` computes the same curve
+    in one pass and is what ``box_iou`` uses.
 
     The map is min-max normalized; at threshold ``t`` the region ``cam > t`` (strict, as wsolevaluation's
     ``cv2.threshold``) is split into 8-connected components, each giving a box (MaxBoxAccV2: all contours,
@@ -260,7 +263,7 @@ def _gt_boxes(inputs: MetricInputs, masks: Tensor) -> list[np.ndarray]:
     family="localization",
     direction="higher",
     needs="mask",
-    cost="0 (one connected-component labelling per threshold)",
+    cost="0 (one union-find pass over the map's runs for every threshold)",
     reference="Choe et al., Evaluating WSOL Right, arXiv:2001.07437 (MaxBoxAccV2 boxes); CAM paper's 20% threshold",
     options={"threshold": 0.2, "curve_step": 0.05},
     curves=("box_iou_curve",),
@@ -272,6 +275,8 @@ def box_iou(inputs: MetricInputs, threshold: float, curve_step: float) -> Metric
     ``box_iou_curve`` ``[B, T]`` holds the best IoU at thresholds ``0, step, 2 step, ... < 1``; the
     dataset-level ``max_box_acc`` (MaxBoxAccV2) is computed from those curves (:func:`max_box_acc`).
     """
+    from auditor.metrics.components import box_iou_curve  # numba compiles on first use
+
     masks = inputs.require_masks("box_iou")
     cams = inputs.maps.detach().float().cpu().numpy()
     gts = _gt_boxes(inputs, masks)
@@ -283,8 +288,8 @@ def box_iou(inputs: MetricInputs, threshold: float, curve_step: float) -> Metric
             values.append(NAN)
             curves.append(np.full(len(grid), NAN))
             continue
-        curve = best_box_iou(cam, gt, grid)
-        values.append(float(curve[on_grid[0]] if len(on_grid) else best_box_iou(cam, gt, np.array([threshold]))[0]))
+        curve = box_iou_curve(cam, gt, grid)
+        values.append(float(curve[on_grid[0]] if len(on_grid) else box_iou_curve(cam, gt, np.array([threshold]))[0]))
         curves.append(curve)
     dev = inputs.maps.device
     return MetricResult(

@@ -127,3 +127,33 @@ def test_disk_reach_fft_equals_direct_convolution(radius: float) -> None:
     gy, gx = torch.meshgrid(torch.arange(40), torch.arange(50), indexing="ij")
     d2 = ((gy[..., None] - ys) ** 2 + (gx[..., None] - xs) ** 2).min(-1).values
     assert torch.equal(disk_reach(masks, radius)[0], d2 < radius**2)
+
+
+def _maps_for_box_tests() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    maps = []
+    for size in (5, 17, 40):
+        low = torch.from_numpy(rng.random((1, 1, 4, 4)).astype(np.float32) ** 2)
+        smooth = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        maps += [smooth.numpy(), smooth.numpy() + rng.random((size, size)).astype(np.float32) * 0.5]
+        maps.append(np.round(rng.random((size, size)) * 20) / 20)  # values exactly on the thresholds (ties)
+        maps.append((rng.random((size, size)) > 0.7).astype(np.float32))  # binary: a plateau at every level
+    maps += [np.zeros((6, 6)), np.pad(np.ones((1, 1)), 3)]  # constant, a single pixel
+    return maps
+
+
+@pytest.mark.parametrize("step", [0.05, 0.1, 0.013])
+def test_one_pass_box_curve_equals_one_labelling_per_threshold(step: float) -> None:
+    """The union-find over runs gives the very boxes of per-threshold 8-connected labelling."""
+    from auditor.metrics.components import box_iou_curve
+    from auditor.metrics.localization import best_box_iou
+
+    grid = np.arange(0.0, 1.0 - 1e-9, step)
+    for cam in _maps_for_box_tests():
+        h, w = cam.shape
+        gt = np.array([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [0.5 * w, 0.0, 1.0 * w, 0.4 * h]])
+        np.testing.assert_array_equal(box_iou_curve(cam, gt, grid), best_box_iou(cam, gt, grid))
+    single = box_iou_curve(np.pad(np.ones((2, 3)), 2), np.array([[2.0, 2.0, 5.0, 4.0]]), np.array([0.5]))
+    assert single.tolist() == [1.0]  # the box of the only component is the ground truth
+    with pytest.raises(ValueError, match="increasing"):
+        box_iou_curve(np.ones((3, 3)), np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([0.5, 0.2]))
