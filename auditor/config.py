@@ -126,10 +126,16 @@ class ExpensiveConfig(_Strict):
     ``stratified``: ``per_class`` samples of each class, drawn with the run's seed. ``flagged``: after
     the cheap pass, the samples behind each flag (the ids its evidence cites, then the flagged class's
     stratified samples), at most ``per_class`` per flag, in a second pass. ``all``: every sample.
+    ``faithfulness``: which methods' maps get the faithfulness metrics (each costs forwards per method).
     """
 
     subset: Literal["stratified", "flagged", "all"] = "stratified"
     per_class: StrictInt = Field(default=50, ge=1)
+    faithfulness: Literal["auto", "all"] | list[str] = Field(
+        default="auto",
+        description="whose maps get the faithfulness metrics on the subset: auto = grad_cam (else the run's first "
+        "class-sensitive method), all, or a list of methods",
+    )
 
 
 class SanityConfig(_Strict):
@@ -199,7 +205,20 @@ class AuditConfig(_Strict):
         if self.sanity is not None:
             for name in self.sanity.methods:
                 CAMS[name]
+        if isinstance(self.expensive.faithfulness, list):
+            for name in self.expensive.faithfulness:
+                CAMS[name]
         return self
+
+    def faithfulness_methods(self, methods: list[str]) -> list[str]:
+        """The methods (of the resolved ``methods``) whose maps get the faithfulness metrics."""
+        choice = self.expensive.faithfulness
+        if choice == "all":
+            return list(methods)
+        if isinstance(choice, list):
+            return [m for m in methods if m in choice]
+        sensitive = [m for m in methods if CAMS[m].class_sensitive]
+        return ["grad_cam"] if "grad_cam" in methods else sensitive[:1] or methods[:1]
 
     def method_names(self) -> list[str]:
         """The resolved method list (``fast`` and ``all`` expanded)."""

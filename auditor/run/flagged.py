@@ -89,6 +89,7 @@ def write_expensive(rundir: RunDir, spec: MapSpec, table: pd.DataFrame, mode: st
             "per_class": per_class,
             "methods": [m for m in spec.methods if CAMS[m].expensive],
             "metrics": [m for m in spec.metrics if METRICS[m].expensive],
+            "faithfulness_methods": list(spec.faithful),
             "n": len(rows),
             "samples": [
                 {"id": i, "label": lab, "flags": reasons.get(str(int(r)), [])}

@@ -97,6 +97,7 @@ def map_spec(plan: Plan) -> MapSpec:
         mean=torch.tensor(mean_std[0], device=plan.device) if mean_std else None,
         std=torch.tensor(mean_std[1], device=plan.device) if mean_std else None,
         chunk=plan.chunk,
+        faithful=tuple(plan.cfg.faithfulness_methods(plan.methods)),
     )
 
 

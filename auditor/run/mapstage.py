@@ -49,6 +49,7 @@ class MapSpec:
         probe: ``[n]`` bool, the samples that get the counterfactual forwards.
         mean, std: ``[3]`` input normalization or None.
         chunk: images per forward inside methods and metrics.
+        faithful: the methods whose maps get the metrics that need the model (``expensive.faithfulness``).
     """
 
     cfg: AuditConfig
@@ -64,6 +65,7 @@ class MapSpec:
     mean: Tensor | None
     std: Tensor | None
     chunk: int
+    faithful: tuple[str, ...] = ()
 
 
 @dataclass
@@ -157,14 +159,15 @@ def _metric_inputs(
 
 
 def _metric_columns(
-    spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, key: str, base: Tensor | None
+    spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, method: str, target: str, base: Tensor | None
 ) -> dict[str, np.ndarray]:
     """Every configured metric for the maps of ``sel`` (positions in the batch); NaN where not computed.
 
     ``base`` (``[len(sel)]``, the explained class's probability on the unperturbed images, from the CAM
     pass's own forward) spares the faithfulness metrics one forward per image and method. Curves go to
-    ``b.out.curves``.
+    ``b.out.curves``. Metrics that need the model run only on ``spec.faithful`` methods' maps.
     """
+    key = map_key(method, target)
     n = int(sel.numel())
     rows = b.rows[sel.numpy()]
     make = _metric_inputs(spec, b, maps, sel, targets, base)
@@ -176,7 +179,8 @@ def _metric_columns(
     for name in spec.metrics:
         metric = METRICS[name]
         pick, given = (subset, inputs["subset"]) if metric.expensive else (every, inputs["all"])
-        if (metric.needs == "mask" and not any_mask) or given is None:
+        skip = (metric.needs == "mask" and not any_mask) or (metric.needs == "model" and method not in spec.faithful)
+        if skip or given is None:
             cols[name] = np.full(n, np.nan)
             continue
         start = time.perf_counter()
@@ -300,7 +304,7 @@ def _explain(
         assert out.maps is not None  # compute_cams upsamples by default
         key = map_key(m, e.target)
         b.out.maps[key] = (b.rows[sel.numpy()], _low_res(out.low_res))
-        cols = _metric_columns(spec, b, out.maps, sel, e.targets[sel], key, base)
+        cols = _metric_columns(spec, b, out.maps, sel, e.targets[sel], m, e.target, base)
         cols |= {k: v[sel.numpy()] for k, v in per_sample.items()}
         frames.append(_rows(spec, b, e, sel, m, out.valid, cols))
     return frames

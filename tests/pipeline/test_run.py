@@ -198,7 +198,7 @@ def test_every_method_and_metric_runs_inside_a_run(dataset_dir: Path, tmp_path: 
             tmp_path,
             methods="all",
             metrics="all",
-            expensive={"subset": "stratified", "per_class": 1},
+            expensive={"subset": "stratified", "per_class": 1, "faithfulness": "all"},
             method_options={
                 "rise": {"num_masks": 32},
                 "ss_cam": {"num_samples": 2},
@@ -260,7 +260,8 @@ def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path,
     assert flags, "the fixture's model is expected to raise flags"
     info = json.loads((tmp_path / "flagged" / "expensive.json").read_text())
     assert info["subset"] == "flagged" and info["methods"] == ["occlusion"]
-    assert info["metrics"] == ["deletion_auc", "insertion_auc"]
+    assert info["metrics"] == ["average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc"]
+    assert info["faithfulness_methods"] == ["grad_cam"]
     chosen = {int(r) for r in info["reasons"]}
     assert 0 < len(chosen) <= 3 * len(flags) and info["n"] == len(chosen)
     assert all(s["flags"] for s in info["samples"])
@@ -270,7 +271,8 @@ def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path,
     assert set(table[table["expensive"]]["row"]) == chosen
     for m in ("grad_cam", "hires_cam"):
         sub = table[table["method"] == m]
-        assert len(sub) == 24 and set(sub[sub["deletion_auc"].notna()]["row"]) == chosen
+        faithful = set(sub[sub["deletion_auc"].notna()]["row"])
+        assert len(sub) == 24 and faithful == (chosen if m == "grad_cam" else set())  # faithfulness: grad_cam only
         assert sub["energy_in_mask"].notna().all()
     # the cheap pass is the stratified run's: its maps and counterfactual probes are unchanged by the second pass
     run_audit(load_config(make_config(dataset_dir, tmp_path)), tmp_path / "stratified", progress=False)
@@ -303,7 +305,8 @@ def test_mixed_precision_only_where_it_pays(
     assert summary["config"]["mixed_precision"] is pays
     assert ("running in float32" in caplog.text) is not pays
     table = pd.read_parquet(tmp_path / "run" / "samples.parquet")
-    assert table["average_drop"].notna().all()
+    # average_drop is an expensive metric: exactly the expensive subset has it
+    assert table["average_drop"].notna().to_numpy().tolist() == table["expensive"].to_numpy().tolist()
 
 
 def test_auto_memory_format_is_chosen_once_and_kept_on_resume(

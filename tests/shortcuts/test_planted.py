@@ -22,7 +22,15 @@ TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
 PROPERTIES = {"brightness", "contrast", "red", "green", "blue", "sharpness"}
 
 
-def _audit(kind: str, tmp: Path, *, masks: bool, cue_rate: tuple[float, float], sanity: bool = False) -> list[dict]:
+def _audit(
+    kind: str,
+    tmp: Path,
+    *,
+    masks: bool,
+    cue_rate: tuple[float, float],
+    sanity: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict]:
     model = train(make(kind, 80, 0))
     if kind != "control":  # the model must rely on the cue: moving the cue to the other class flips it
         assert accuracy(model, make(kind, 30, 5)) > 0.95
@@ -44,6 +52,7 @@ def _audit(kind: str, tmp: Path, *, masks: bool, cue_rate: tuple[float, float], 
     }
     if sanity:
         cfg["sanity"] = {"methods": ["grad_cam", "hires_cam"], "n_images": 8, "n_blocks": 1}
+    cfg.update(overrides or {})
     (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
     run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)
     flags: list[dict] = json.loads((tmp / "run" / "flags.json").read_text())["flags"]
@@ -100,3 +109,19 @@ def test_clean_control_gets_no_high_severity_flag(tmp_path: Path) -> None:
     flags = _audit("control", tmp_path, masks=True, cue_rate=(0.0, 0.0), sanity=True)
     assert _high(flags) == set(), [f["message"] for f in flags]
     print("control flags:", [(f["kind"], f["class"], f["severity"]) for f in flags])
+
+
+def test_flags_do_not_depend_on_the_faithfulness_defaults(tmp_path: Path) -> None:
+    """The default set computes faithfulness on the expensive subset, for grad_cam, at step 0.02; the old
+    defaults (every sample, every method, step 0.01) give the same flags: flags stand on localization,
+    analyses and interventions, not on faithfulness numbers."""
+    for kind, masks in (("texture", True), ("control", True)):
+        now = _audit(kind, tmp_path / kind / "now", masks=masks, cue_rate=(1.0, 0.0), overrides={"metrics": "fast"})
+        before = {
+            "metrics": "fast",
+            "expensive": {"per_class": 1000, "faithfulness": "all"},  # every sample, every method
+            "metric_options": {"deletion_auc": {"step": 0.01}, "insertion_auc": {"step": 0.01}},
+        }
+        old = _audit(kind, tmp_path / kind / "old", masks=masks, cue_rate=(1.0, 0.0), overrides=before)
+        key = [(f["id"], f["severity"]) for f in now]
+        assert key == [(f["id"], f["severity"]) for f in old], kind
