@@ -167,6 +167,10 @@ class AuditConfig(_Strict):
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     workers: StrictInt = Field(default=0, ge=0)
     seed: StrictInt = 0
+    overlap: Literal["auto"] | StrictBool = Field(
+        default="auto",
+        description="compute each batch's CPU-side metrics while the device runs the next batch (auto: on CUDA)",
+    )
     max_nonfinite_share: float = Field(
         default=0.05, ge=0, le=1, description="stop the run when more samples than this share give NaN/inf logits"
     )

@@ -267,6 +267,7 @@ def _gt_boxes(inputs: MetricInputs, masks: Tensor) -> list[np.ndarray]:
     reference="Choe et al., Evaluating WSOL Right, arXiv:2001.07437 (MaxBoxAccV2 boxes); CAM paper's 20% threshold",
     options={"threshold": 0.2, "curve_step": 0.05},
     curves=("box_iou_curve",),
+    host=True,
 )
 def box_iou(inputs: MetricInputs, threshold: float, curve_step: float) -> MetricResult:
     """Best IoU between boxes of the map thresholded at ``threshold`` x max and the ground-truth boxes.

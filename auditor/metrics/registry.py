@@ -117,6 +117,8 @@ class Metric:
         chance: whether a ``<name>_chance`` column is produced.
         columns: the other per-sample columns its result carries (``extras`` of shape ``[B]``).
         curves: the per-sample curves its result carries (``extras`` of shape ``[B, n]``; kept in ``curves/``).
+        host: computed on the CPU whatever the device (numpy/numba work): with ``overlap``, the run computes
+            it while the device runs the next batch.
     """
 
     name: str
@@ -131,6 +133,7 @@ class Metric:
     chance: bool = False
     columns: tuple[str, ...] = ()
     curves: tuple[str, ...] = ()
+    host: bool = False
 
     def outputs(self) -> list[str]:
         """Every column and curve name a result of this metric may hold."""
@@ -160,6 +163,7 @@ def register_metric(
     chance: bool = False,
     columns: tuple[str, ...] = (),
     curves: tuple[str, ...] = (),
+    host: bool = False,
 ) -> Callable[[MetricFn], MetricFn]:
     """Decorator registering a metric function (see :class:`Metric`)."""
     if direction not in ("higher", "lower"):
@@ -183,6 +187,7 @@ def register_metric(
                 chance,
                 tuple(columns),
                 tuple(curves),
+                host,
             ),
         )
         return fn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def map_spec(plan: Plan) -> MapSpec:
         std=torch.tensor(mean_std[1], device=plan.device) if mean_std else None,
         chunk=plan.chunk,
         faithful=tuple(plan.cfg.faithfulness_methods(plan.methods)),
+        overlap=plan.device.type == "cuda" if plan.cfg.overlap == "auto" else plan.cfg.overlap,
     )
 
 
@@ -110,7 +112,11 @@ def run_batches(
     bar: Progress | None,
     timer: Timer,
 ) -> int:
-    """Map ``batches`` (sample rows) and commit each as part ``kind``-``number``; returns the images done."""
+    """Map ``batches`` (sample rows) and commit each as part ``kind``-``number``; returns the images done.
+
+    With ``spec.overlap`` the host side of batch k (CPU metrics, its frame, the commit) runs on a worker
+    thread while this thread feeds batch k+1 to the device; parts are still committed in order.
+    """
     loader = torch.utils.data.DataLoader(
         plan.dataset,
         batch_sampler=batches,
@@ -119,31 +125,52 @@ def run_batches(
         pin_memory=plan.device.type == "cuda",
         persistent_workers=False,
     )
-    t = time.perf_counter()
-    processed = 0
     nonfinite = NonFinite(plan, kind)
-    for b, batch in zip(numbers, loader, strict=True):
-        t = timer.since("data_wait", t)
-        out = map_batch(spec, batch)
+    processed = 0
+
+    def finish(b: int, batch: dict[str, Any], out: mapstage.BatchOutput) -> None:
+        nonlocal processed
+        start = time.perf_counter()
+        out.complete()
         for key, seconds in out.seconds.items():
             timer.add(key, seconds)
-        t = timer.since("compute", t)
-        if kind == MAIN:
-            rows = plan.samples
-            plan.store.write_events(
-                b,
-                {
-                    "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in out.skipped],
-                    "warnings": [{"row": i, "path": str(rows[i].path), "warning": w} for i, w in batch["warnings"]],
-                },
-            )
-        mapstage.commit(plan.store, out, b, kind)
+        _commit(plan, b, batch, out, kind)
         nonfinite.add(out.nonfinite, [i for i, r in out.skipped if r == mapstage.NONFINITE])
-        t = timer.since("write", t)
+        timer.since("write", start)
         processed += out.images
         if bar is not None:
             bar.update(len(batch["index"]) + len(batch["skipped"]))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-host") as pool:
+        waiting: Future[None] | None = None
+        t = time.perf_counter()
+        for b, batch in zip(numbers, loader, strict=True):
+            t = timer.since("data_wait", t)
+            out = map_batch(spec, batch)
+            t = timer.since("compute", t)
+            if waiting is not None:
+                waiting.result()  # batch k-1's host side and commit, in order
+            if spec.overlap:
+                waiting = pool.submit(finish, b, batch, out)
+            else:
+                finish(b, batch, out)
+            t = time.perf_counter()
+        if waiting is not None:
+            waiting.result()
     return processed
+
+
+def _commit(plan: Plan, b: int, batch: dict[str, Any], out: mapstage.BatchOutput, kind: str) -> None:
+    if kind == MAIN:
+        rows = plan.samples
+        plan.store.write_events(
+            b,
+            {
+                "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in out.skipped],
+                "warnings": [{"row": i, "path": str(rows[i].path), "warning": w} for i, w in batch["warnings"]],
+            },
+        )
+    mapstage.commit(plan.store, out, b, kind)
 
 
 def _main_pass(plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None) -> int:

@@ -50,6 +50,8 @@ class MapSpec:
         mean, std: ``[3]`` input normalization or None.
         chunk: images per forward inside methods and metrics.
         faithful: the methods whose maps get the metrics that need the model (``expensive.faithfulness``).
+        overlap: leave the host side of each batch pending (the driver runs it while the device computes
+            the next batch).
     """
 
     cfg: AuditConfig
@@ -66,6 +68,7 @@ class MapSpec:
     std: Tensor | None
     chunk: int
     faithful: tuple[str, ...] = ()
+    overlap: bool = False
 
 
 @dataclass
@@ -81,6 +84,8 @@ class BatchOutput:
         seconds: time per stage.
         skipped: every ``(row, reason)`` skipped in this batch (unreadable files, non-finite outputs).
         nonfinite: how many samples were skipped for non-finite logits.
+        finish: the host side (CPU metrics, the frame), pending when the spec overlaps it with the next
+            batch's device work; :meth:`complete` runs it.
     """
 
     frame: pd.DataFrame
@@ -91,6 +96,14 @@ class BatchOutput:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[tuple[int, str]] = field(default_factory=list)
     nonfinite: int = 0
+    finish: Callable[[], None] | None = None
+
+    def complete(self) -> BatchOutput:
+        """Run the host side if it is still pending (the driver may do this on another thread)."""
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish()
+        return self
 
     def tick(self, key: str, start: float) -> float:
         now = time.perf_counter()
@@ -134,16 +147,17 @@ class _Batch:
 def _metric_inputs(
     spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, base: Tensor | None
 ) -> Callable[[Tensor], MetricInputs]:
-    """A function ``pick -> MetricInputs`` over the positions ``sel`` of the batch."""
-    masks = (b.raw["mask"].to(spec.device) & b.raw["has_mask"].to(spec.device)[:, None, None])[sel]
-    boxes = [b.raw["boxes"][i].to(spec.device) for i in sel.tolist()]
+    """A function ``pick -> MetricInputs`` over the positions ``sel`` of the batch, on the maps' device."""
+    dev = maps.device
+    masks = (b.raw["mask"].to(dev) & b.raw["has_mask"].to(dev)[:, None, None])[sel]
+    boxes = [b.raw["boxes"][i].to(dev) for i in sel.tolist()]
 
     def make(pick: Tensor) -> MetricInputs:
         return MetricInputs(
             maps=maps[pick],
             masks=masks[pick],
             boxes=[boxes[i] for i in pick.tolist()],
-            scale=b.raw["scale"][sel][pick].to(spec.device),
+            scale=b.raw["scale"][sel][pick].to(dev),
             model=spec.model,
             images=b.images[sel][pick],
             targets=targets[pick],
@@ -158,14 +172,26 @@ def _metric_inputs(
     return make
 
 
-def _metric_columns(
-    spec: MapSpec, b: _Batch, maps: Tensor, sel: Tensor, targets: Tensor, method: str, target: str, base: Tensor | None
-) -> dict[str, np.ndarray]:
-    """Every configured metric for the maps of ``sel`` (positions in the batch); NaN where not computed.
+Columns = dict[str, list[tuple[str, np.ndarray]]]  # metric name -> its columns (value first, then extras)
 
-    ``base`` (``[len(sel)]``, the explained class's probability on the unperturbed images, from the CAM
-    pass's own forward) spares the faithfulness metrics one forward per image and method. Curves go to
-    ``b.out.curves``. Metrics that need the model run only on ``spec.faithful`` methods' maps.
+
+def _metric_columns(
+    spec: MapSpec,
+    b: _Batch,
+    maps: Tensor,
+    sel: Tensor,
+    targets: Tensor,
+    method: str,
+    target: str,
+    base: Tensor | None,
+    host: bool,
+) -> Columns:
+    """The configured metrics of one side (``host``: computed on the CPU) for the maps of ``sel``.
+
+    NaN where not computed. ``base`` (``[len(sel)]``, the explained class's probability on the unperturbed
+    images, from the CAM pass's own forward) spares the faithfulness metrics one forward per image and
+    method. Curves go to ``b.out.curves``. Metrics that need the model run only on ``spec.faithful``
+    methods' maps.
     """
     key = map_key(method, target)
     n = int(sel.numel())
@@ -175,14 +201,17 @@ def _metric_columns(
     subset = torch.from_numpy(spec.expensive[rows]).nonzero().flatten()
     inputs = {"all": make(every), "subset": make(subset) if subset.numel() else None}
     any_mask = bool(b.raw["has_mask"][sel].any())
-    cols: dict[str, np.ndarray] = {}
+    cols: Columns = {}
     for name in spec.metrics:
         metric = METRICS[name]
+        if metric.host != host:
+            continue
         pick, given = (subset, inputs["subset"]) if metric.expensive else (every, inputs["all"])
         skip = (metric.needs == "mask" and not any_mask) or (metric.needs == "model" and method not in spec.faithful)
         if skip or given is None:
-            cols[name] = np.full(n, np.nan)
+            cols[name] = [(name, np.full(n, np.nan))]
             continue
+        cols[name] = []
         start = time.perf_counter()
         result = metric(given, **spec.cfg.metric_options.get(name, {}))
         b.out.tick(f"metric:{name}", start)
@@ -196,7 +225,7 @@ def _metric_columns(
                 continue
             full = np.full(n, np.nan)
             full[pick.numpy()] = v
-            cols[col] = full
+            cols[name].append((col, full))
     return cols
 
 
@@ -212,6 +241,7 @@ def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
     if bool(usable.any()):
         keep = usable.cpu().numpy()
         b.out.objects = (b.rows[keep], mask_grid(masks[usable]).cpu().numpy().astype(np.float16))
+    start = b.out.tick("probes", start)
     cf = counterfactuals(spec.model, b.images, masks, b.labels, usable & in_subset)
     for key, value in cf.items():
         v = value.numpy()
@@ -219,7 +249,7 @@ def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
             out[key] = np.array([spec.classes[int(c)] if c >= 0 else "" for c in v], dtype=object)
         else:
             out[key] = v.astype(np.float64)
-    b.out.tick("probes", start)
+    b.out.tick("counterfactuals", start)  # forwards on the stratified subset only: a fixed cost
     return out
 
 
@@ -234,9 +264,8 @@ class _Explained:
     sel: Tensor
 
 
-def _rows(
-    spec: MapSpec, b: _Batch, e: _Explained, sel: Tensor, method: str, valid: Tensor, cols: dict[str, np.ndarray]
-) -> pd.DataFrame:
+def _rows(spec: MapSpec, b: _Batch, e: _Explained, sel: Tensor, method: str, valid: Tensor) -> dict[str, Any]:
+    """The per-sample columns of one method's rows that are not metrics (CPU values: no device left)."""
     rows = b.rows[sel.numpy()]
     specs = [spec.samples[i] for i in rows.tolist()]
     s = sel.tolist()
@@ -257,10 +286,29 @@ def _rows(
         "mask_source": [b.raw["mask_source"][i] for i in s],
         "sha1": [b.raw["sha1"][i] for i in s],
     }
-    data.update(cols)
-    for k in sorted({k for sp in specs for k in sp.metadata}):
-        data[k] = [sp.metadata.get(k, "") for sp in specs]
-    return pd.DataFrame(data)
+    return data
+
+
+@dataclass
+class _Pending:
+    """One method's rows, waiting for the host-side metrics before they become a frame."""
+
+    data: dict[str, Any]
+    device_cols: Columns
+    host_cols: Callable[[], Columns]
+    tail: dict[str, Any]  # per-sample probe columns, then metadata
+
+
+def _finish(spec: MapSpec, out: BatchOutput, pending: list[_Pending]) -> None:
+    """The host side of a batch: host metrics, then the frame (columns in registry order, as always)."""
+    start = time.perf_counter()
+    frames = []
+    for p in pending:
+        parts = {**p.device_cols, **p.host_cols()}
+        cols = {col: arr for name in spec.metrics for col, arr in parts.get(name, [])}
+        frames.append(pd.DataFrame({**p.data, **cols, **p.tail}))
+    out.frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    out.tick("host", start)
 
 
 def _cams(spec: MapSpec, b: _Batch, methods: list[str], sel: Tensor, targets: Tensor) -> CamResult:
@@ -294,20 +342,26 @@ def _plans(spec: MapSpec, labels: Tensor, preds: Tensor) -> list[tuple[str, Tens
 
 def _explain(
     spec: MapSpec, b: _Batch, e: _Explained, methods: list[str], sel: Tensor, res: CamResult, per_sample: dict
-) -> list[pd.DataFrame]:
-    """Maps, metric columns and rows of ``methods`` for the positions ``sel``."""
+) -> list[_Pending]:
+    """Maps and device-side metric columns of ``methods`` for the positions ``sel``; the host side waits."""
     # Under autocast the metrics' forwards are low precision: their base probability must be too.
     base = None if spec.cfg.mixed_precision else e.probs[sel].gather(1, e.targets[sel, None])[:, 0]
-    frames = []
+    specs = [spec.samples[i] for i in b.rows[sel.numpy()].tolist()]
+    meta = {k: [sp.metadata.get(k, "") for sp in specs] for k in sorted({k for sp in specs for k in sp.metadata})}
+    pending = []
     for m in methods:
         out = res[m]
         assert out.maps is not None  # compute_cams upsamples by default
-        key = map_key(m, e.target)
-        b.out.maps[key] = (b.rows[sel.numpy()], _low_res(out.low_res))
-        cols = _metric_columns(spec, b, out.maps, sel, e.targets[sel], m, e.target, base)
-        cols |= {k: v[sel.numpy()] for k, v in per_sample.items()}
-        frames.append(_rows(spec, b, e, sel, m, out.valid, cols))
-    return frames
+        b.out.maps[map_key(m, e.target)] = (b.rows[sel.numpy()], _low_res(out.low_res))
+        device_cols = _metric_columns(spec, b, out.maps, sel, e.targets[sel], m, e.target, base, host=False)
+        host_maps, host_targets = out.maps.detach().cpu(), e.targets[sel].cpu()
+
+        def host_cols(maps: Tensor = host_maps, targets: Tensor = host_targets, method: str = m) -> Columns:
+            return _metric_columns(spec, b, maps, sel, targets, method, e.target, None, host=True)
+
+        tail = {k: v[sel.numpy()] for k, v in per_sample.items()} | meta
+        pending.append(_Pending(_rows(spec, b, e, sel, m, out.valid), device_cols, host_cols, tail))
+    return pending
 
 
 def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
@@ -336,7 +390,7 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
     probs, preds = logits.softmax(1), logits.argmax(1)
     per_sample = _probes(spec, b)
     exp_rows = torch.from_numpy(spec.expensive[b.rows])
-    frames: list[pd.DataFrame] = []
+    pending: list[_Pending] = []
     for tname, tvec, sel in _plans(spec, labels, preds):
         e = _Explained(probs, preds, tname, tvec, sel)
         for methods, rows_sel in ((cheap, sel), (costly, sel[exp_rows[sel]])):
@@ -344,7 +398,9 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
                 continue
             reuse = first is not None and tname == "label" and methods is cheap
             res = first if reuse and first is not None else _cams(spec, b, methods, rows_sel, tvec)
-            frames += _explain(spec, b, e, methods, rows_sel, res, per_sample)
-    out.frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            pending += _explain(spec, b, e, methods, rows_sel, res, per_sample)
+    out.finish = lambda: _finish(spec, out, pending)
+    if not spec.overlap:
+        out.complete()
     out.tick("batch_total", t)
     return out

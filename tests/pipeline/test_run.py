@@ -339,3 +339,45 @@ def test_auto_memory_format_is_chosen_once_and_kept_on_resume(
     )
     assert run_audit(fixed, tmp_path / "fixed", progress=False)["run"]["memory_format"] == "contiguous"
     assert calls == ["x"]  # a fixed format is not timed
+
+
+def test_overlap_gives_the_same_outputs(dataset_dir: Path, tmp_path: Path) -> None:
+    """The host side of a batch on a worker thread: the same rows, maps and curves as inline."""
+    for overlap in (False, True):
+        cfg = make_config(dataset_dir, tmp_path, overlap=overlap)
+        assert _run(cfg, tmp_path / f"o{overlap}") == 0
+    _same_outputs(tmp_path / "oFalse", tmp_path / "oTrue")
+
+
+def test_overlap_runs_the_host_side_while_the_next_batch_is_mapped(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU stand-in for a GPU run: the host side of batch k waits until batch k+1's map stage has started,
+    which only happens when the two overlap (inline, it would wait in vain and report it)."""
+    import threading
+
+    from auditor.run import mapstage
+
+    started: list[threading.Event] = []
+    overlapped: list[bool] = []
+    real_map, real_finish = local.map_batch, mapstage._finish
+
+    def map_batch(spec, batch):  # type: ignore[no-untyped-def]
+        started.append(threading.Event())
+        started[-1].set()
+        return real_map(spec, batch)
+
+    def finish(spec, out, pending):  # type: ignore[no-untyped-def]
+        k = len(overlapped)
+        deadline = time.monotonic() + 60  # a guard against a hang, not a timing assertion
+        on_worker = threading.current_thread() is not threading.main_thread()
+        while on_worker and k < 4 and len(started) <= k + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # waiting for batch k+1's map stage to begin
+        overlapped.append(len(started) > k + 1)
+        return real_finish(spec, out, pending)
+
+    monkeypatch.setattr(local, "map_batch", map_batch)
+    monkeypatch.setattr(mapstage, "_finish", finish)
+    cfg = make_config(dataset_dir, tmp_path, overlap=True, methods=["grad_cam"], metrics=["box_iou"])
+    assert _run(cfg, tmp_path / "r") == 0
+    assert len(overlapped) == 5 and all(overlapped[:4])  # 24 images in batches of 5; the last has no successor
