@@ -7,10 +7,16 @@ does not import torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.version import __version__
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names below load on first use
+    from auditor.cams import CAMS, compute_cam, compute_cams
+    from auditor.config import load_config
+    from auditor.metrics import METRICS
+    from auditor.run.local import run_audit
 
 _LAZY = {
     "CAMS": "auditor.cams",

@@ -195,7 +195,12 @@ def cmd_screenshot(args: argparse.Namespace) -> int:
         f"verdict: {check.verdict!r}; findings shown: {check.flags_shown}; console errors: {check.console_errors}; "
         f"network requests: {check.external_requests}"
     )
-    return 0 if check.verdict and not check.console_errors and not check.external_requests else 1
+    if not check.verdict or check.console_errors or check.external_requests:
+        from auditor.errors import DataError
+
+        # a broken report is a runtime error (3): exit 1 belongs to a failed gate alone
+        raise DataError(f"{args.report} failed its browser check (no verdict, console errors or network requests)")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -41,14 +41,15 @@ def finalize(signed: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns:
         ``(map [B, h, w] float32 >= 0 without NaN/inf, valid [B] bool)``; ``valid`` is False where the
-        map had a non-finite value or is constant after the ReLU (e.g. all zero).
+        map had a non-finite value or is constant after the ReLU (e.g. all zero), and such a map comes
+        back as zeros: a constant map ranks no pixel above another, whatever its level.
     """
     signed = signed.float()
     finite = torch.isfinite(signed).flatten(1).all(1)
     relu = torch.nan_to_num(signed, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     flat = relu.flatten(1)
-    constant = flat.amax(1) <= flat.amin(1)
-    return relu, finite & ~constant
+    valid = finite & ~(flat.amax(1) <= flat.amin(1))
+    return torch.where(valid[:, None, None], relu, torch.zeros_like(relu)), valid
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:

@@ -421,3 +421,13 @@ def test_guided_grad_cam_is_product_of_parts() -> None:
     gc, gb, ggc = res["grad_cam"].maps, res["guided_backprop"].maps, res["guided_grad_cam"].maps
     assert gc is not None and gb is not None and ggc is not None
     _close(_np(ggc), _np(gb) * _np(gc))
+
+
+def test_constant_and_non_finite_maps_come_back_as_zeros_and_invalid() -> None:
+    """The documented guarantee: a constant map (here all ones) or a non-finite one is zeros, valid False."""
+    from auditor.cams.context import finalize
+
+    signed = torch.stack([torch.ones(4, 4), torch.full((4, 4), float("nan")), torch.arange(16.0).view(4, 4)])
+    maps, valid = finalize(signed)
+    assert valid.tolist() == [False, False, True]
+    assert (maps[:2] == 0).all() and torch.equal(maps[2], torch.arange(16.0).view(4, 4))
