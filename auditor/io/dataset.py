@@ -45,11 +45,22 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         self.max_pixels = max_pixels
         self.mean = torch.tensor(mean_std[0]).view(3, 1, 1) if mean_std else None
         self.std = torch.tensor(mean_std[1]).view(3, 1, 1) if mean_std else None
+        self.partners: np.ndarray | None = None  # [n] row of each sample's background partner, or -1
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Load one sample and, where :attr:`partners` names one, its background partner's image and mask."""
+        item = self.load(index)
+        partner = -1 if self.partners is None else int(self.partners[index])
+        if item["ok"] and partner >= 0:
+            other = self.load(partner)
+            if other["ok"] and other["has_mask"] and bool(other["mask"].any()):
+                item["partner"] = (partner, other["image"], other["mask"], self.samples[partner].label)
+        return item
+
+    def load(self, index: int) -> dict[str, Any]:
         """Load one sample.
 
         Returns a dict with ``index``, ``ok`` and, when ok: ``image [3, S, S]`` (normalized), ``mask
@@ -171,8 +182,18 @@ def drop(batch: dict[str, Any], positions: Sequence[int], reason: str) -> dict[s
     }
     if keep:
         pick = torch.tensor(keep, dtype=torch.long)
-        for key in ("image", "mask", "has_mask", "scale"):
-            out[key] = batch[key][pick.to(batch[key].device)]
+        for key in (
+            "image",
+            "mask",
+            "has_mask",
+            "scale",
+            "has_partner",
+            "partner_image",
+            "partner_mask",
+            "partner_label",
+        ):
+            if key in batch:
+                out[key] = batch[key][pick.to(batch[key].device)]
         for key in ("boxes", "sha1", "mask_source"):
             out[key] = [batch[key][i] for i in keep]
     return out
@@ -194,4 +215,12 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["scale"] = torch.tensor([it["scale"] for it in good], dtype=torch.float32)
         batch["sha1"] = [it["sha1"] for it in good]
         batch["mask_source"] = [it["mask_source"] for it in good]
+        batch["has_partner"] = torch.tensor(["partner" in it for it in good])
+        if bool(batch["has_partner"].any()):  # the background partners' images (zeros where none)
+            ref = next(it["partner"] for it in good if "partner" in it)
+            blank = (-1, torch.zeros_like(ref[1]), torch.zeros_like(ref[2]), -1)
+            parts = [it.get("partner", blank) for it in good]
+            batch["partner_image"] = torch.stack([p[1] for p in parts])
+            batch["partner_mask"] = torch.stack([p[2] for p in parts])
+            batch["partner_label"] = torch.tensor([p[3] for p in parts], dtype=torch.long)
     return batch

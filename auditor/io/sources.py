@@ -6,6 +6,7 @@ the seeded selections (``--per-class``, ``--limit``, the stratified expensive su
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -242,8 +243,7 @@ def select(
     """Deterministic subset: class filter, then ``per_class`` per class, then ``limit`` (seeded choices).
 
     The result interleaves the classes round-robin (each class sorted by sample id), so the batches (and a
-    resumed run) are the same every time and every batch mixes classes (the background-swap
-    counterfactual pairs images of different classes within a batch).
+    resumed run) are the same every time whatever the manifest's order.
     """
     chosen = sorted(samples, key=lambda s: s.id)
     if only_classes:
@@ -278,6 +278,41 @@ def interleave(samples: list[SampleSpec]) -> list[SampleSpec]:
     for i in range(max((len(q) for q in queues), default=0)):
         out += [q[i] for q in queues if i < len(q)]
     return out
+
+
+def sample_key(sample_id: str, seed: int, salt: str) -> int:
+    """A 64-bit number keyed by sample id, seed and purpose: a draw that no batch, order or shard can move."""
+    return int(hashlib.sha1(f"{salt}\0{seed}\0{sample_id}".encode()).hexdigest()[:16], 16)
+
+
+def background_partners(samples: Sequence[SampleSpec], probe: np.ndarray, seed: int) -> np.ndarray:
+    """For every probed sample with an annotation, another probed, annotated sample of another class.
+
+    The swapped-background counterfactual pastes a sample's object on its partner's background. The
+    choice is keyed by the sample's id and the seed (a hash picks among the candidates sorted by id), so
+    it is the same whatever the batch size, order or sharding.
+
+    Args:
+        samples: the run's samples.
+        probe: ``[n]`` bool, the samples that get the counterfactual forwards.
+        seed: the run's seed.
+
+    Returns:
+        ``[n]`` int64: the partner's row, or -1 (not probed, no annotation, or no other class to pair with).
+    """
+    annotated = [int(i) for i in np.flatnonzero(probe) if _annotated(samples[int(i)])]
+    candidates = sorted(annotated, key=lambda i: samples[i].id)
+    labels = np.array([samples[i].label for i in candidates])
+    out = np.full(len(samples), -1, dtype=np.int64)
+    for i in annotated:
+        others = np.flatnonzero(labels != samples[i].label)
+        if len(others):
+            out[i] = candidates[others[sample_key(samples[i].id, seed, "partner") % len(others)]]
+    return out
+
+
+def _annotated(s: SampleSpec) -> bool:
+    return s.mask is not None or bool(s.boxes) or bool(s.polygons) or bool(s.rle)
 
 
 def stratified_subset(labels: Sequence[int], per_class: int, seed: int) -> np.ndarray:

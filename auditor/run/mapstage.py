@@ -26,7 +26,7 @@ from auditor.io.sources import SampleSpec
 from auditor.metrics import METRICS, MetricInputs
 from auditor.ops import to_pixels
 from auditor.run.rundir import RunStore, map_key
-from auditor.shortcuts.probes import counterfactuals, image_properties, mask_grid
+from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, mask_grid
 
 NONFINITE = "non-finite model output (NaN or inf logits)"
 PIXEL_STORE = 64  # pixel-space maps (occlusion, RISE, guided) are stored average-pooled to at most 64 x 64
@@ -242,7 +242,16 @@ def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
         keep = usable.cpu().numpy()
         b.out.objects = (b.rows[keep], mask_grid(masks[usable]).cpu().numpy().astype(np.float16))
     start = b.out.tick("probes", start)
-    cf = counterfactuals(spec.model, b.images, masks, b.labels, usable & in_subset)
+    partners = None
+    if "partner_image" in b.raw:
+        raw = b.raw
+        partners = Partners(
+            raw["partner_image"].to(spec.device),
+            raw["partner_mask"].to(spec.device),
+            raw["partner_label"],
+            raw["has_partner"],
+        )
+    cf = counterfactuals(spec.model, b.images, masks, b.labels, usable & in_subset, partners)
     for key, value in cf.items():
         v = value.numpy()
         if key.endswith(("_pred", "_label")):

@@ -27,7 +27,7 @@ from auditor.config import AuditConfig, dump_resolved
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.io.dataset import AuditDataset
 from auditor.io.models import LoadedModel, build_model, logits_only, resolve_device
-from auditor.io.sources import SampleSpec, load_dataset, select, stratified_subset
+from auditor.io.sources import SampleSpec, background_partners, load_dataset, select, stratified_subset
 from auditor.run.rundir import RESOLVED, RUN, RunDir, RunStore
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,8 @@ def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selec
         set_memory_format(loaded.module, memory_format)
     labels = [s.label for s in dataset.samples]
     stratified = stratified_subset(labels, cfg.expensive.per_class, cfg.seed)
+    probed = np.ones(len(labels), dtype=bool) if cfg.expensive.subset == "all" else stratified
+    dataset.partners = background_partners(dataset.samples, probed, cfg.seed)
     return Plan(
         cfg, store, loaded, device, dataset, classes, metadata, methods, chunk, memory_format, selection, stratified
     )

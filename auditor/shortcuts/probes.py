@@ -5,6 +5,8 @@ Both run inside the streaming pass (a few extra forwards per image, no storage o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,18 +41,6 @@ def image_properties(pixels: Tensor) -> dict[str, Tensor]:
 def mask_grid(masks: Tensor) -> Tensor:
     """``[B, H, W]`` bool -> ``[B, 32, 32]`` object fraction per cell (area pooling)."""
     return F.adaptive_avg_pool2d(masks[:, None].float(), GRID)[:, 0]
-
-
-def background_partners(labels: Tensor, usable: Tensor) -> Tensor:
-    """For each usable image, the next usable image of the batch (cyclically) with another label, else -1."""
-    n = labels.numel()
-    lab, ok = labels.cpu(), usable.cpu()
-    if n < 2:
-        return torch.full((n,), -1, dtype=torch.long)
-    cand = (torch.arange(n)[:, None] + torch.arange(1, n)[None]) % n  # [n, n-1], in cyclic order
-    fits = ok[cand] & (lab[cand] != lab[:, None]) & ok[:, None]
-    first = fits.int().argmax(1)  # the first fitting candidate (0 when there is none)
-    return torch.where(fits.any(1), cand[torch.arange(n), first], torch.full((n,), -1, dtype=torch.long))
 
 
 def _smooth(x: Tensor, sigma: float) -> Tensor:
@@ -92,15 +82,33 @@ def inpaint(images: Tensor, holes: Tensor) -> Tensor:
     return torch.where(known > 0.5, images, out)
 
 
+@dataclass
+class Partners:
+    """The background partners of a batch (``auditor.io.sources.background_partners``), loaded with it.
+
+    Attributes:
+        images: ``[B, C, H, W]`` normalized partner images (zeros where ``present`` is False).
+        masks: ``[B, H, W]`` bool partner object masks.
+        labels: ``[B]`` partner class indices (-1 where none).
+        present: ``[B]`` bool.
+    """
+
+    images: Tensor
+    masks: Tensor
+    labels: Tensor
+    present: Tensor
+
+
 def counterfactuals(
-    model: nn.Module, images: Tensor, masks: Tensor, labels: Tensor, usable: Tensor
+    model: nn.Module, images: Tensor, masks: Tensor, labels: Tensor, usable: Tensor, partners: Partners | None
 ) -> dict[str, Tensor]:
     """Predictions on foreground-only, background-only and background-swapped versions of the images.
 
     Foreground-only sets the background to 0 in normalized space (the dataset-mean colour).
     Background-only inpaints the object from its surroundings (:func:`inpaint`), so its shape does not
-    leak. The swapped version pastes image i's object onto the inpainted background of another-class image
-    j (Background Challenge "Mixed-Rand", within the batch).
+    leak. The swapped version pastes image i's object onto the inpainted background of its partner, an
+    image of another class chosen by sample id (Background Challenge "Mixed-Rand"), so the result does
+    not depend on which images share a batch.
 
     Args:
         model: classifier in eval mode.
@@ -108,37 +116,31 @@ def counterfactuals(
         masks: ``[B, H, W]`` bool object masks.
         labels: ``[B]``.
         usable: ``[B]`` bool, images with a non-empty mask.
+        partners: the batch's background partners, or None (no swapped version).
 
     Returns:
         ``{cf_fg_pred, cf_fg_prob, cf_bg_pred, cf_bg_prob, cf_mix_pred, cf_mix_prob, cf_mix_bg_label}``,
         ``[B]`` each (prob = probability of the image's own label; NaN / -1 where not usable).
     """
     b = images.shape[0]
-    out: dict[str, Tensor] = {}
     nan = torch.full((b,), float("nan"))
     none = torch.full((b,), -1, dtype=torch.long)
-    sel = usable.nonzero().flatten()
-    partner = background_partners(labels, usable)
-    if sel.numel() == 0:
-        for k in ("fg", "bg", "mix"):
-            out[f"cf_{k}_pred"], out[f"cf_{k}_prob"] = none.clone(), nan.clone()
-        out["cf_mix_bg_label"] = none.clone()
-        return out
+    has_partner = usable.cpu() & (partners.present.cpu() if partners is not None else torch.zeros(b, dtype=torch.bool))
     m = masks[:, None].to(images.dtype)
-    fg = images * m
-    bg = inpaint(images, masks)
-    has_partner = partner >= 0
-    p = torch.where(has_partner, partner, torch.arange(b)).to(images.device)
-    mixed = fg + bg[p] * (1 - m)  # image i's object on the partner's inpainted background
+    versions = {"fg": (images * m, usable.cpu()), "bg": (inpaint(images, masks), usable.cpu())}
+    if partners is not None and bool(has_partner.any()):
+        backgrounds = inpaint(partners.images, partners.masks)
+        versions["mix"] = (images * m + backgrounds * (1 - m), has_partner)
+    out: dict[str, Tensor] = {}
     with torch.no_grad():
-        for key, batch in (("fg", fg), ("bg", bg), ("mix", mixed)):
-            probs = model(batch[sel]).float().softmax(1)
+        for key in ("fg", "bg", "mix"):
             pred, prob = none.clone(), nan.clone()
-            pred[sel] = probs.argmax(1).cpu()
-            prob[sel] = probs.gather(1, labels[sel, None])[:, 0].cpu()
+            if key in versions and bool(versions[key][1].any()):
+                batch, ok = versions[key]
+                sel = ok.nonzero().flatten().to(images.device)
+                probs = model(batch[sel]).float().softmax(1)
+                pred[ok] = probs.argmax(1).cpu()
+                prob[ok] = probs.gather(1, labels[sel, None])[:, 0].cpu()
             out[f"cf_{key}_pred"], out[f"cf_{key}_prob"] = pred, prob
-    mix_ok = has_partner & usable.cpu()
-    out["cf_mix_pred"] = torch.where(mix_ok, out["cf_mix_pred"], none)
-    out["cf_mix_prob"] = torch.where(mix_ok, out["cf_mix_prob"], nan)
-    out["cf_mix_bg_label"] = torch.where(mix_ok, labels.cpu()[partner.clamp_min(0)], none)
+    out["cf_mix_bg_label"] = torch.where(has_partner, partners.labels.cpu(), none) if partners is not None else none
     return out

@@ -17,7 +17,7 @@ from auditor.shortcuts.flags import change, order_flags
 from auditor.shortcuts.grids import describe_location, grid_maps
 from auditor.shortcuts.hotspots import class_hotspots
 from auditor.shortcuts.interventions import hotspot_intervention, region_mask
-from auditor.shortcuts.probes import counterfactuals, image_properties, inpaint
+from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, inpaint
 from auditor.shortcuts.registry import FlagContext
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
@@ -229,10 +229,16 @@ def test_counterfactuals_and_properties_on_a_toy_model() -> None:
     x[:2, :, :4, :4] = 1.0  # the tag on the first two images (class 0)
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
     masks[:, 8:12, 8:12] = True
-    cf = counterfactuals(_Corner(), x, masks, torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool))
+    labels = torch.tensor([0, 0, 1, 1])
+    partner = torch.tensor([2, 3, 0, 1])  # each image's partner has the other class
+    partners = Partners(x[partner], masks[partner], labels[partner], torch.tensor([True, True, True, False]))
+    cf = counterfactuals(_Corner(), x, masks, labels, torch.ones(4, dtype=torch.bool), partners)
     assert cf["cf_bg_pred"].tolist() == [0, 0, 1, 1]  # the tag is in the background
     assert cf["cf_fg_pred"].tolist() == [1, 1, 1, 1]
-    assert cf["cf_mix_bg_label"].tolist() == [1, 1, 0, 0]
+    assert cf["cf_mix_bg_label"].tolist() == [1, 1, 0, -1]  # the last has no partner
+    assert cf["cf_mix_pred"].tolist() == [1, 1, 0, -1]  # the object follows its new background's tag
+    none = counterfactuals(_Corner(), x, masks, labels, torch.ones(4, dtype=torch.bool), None)
+    assert none["cf_mix_pred"].tolist() == [-1] * 4 and none["cf_bg_pred"].tolist() == [0, 0, 1, 1]
     props = image_properties(torch.rand(2, 3, 8, 8))
     assert set(props) == {"brightness", "contrast", "red", "green", "blue", "sharpness"}
 
@@ -288,15 +294,29 @@ def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> Non
     assert cluster_flags({"horse": {**info, "median_ratio": 0.5}}, T) == []  # the class itself is off-object
 
 
-def test_background_partners_next_usable_other_class_cyclically() -> None:
-    from auditor.shortcuts.probes import background_partners
+def test_background_partners_are_keyed_by_sample_id() -> None:
+    """Another class's annotated, probed sample, chosen from the id and the seed: not from batch neighbours."""
+    from pathlib import Path
 
-    labels = torch.tensor([0, 0, 1, 1, 0])
-    usable = torch.tensor([True, True, True, False, True])
-    # 0 -> 2 (1 is the same class); 1 -> 2; 2 -> 4 (3 unusable); 3 unusable -> -1; 4 -> 2 (wraps round)
-    assert background_partners(labels, usable).tolist() == [2, 2, 4, -1, 2]
-    assert background_partners(torch.tensor([1, 1]), torch.tensor([True, True])).tolist() == [-1, -1]
-    assert background_partners(torch.tensor([0]), torch.tensor([True])).tolist() == [-1]
+    from auditor.io.sources import SampleSpec, background_partners
+
+    def spec(i: int, label: int, mask: bool = True) -> SampleSpec:
+        return SampleSpec(f"s{i:02d}", Path(f"{i}.png"), label, Path(f"{i}m.png") if mask else None)
+
+    samples = [spec(i, i % 3, mask=i != 4) for i in range(12)]
+    probe = np.array([i != 7 for i in range(12)])
+    partners = background_partners(samples, probe, seed=0)
+    for i, p in enumerate(partners.tolist()):
+        if i in (4, 7):  # no annotation / not probed: no partner
+            assert p == -1
+        else:
+            assert p not in (-1, 4, 7) and samples[p].label != samples[i].label
+    # the same ids in another order (another manifest, batch or shard) get the same partners
+    order = list(reversed(range(12)))
+    shuffled = background_partners([samples[i] for i in order], probe[order], seed=0)
+    assert [order[p] for p in shuffled.tolist()[::-1] if p >= 0] == [p for p in partners.tolist() if p >= 0]
+    assert background_partners(samples, probe, seed=1).tolist() != partners.tolist()
+    assert background_partners([spec(0, 0), spec(1, 0)], np.ones(2, bool), 0).tolist() == [-1, -1]
 
 
 def test_hotspot_intervention_wording_reads_the_sign_of_thechange() -> None:
