@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -98,7 +99,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an audit."""
     from auditor.config import load_config
-    from auditor.run.local import Selection, run_audit
+    from auditor.run.local import Selection, run_audit, run_shard
 
     cfg = load_config(args.config)
     updates = {
@@ -121,28 +122,42 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg = cfg.model_validate({**cfg.model_dump(), **updates})
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "command line", AuditConfig)) from None
+    from auditor.run.shards import shard_from_env
+
     only = [c.strip() for c in args.only_classes.split(",") if c.strip()] if args.only_classes else None
-    summary = run_audit(
-        cfg,
-        args.out,
-        force=args.force,
-        selection=Selection(limit=args.limit, per_class=args.per_class, only_classes=only),
-        progress=args.progress,
-    )
+    shard = shard_from_env(args.num_shards, args.shard_id)
+    selection = Selection(limit=args.limit, per_class=args.per_class, only_classes=only)
+    if shard is not None:
+        run_shard(cfg, args.out, shard, force=args.force, selection=selection, progress=args.progress)
+        print(f"shard {shard.index} of {shard.count} done; once every shard is, run: auditor merge {args.out}")
+        return 0
+    summary = run_audit(cfg, args.out, force=args.force, selection=selection, progress=args.progress)
+    return _after_run(summary, cfg.gates, args.out, args.gate)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Reduce a sharded run once every shard is complete."""
+    from auditor.run.shards import merge
+
+    summary = merge(args.out, progress=args.progress)
+    return _after_run(summary, summary["config"].get("gates"), args.out, args.gate)
+
+
+def _after_run(summary: Any, gates: Any, out: str, gate: str | None) -> int:
     acc = summary["accuracy"]["*"]
     print(
         f"audited {summary['dataset']['n']} images ({len(summary['dataset']['skipped'])} skipped), "
-        f"accuracy {acc['accuracy']:.3f}; results in {args.out}"
+        f"accuracy {acc['accuracy']:.3f}; results in {out}"
     )
-    flags = RunDir(args.out).read_flags()
+    flags = RunDir(out).read_flags()
     for flag in flags[:5]:
         print(f"  [{flag['severity']}] {printable(flag['message'])}")
     if len(flags) > 5:
-        print(f"  ... {len(flags) - 5} more in {Path(args.out) / 'flags.json'}")
-    if args.gate is not None or cfg.gates is not None:
+        print(f"  ... {len(flags) - 5} more in {Path(out) / 'flags.json'}")
+    if gate is not None or gates is not None:
         from auditor.outputs.gate import run_gate
 
-        ok, report = run_gate(Path(args.out), Path(args.gate) if args.gate else cfg.gates, None, None)
+        ok, report = run_gate(Path(out), Path(gate) if gate else Path(gates), None, None)
         print(report)
         return 0 if ok else 1
     return 0
@@ -253,7 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the run (exit 1 on failure)")
+    p.add_argument("--num-shards", type=int, help="split the run into N shards (default: WORLD_SIZE or SLURM)")
+    p.add_argument("--shard-id", type=int, help="run shard I of --num-shards (default: RANK or SLURM)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="reduce a sharded run (OUT/shards/*) once every shard is complete")
+    p.add_argument("out", help="the --out of the shards")
+    p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the merge (exit 1 on failure)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="log lines")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("gate", help="evaluate CI rules over a finished run (exit 1 on failure)")
     p.add_argument("run", help="run directory")

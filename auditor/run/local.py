@@ -23,9 +23,9 @@ from auditor.run import flagged, mapstage
 from auditor.run.mapstage import MapSpec, map_batch
 from auditor.run.progress import Progress
 from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
-from auditor.run.rundir import FLAGGED, MAIN, RunDir
+from auditor.run.rundir import DONE, FLAGGED, MAIN, RUN, SHARDS, RunDir
 from auditor.run.schema import Summary
-from auditor.run.setup import Plan, Selection, plan_run
+from auditor.run.setup import Plan, Selection, Shard, plan_run
 from auditor.shortcuts.registry import run_analyses
 
 log = logging.getLogger(__name__)
@@ -174,11 +174,10 @@ def _commit(plan: Plan, b: int, batch: dict[str, Any], out: mapstage.BatchOutput
 
 
 def _main_pass(plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None) -> int:
-    bs, n = plan.cfg.batch_size, len(plan.samples)
     done = plan.store.done_batches()
     pending = [b for b in range(plan.n_batches) if b not in done]
-    batches = [list(range(b * bs, min((b + 1) * bs, n))) for b in pending]
-    bar = Progress(plan.n_batches, len(done), n, progress)
+    batches = [plan.batches[b] for b in pending]
+    bar = Progress(plan.n_batches, len(done), sum(len(b) for b in plan.batches), progress)
     processed = run_batches(plan, spec, pending, batches, MAIN, bar, timer)
     bar.close()
     return processed
@@ -204,7 +203,7 @@ def _flagged_pass(plan: Plan, spec: MapSpec, table: Any, timer: Timer, progress:
     run_batches(plan, second, pending, [batches[b] for b in pending], FLAGGED, bar, timer)
     if bar is not None:
         bar.close()
-    return second, plan.store.consolidate(plan.n_batches, len(batches), keep=("cf_",))
+    return second, plan.store.consolidate(plan.n_batches, plan.methods, len(batches), keep=("cf_",))
 
 
 def run_audit(
@@ -225,17 +224,42 @@ def run_audit(
         progress: tqdm bar (True), periodic log lines (False), or auto (a bar on a terminal).
     """
     with RunDir(out).lock():
-        return _run(cfg, Path(out), force, selection or Selection(), progress)
+        started = time.perf_counter()
+        plan = plan_run(cfg, out, force=force, selection=selection or Selection())
+        spec = map_spec(plan)
+        timer = Timer()
+        processed = _main_pass(plan, spec, timer, progress)
+        return finish_run(plan, spec, timer, progress, started, processed)
 
 
-def _run(cfg: AuditConfig, out: Path, force: bool, selection: Selection, progress: bool | None) -> Summary:
-    started = time.perf_counter()
-    plan = plan_run(cfg, out, force=force, selection=selection)
-    spec = map_spec(plan)
-    timer = Timer()
-    processed = _main_pass(plan, spec, timer, progress)
+def run_shard(
+    cfg: AuditConfig,
+    out: str | Path,
+    shard: Shard,
+    *,
+    force: bool = False,
+    selection: Selection | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Run (or resume) one shard's main pass into ``out/shards/<i>-of-<n>/``; ``auditor merge`` reduces them."""
+    with RunDir(Path(out) / SHARDS / shard.folder).lock():
+        plan = plan_run(cfg, out, force=force, selection=selection or Selection(), shard=shard)
+        _main_pass(plan, map_spec(plan), Timer(), progress)
+        write_shard_done(plan)
+
+
+def write_shard_done(plan: Plan) -> None:
+    """``done.json``: the shard's main pass is committed (what ``auditor merge`` checks)."""
+    run = plan.store.read_json(RUN)
+    plan.store.write_json(DONE, {"identity": run["identity"], "shard": run["shard"], "batches": plan.batches})
+
+
+def finish_run(
+    plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None, started: float, processed: int
+) -> Summary:
+    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce, summary."""
     main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
-    table = plan.store.consolidate(plan.n_batches)
+    table = plan.store.consolidate(plan.n_batches, plan.methods)
     if table.empty:
         raise DataError("no image could be audited: every sample was skipped (see parts/events-*.json)")
     if plan.cfg.expensive.subset == "flagged":
@@ -255,4 +279,4 @@ def _run(cfg: AuditConfig, out: Path, force: bool, selection: Selection, progres
     return summary
 
 
-__all__ = ["Selection", "run_audit"]
+__all__ = ["Selection", "Shard", "run_audit", "run_shard"]

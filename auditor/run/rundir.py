@@ -8,6 +8,7 @@ the same bytes as an uninterrupted one.
 Layout::
 
     .lock                      PID and host of the run that holds the directory
+    shards/<i>-of-<n>/         a shard's own run directory (run.json, parts/, maps/, curves/, done.json)
     run.json                   identity of the run (config + sample list) and settings kept on resume
     parts/part-<b>.parquet     rows of batch b of the main pass (committed = done)
     parts/events-<b>.json      skipped files and warnings of batch b
@@ -52,6 +53,8 @@ RESOLVED = "config.resolved.yaml"
 SAMPLES = "samples.parquet"
 REPORT = "report.html"
 GATE = "gate.json"
+DONE = "done.json"  # a shard's main pass is committed
+SHARDS = "shards"
 LOCK = ".lock"
 MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
 _ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
@@ -301,32 +304,41 @@ class RunStore(RunDir):
     def write_events(self, batch: int, events: dict[str, Any]) -> None:
         write_json(self.events_path(batch), events)
 
-    def consolidate(self, batches: int, flagged: int = 0, keep: tuple[str, ...] = ()) -> pd.DataFrame:
-        """Concatenate parts 0..batches-1 in order into ``samples.parquet`` and return the table.
+    def consolidate(
+        self, batches: int, methods: list[str], flagged: int = 0, keep: tuple[str, ...] = ()
+    ) -> pd.DataFrame:
+        """Gather parts 0..batches-1 into ``samples.parquet`` (canonical order) and return the table.
 
-        The ``flagged`` parts of a second pass (``expensive.subset: flagged``) hold every row of the
-        samples they cover, so they replace those samples' rows of the main pass, except for the
-        per-sample columns whose names start with a prefix in ``keep``: those stay the main pass's.
+        The table is ordered by method (in ``methods`` order), target, then row: the same table whatever
+        the batch layout or sharding that produced the parts. The ``flagged`` parts of a second pass
+        (``expensive.subset: flagged``) hold every row of the samples they cover, so they replace those
+        samples' rows of the main pass, except for the per-sample columns whose names start with a
+        prefix in ``keep``: those stay the main pass's.
         """
         table = _concat([pd.read_parquet(self.part_path(b)) for b in range(batches) if self.part_path(b).exists()])
         second = _concat([pd.read_parquet(self.part_path(b, FLAGGED)) for b in range(flagged)])
         if len(second) and len(table):
             table = _replace_rows(table, second, keep)
+        if len(table):
+            rank = {m: i for i, m in enumerate(methods)}
+            key = table["method"].map(rank) * 2 + (table["target"] != "label")
+            table = table.assign(_key=key).sort_values(["_key", "row"], kind="stable").drop(columns="_key")
+            table = table.reset_index(drop=True)
         atomic_write_bytes(self.root / SAMPLES, _parquet(table))
         return table
 
     def maps(self, key: str, tail: tuple[int, ...]) -> np.memmap:
         """``maps/<key>`` where ``key`` is :func:`map_key`."""
-        return self._array(f"maps/{key}", tail, "float16")
+        return self.array(f"maps/{key}", tail, "float16")
 
     def curves(self, curve: str, key: str, tail: tuple[int, ...]) -> np.memmap:
         """``curves/<curve>__<key>`` where ``key`` is :func:`map_key`."""
-        return self._array(f"curves/{curve}__{key}", tail, "float32")
+        return self.array(f"curves/{curve}__{key}", tail, "float32")
 
     def objects(self, tail: tuple[int, ...]) -> np.memmap:
-        return self._array("maps/_object", tail, "float16")
+        return self.array("maps/_object", tail, "float16")
 
-    def _array(self, name: str, tail: tuple[int, ...], dtype: str) -> np.memmap:
+    def array(self, name: str, tail: tuple[int, ...], dtype: str) -> np.memmap:
         """The ``[n, *tail]`` array ``<root>/<name>.npy`` (created NaN-filled, else opened read-write)."""
         if name in self._arrays:
             arr = self._arrays[name]
@@ -371,9 +383,4 @@ def _replace_rows(table: pd.DataFrame, redo: pd.DataFrame, keep: tuple[str, ...]
     main = table.drop_duplicates("row").set_index("row")
     for col in [c for c in table.columns if keep and c.startswith(keep)]:
         redo[col] = redo["row"].map(main[col]).to_numpy()
-    table = pd.concat([table[~table["row"].isin(redo["row"])], redo], ignore_index=True)
-    pairs = list(zip(table["method"], table["target"], strict=True))
-    order = {pair: i for i, pair in enumerate(dict.fromkeys(pairs))}
-    key = [order[pair] for pair in pairs]
-    table = table.assign(_key=key).sort_values(["_key", "row"], kind="stable").drop(columns="_key")
-    return table.reset_index(drop=True)
+    return pd.concat([table[~table["row"].isin(redo["row"])], redo], ignore_index=True)

@@ -45,6 +45,29 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """This process's part of a sharded run: the samples with ``sha1(id) mod count == index``."""
+
+    index: int
+    count: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+
+def shard_of(sample_id: str, count: int) -> int:
+    """The shard of a sample: a stable hash of its id (never its position, so no sample is done twice)."""
+    return int(hashlib.sha1(sample_id.encode()).hexdigest(), 16) % count
+
+
+def main_batches(samples: Sequence[SampleSpec], batch_size: int, shard: Shard | None) -> list[list[int]]:
+    """The rows of each main-pass batch: all rows in order, or this shard's."""
+    rows = [i for i, s in enumerate(samples) if shard is None or shard_of(s.id, shard.count) == shard.index]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@dataclass(frozen=True)
 class Plan:
     """A validated run, ready for its map stage.
 
@@ -61,6 +84,8 @@ class Plan:
         memory_format: ``contiguous`` or ``channels_last``.
         selection: ``--limit`` / ``--per-class`` / ``--only-classes``.
         stratified: ``[n]`` bool, the seeded per-class subset of the expensive work.
+        batches: the rows of each main-pass batch (this shard's, for a shard).
+        shard: this process's shard, or None.
     """
 
     cfg: AuditConfig
@@ -75,6 +100,8 @@ class Plan:
     memory_format: str
     selection: Selection
     stratified: np.ndarray
+    batches: list[list[int]]
+    shard: Shard | None = None
 
     @property
     def samples(self) -> list[SampleSpec]:
@@ -87,7 +114,7 @@ class Plan:
 
     @property
     def n_batches(self) -> int:
-        return -(-len(self.samples) // self.cfg.batch_size)
+        return len(self.batches)
 
 
 def resolve_methods(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer: Any) -> list[str]:
@@ -247,13 +274,22 @@ def check_layers(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> None:
         raise ModelError(f"the configured methods cannot run on this model: {err}") from None
 
 
-def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selection) -> Plan:
+def plan_run(
+    cfg: AuditConfig,
+    out: str | Path,
+    *,
+    force: bool,
+    selection: Selection,
+    shard: Shard | None = None,
+    batches: list[list[int]] | None = None,
+) -> Plan:
     """Validate and resolve everything a run needs, then record it in ``run.json``.
 
     Nothing is written under ``out`` until the config, model, data and layers have been checked, so a
-    corrected rerun of a failed start needs no ``--force``.
+    corrected rerun of a failed start needs no ``--force``. A shard's files go to
+    ``out/shards/<i>-of-<n>/``; ``batches`` (the merge) replaces the batch layout.
     """
-    store_root = Path(out)
+    store_root = Path(out) / "shards" / shard.folder if shard is not None else Path(out)
     RunDir(store_root).check_finished(force)
     device = resolve_device(cfg.device)
     cfg = _effective(cfg, device)
@@ -280,6 +316,8 @@ def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selec
             "n": len(dataset.samples),
             "batch_size": cfg.batch_size,
             "memory_format": memory_format,
+            "selection": [selection.limit, selection.per_class, selection.only_classes],
+            "shard": None if shard is None else [shard.index, shard.count],
         },
     )
     if not loaded.scripted:
@@ -288,6 +326,20 @@ def plan_run(cfg: AuditConfig, out: str | Path, *, force: bool, selection: Selec
     stratified = stratified_subset(labels, cfg.expensive.per_class, cfg.seed)
     probed = np.ones(len(labels), dtype=bool) if cfg.expensive.subset == "all" else stratified
     dataset.partners = background_partners(dataset.samples, probed, cfg.seed)
+    layout = batches if batches is not None else main_batches(dataset.samples, cfg.batch_size, shard)
     return Plan(
-        cfg, store, loaded, device, dataset, classes, metadata, methods, chunk, memory_format, selection, stratified
+        cfg,
+        store,
+        loaded,
+        device,
+        dataset,
+        classes,
+        metadata,
+        methods,
+        chunk,
+        memory_format,
+        selection,
+        stratified,
+        layout,
+        shard,
     )
