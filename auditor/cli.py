@@ -127,6 +127,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     only = [c.strip() for c in args.only_classes.split(",") if c.strip()] if args.only_classes else None
     shard = shard_from_env(args.num_shards, args.shard_id)
     selection = Selection(limit=args.limit, per_class=args.per_class, only_classes=only)
+    if args.backend == "ray":
+        if shard is not None:
+            raise ConfigError("--backend ray distributes the batches itself: drop --num-shards / --shard-id")
+        from auditor.run.raydriver import run_ray
+
+        summary = run_ray(
+            cfg,
+            args.out,
+            force=args.force,
+            selection=selection,
+            progress=args.progress,
+            address=args.address,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+        )
+        return _after_run(summary, cfg.gates, args.out, args.gate)
     if shard is not None:
         run_shard(cfg, args.out, shard, force=args.force, selection=selection, progress=args.progress)
         print(f"shard {shard.index} of {shard.count} done; once every shard is, run: auditor merge {args.out}")
@@ -243,16 +259,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(prog="auditor", description="Dataset-level shortcut auditor for image classifiers")
-    parser.add_argument("--version", action="version", version=f"auditor {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("methods", help="list CAM methods with their cost per image")
-    p.add_argument("--json", action="store_true", help="machine-readable output with options and references")
-    p.set_defaults(func=cmd_methods)
-
+def _add_run(sub: Any) -> None:
+    """The ``run`` sub-command's arguments."""
     p = sub.add_parser("run", help="audit a model on a dataset (resumes an unfinished run in --out)")
     p.add_argument("config", help="audit YAML config")
     p.add_argument("--out", required=True, help="output directory")
@@ -268,9 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the run (exit 1 on failure)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="where the map stage runs")
+    p.add_argument("--address", help="Ray cluster address (--backend ray; default: a local Ray)")
+    p.add_argument("--actors", type=_positive, default=2, help="Ray actors (--backend ray; default 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (--backend ray)")
     p.add_argument("--num-shards", type=int, help="split the run into N shards (default: WORLD_SIZE or SLURM)")
     p.add_argument("--shard-id", type=int, help="run shard I of --num-shards (default: RANK or SLURM)")
     p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="auditor", description="Dataset-level shortcut auditor for image classifiers")
+    parser.add_argument("--version", action="version", version=f"auditor {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("methods", help="list CAM methods with their cost per image")
+    p.add_argument("--json", action="store_true", help="machine-readable output with options and references")
+    p.set_defaults(func=cmd_methods)
+
+    _add_run(sub)
 
     p = sub.add_parser("merge", help="reduce a sharded run (OUT/shards/*) once every shard is complete")
     p.add_argument("out", help="the --out of the shards")

@@ -134,7 +134,7 @@ def run_batches(
         out.complete()
         for key, seconds in out.seconds.items():
             timer.add(key, seconds)
-        _commit(plan, b, batch, out, kind)
+        commit_batch(plan, b, batch, out, kind)
         nonfinite.add(out.nonfinite, [i for i, r in out.skipped if r == mapstage.NONFINITE])
         timer.since("write", start)
         processed += out.images
@@ -160,7 +160,7 @@ def run_batches(
     return processed
 
 
-def _commit(plan: Plan, b: int, batch: dict[str, Any], out: mapstage.BatchOutput, kind: str) -> None:
+def commit_batch(plan: Plan, b: int, batch: dict[str, Any], out: mapstage.BatchOutput, kind: str) -> None:
     if kind == MAIN:
         rows = plan.samples
         plan.store.write_events(

@@ -87,3 +87,28 @@ def test_shards_split_by_id_hash_and_merge_refuses_foreign_or_unfinished_shards(
     assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", "1") == 0  # resumes
     assert _run("merge", str(out)) == 0
     assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", "2") == 2
+
+
+def test_a_shard_killed_mid_run_resumes_and_the_merge_is_unchanged(dataset_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    cfg = make_config(dataset_dir, tmp_path, batch_size=2)
+    assert _run("run", str(cfg), "--out", str(tmp_path / "one")) == 0
+    out = tmp_path / "sharded"
+    args = [sys.executable, "-m", "auditor", "run", str(cfg), "--out", str(out), "--no-progress", "--num-shards", "2"]
+    proc = subprocess.Popen([*args, "--shard-id", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / "shards" / "0-of-2" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(parts.glob("part-*.parquet"))) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert not (out / "shards" / "0-of-2" / "done.json").exists()  # killed before its end
+    for i in (0, 1):  # shard 0 resumes from its committed batches
+        assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", str(i)) == 0
+    assert _run("merge", str(out)) == 0
+    _assert_same_run(tmp_path / "one", out)
