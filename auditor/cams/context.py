@@ -92,6 +92,7 @@ class CamContext:
     batch_size: int
     generator: torch.Generator | None = None
     mixed_precision: bool = False
+    sample_keys: Tensor | None = None  # [B] int64: per-sample keys of random draws (default: batch position)
 
     @property
     def data(self) -> LayerData:
@@ -119,6 +120,21 @@ class CamContext:
         """Score ``[B]`` of the unperturbed images for their targets."""
         logits = self.logits.softmax(1) if kind == "prob" else self.logits
         return logits.gather(1, self.targets[:, None])[:, 0]
+
+    def keyed_noise(self, img: Tensor, draw: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Standard normal noise ``[n, *shape]``, row ``j`` seeded by (image ``img[j]``'s key, ``draw[j]``, seed).
+
+        Each row's noise depends only on its own sample and draw index, never on the batch it shares or
+        on how the work is chunked, so a sample gets the same noise in any batch, order or shard.
+        """
+        keys = self.sample_keys if self.sample_keys is not None else torch.arange(self.images.shape[0])
+        seed = int(self.options.get("seed", 0))
+        gen = torch.Generator(device=self.images.device)
+        rows = []
+        for i, d in zip(img.tolist(), draw.tolist(), strict=True):
+            gen.manual_seed((int(keys[i]) * 1_000_003 + d * 7919 + seed) % (2**63 - 1))
+            rows.append(torch.randn(shape, generator=gen, device=self.images.device))
+        return torch.stack(rows) if rows else torch.empty((0, *shape), device=self.images.device)
 
     def rng(self) -> torch.Generator:
         """A generator seeded from the method's ``seed`` option, on the images' device."""

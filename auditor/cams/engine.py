@@ -88,6 +88,7 @@ def compute_cams(
     batch_size: int | None = None,
     upsample_maps: bool = True,
     mixed_precision: bool = False,
+    sample_keys: Sequence[int] | Tensor | None = None,
 ) -> CamResult:
     """Compute several CAM methods for one batch, sharing one forward (+ one backward) between them.
 
@@ -106,6 +107,9 @@ def compute_cams(
         batch_size: chunk size of the extra forwards of perturbation methods; None = from free memory
             (:func:`auditor.cams.core.auto_chunk`).
         upsample_maps: also return maps at input resolution.
+        sample_keys: ``[B]`` integer keys of the images' random draws (SS-CAM, Smooth Grad-CAM++ noise); the
+            run passes keys derived from sample ids, so a sample's noise does not depend on its batch.
+            Default: the batch position.
         mixed_precision: run the extra forwards of perturbation methods under autocast (bfloat16 on CPU,
             float16 on CUDA); the shared gradient pass stays in full precision.
 
@@ -137,6 +141,7 @@ def compute_cams(
                 options=resolved[spec.name],
                 batch_size=batch_size,
                 mixed_precision=mixed_precision,
+                sample_keys=None if sample_keys is None else torch.as_tensor(sample_keys, dtype=torch.int64),
             )
             low, valid = finalize(spec.fn(ctx))
             maps = upsample(low, size) if upsample_maps else None

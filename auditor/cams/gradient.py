@@ -286,11 +286,12 @@ def smooth_grad_cam_pp(ctx: CamContext) -> Tensor:
     acts = ctx.data.activations
     b = acts.shape[0]
     d1, d2, d3 = (torch.zeros_like(acts) for _ in range(3))
-    gen = ctx.rng()
     for sl in chunks(b * n, ctx.batch_size):
-        idx = torch.arange(sl.start, sl.stop, device=acts.device) % b
+        job = torch.arange(sl.start, sl.stop, device=acts.device)
+        idx = job % b
         x = ctx.images[idx]
-        noisy = x + std * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        # noise keyed by (sample, draw): the same for a sample in any batch (CamContext.keyed_noise)
+        noisy = x + std * ctx.keyed_noise(idx, job // b, tuple(x.shape[1:])).to(x.dtype)
         _, layers = layer_pass(ctx.model, noisy, ctx.targets[idx], [ctx.layer], grad=True)
         g = layers[ctx.layer].gradients
         assert g is not None  # grad=True

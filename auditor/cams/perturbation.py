@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 # Score-CAM family
 # --------------------------------------------------------------------------------------------------
 
-MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (masks, repeat, image, channel) -> masks
 
 
 def _channel_scores(ctx: CamContext, repeats: int, perturb: MaskFn, *, exact_zero: bool) -> Tensor:
     """Mean over ``repeats`` of the target logit of ``x * mask`` for every (image, channel).
 
     The mask of channel ``k`` is ``H^k = minmax(Up(A^k))`` (bilinear, ``align_corners=False``, then min-max
-    per channel), transformed per repeat by ``perturb(H [n, H, W], repeat [n], image index [n])``.
+    per channel), transformed per repeat by ``perturb(H [n, H, W], repeat [n], image [n], channel [n])``.
 
     Args:
         ctx: method context.
@@ -69,7 +69,7 @@ def _channel_scores(ctx: CamContext, repeats: int, perturb: MaskFn, *, exact_zer
         job, rep = pairs[sl], reps[sl]
         img, chan = job // k, job % k
         masks = minmax(upsample(acts[img, chan], size), (1, 2))
-        masks = perturb(masks, rep, img)
+        masks = perturb(masks, rep, img, chan)
         sums.index_add_(0, job, ctx.scores(ctx.images[img] * masks[:, None], ctx.targets[img]))
     out[jobs] = sums[jobs] / repeats
     return out.view(b, k)
@@ -89,7 +89,7 @@ def score_cam(ctx: CamContext) -> Tensor:
     The paper's Algorithm 1 with logits and a softmax across channels (the baseline term cancels), as in
     pytorch-grad-cam except for ``align_corners=False`` upsampling (the official code and torchcam).
     """
-    scores = _channel_scores(ctx, 1, lambda m, _r, _i: m, exact_zero=True)
+    scores = _channel_scores(ctx, 1, lambda m, _r, _i, _c: m, exact_zero=True)
     return torch.einsum("bk,bkhw->bhw", scores.softmax(1), ctx.data.activations)
 
 
@@ -105,14 +105,14 @@ def score_cam(ctx: CamContext) -> Tensor:
 def ss_cam(ctx: CamContext) -> Tensor:
     """SS-CAM (torchcam): ``alpha = softmax_k(mean_n[y^c((H^k + delta_n) * x) - y^c(x)])``.
 
-    ``delta_n ~ N(0, std^2)`` per pixel, added to the normalized, upsampled activation map (not clipped).
+    ``delta_n ~ N(0, std^2)`` per pixel, added to the normalized, upsampled activation map (not clipped);
+    keyed by sample, channel and repeat (:meth:`CamContext.keyed_noise`), so batches do not change it.
     """
     n = int(ctx.options["num_samples"])
     std = float(ctx.options["std"])
-    gen = ctx.rng()
 
-    def noisy(masks: Tensor, _rep: Tensor, _img: Tensor) -> Tensor:
-        return masks + std * torch.randn(masks.shape, generator=gen, device=masks.device)
+    def noisy(masks: Tensor, rep: Tensor, img: Tensor, chan: Tensor) -> Tensor:
+        return masks + std * ctx.keyed_noise(img, chan * n + rep, tuple(masks.shape[1:])).to(masks.dtype)
 
     scores = _channel_scores(ctx, n, noisy, exact_zero=False) - ctx.base_scores()[:, None]
     return torch.einsum("bk,bkhw->bhw", scores.softmax(1), ctx.data.activations)
@@ -136,7 +136,7 @@ def is_cam(ctx: CamContext) -> Tensor:
     n = int(ctx.options["num_samples"])
     betas = torch.tensor([(i + 1) * (i + 2) / (2 * n) for i in range(n)], device=ctx.images.device)
 
-    def scaled(masks: Tensor, rep: Tensor, _img: Tensor) -> Tensor:
+    def scaled(masks: Tensor, rep: Tensor, _img: Tensor, _chan: Tensor) -> Tensor:
         return masks * betas[rep][:, None, None]
 
     scores = _channel_scores(ctx, n, scaled, exact_zero=True) - ctx.base_scores()[:, None]

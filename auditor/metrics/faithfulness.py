@@ -240,7 +240,8 @@ def road_curves(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float
     b, _, h, w = images.shape
     rank = pixel_ranks(inputs.maps, seed).cpu().numpy()
     pixels = inputs.to_pixels(images).detach().double().cpu().numpy()
-    rng = np.random.default_rng(seed)
+    keys = inputs.sample_keys.tolist() if inputs.sample_keys is not None else list(range(b))
+    rngs = [np.random.default_rng([seed, int(k)]) for k in keys]  # per sample: batches do not move it
     hw = h * w
     imputed = []
     for order in ("morf", "lerf"):
@@ -248,7 +249,7 @@ def road_curves(inputs: MetricInputs, fractions: tuple[float, ...], sigma: float
             count = int(p * hw)
             for i in range(b):
                 removed = rank[i] < count if order == "morf" else rank[i] >= hw - count
-                imputed.append(noisy_linear_impute(pixels[i], removed.reshape(h, w), sigma, rng))
+                imputed.append(noisy_linear_impute(pixels[i], removed.reshape(h, w), sigma, rngs[i]))
     x = torch.tensor(np.stack(imputed), dtype=images.dtype, device=images.device)
     x = inputs.from_pixels(x)
     order_idx = torch.arange(b, device=images.device).repeat(2 * len(fractions))

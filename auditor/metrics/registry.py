@@ -31,6 +31,9 @@ class MetricInputs:
         seed: seed of tie-breaking noise and stochastic imputation.
         mixed_precision: run those forwards under autocast (bfloat16 on CPU, float16 on CUDA).
         cache: shared between the metrics of one batch (e.g. the probability of the unperturbed images).
+        sample_keys: ``[B]`` integer keys of per-sample random draws (ROAD's imputation noise), derived
+            from sample ids by the run so that a sample's draws do not depend on its batch; default:
+            the batch position.
     """
 
     maps: Tensor
@@ -46,6 +49,7 @@ class MetricInputs:
     seed: int = 0
     mixed_precision: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
+    sample_keys: Tensor | None = None
 
     def require_masks(self, metric: str) -> Tensor:
         if self.masks is None:

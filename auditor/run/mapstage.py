@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from auditor.cams import CAMS, CamResult, compute_cams
 from auditor.config import AuditConfig
 from auditor.io.dataset import drop
-from auditor.io.sources import SampleSpec
+from auditor.io.sources import SampleSpec, sample_key
 from auditor.metrics import METRICS, MetricInputs
 from auditor.ops import to_pixels
 from auditor.run.rundir import RunStore, map_key
@@ -149,6 +149,7 @@ def _metric_inputs(
 ) -> Callable[[Tensor], MetricInputs]:
     """A function ``pick -> MetricInputs`` over the positions ``sel`` of the batch, on the maps' device."""
     dev = maps.device
+    keys = _keys(spec, b.rows[sel.numpy()])
     masks = (b.raw["mask"].to(dev) & b.raw["has_mask"].to(dev)[:, None, None])[sel]
     boxes = [b.raw["boxes"][i].to(dev) for i in sel.tolist()]
 
@@ -167,6 +168,7 @@ def _metric_inputs(
             seed=spec.cfg.seed,
             mixed_precision=spec.cfg.mixed_precision,
             cache={} if base is None else {"base_probs": base[pick]},
+            sample_keys=keys[pick],
         )
 
     return make
@@ -331,9 +333,15 @@ def _cams(spec: MapSpec, b: _Batch, methods: list[str], sel: Tensor, targets: Te
         options={m: spec.cfg.method_options.get(m, {}) for m in methods},
         batch_size=spec.chunk,
         mixed_precision=spec.cfg.mixed_precision,
+        sample_keys=_keys(spec, b.rows[sel.numpy()]),
     )
     b.out.tick("cams", start)
     return res
+
+
+def _keys(spec: MapSpec, rows: np.ndarray) -> Tensor:
+    """``[n]`` int64 keys of the samples' random draws: from their ids and the seed, never their position."""
+    return torch.tensor([sample_key(spec.samples[r].id, spec.cfg.seed, "draws") % 2**62 for r in rows.tolist()])
 
 
 def _plans(spec: MapSpec, labels: Tensor, preds: Tensor) -> list[tuple[str, Tensor, Tensor]]:

@@ -383,17 +383,35 @@ def test_overlap_runs_the_host_side_while_the_next_batch_is_mapped(
     assert len(overlapped) == 5 and all(overlapped[:4])  # 24 images in batches of 5; the last has no successor
 
 
-def test_rows_do_not_depend_on_the_batch_size(dataset_dir: Path, tmp_path: Path) -> None:
-    """Per-sample draws (the counterfactual's background partner, ...) are keyed by sample id, so batches of
-    4 and of 32 give the same rows (floats to rounding: a convolution may sum in another order)."""
+NOISY = {
+    "methods": ["grad_cam", "ss_cam", "smooth_grad_cam_pp", "rise"],
+    "metrics": ["energy_in_mask", "road_morf"],
+    "method_options": {
+        "ss_cam": {"num_samples": 2},
+        "smooth_grad_cam_pp": {"num_samples": 3},
+        "rise": {"num_masks": 16},
+    },
+    "metric_options": {"road_morf": {"fractions": [0.2, 0.6]}},
+    "expensive": {"per_class": 2, "faithfulness": "all"},
+}
+
+
+@pytest.mark.parametrize("config", ["default", "noisy"])
+def test_rows_do_not_depend_on_the_batch_size(dataset_dir: Path, tmp_path: Path, config: str) -> None:
+    """Per-sample draws (the counterfactual's background partner, SS-CAM and Smooth Grad-CAM++ noise, ROAD's
+    imputation noise) are keyed by sample id, so batches of 4 and of 32 give the same rows (floats to
+    rounding: a convolution may sum in another order)."""
     tables = []
     for bs in (4, 32):
-        cfg = make_config(dataset_dir, tmp_path, batch_size=bs, expensive={"per_class": 6})
+        over = {"expensive": {"per_class": 6}} if config == "default" else NOISY
+        cfg = make_config(dataset_dir, tmp_path, batch_size=bs, **over)
         assert _run(cfg, tmp_path / f"b{bs}") == 0
         table = pd.read_parquet(tmp_path / f"b{bs}" / "samples.parquet")
         tables.append(table.sort_values(["method", "target", "row"]).reset_index(drop=True))
     a, b = tables
     assert list(a.columns) == list(b.columns) and a["cf_mix_pred"].ne("").sum() > 0
+    if config == "noisy":
+        assert a["road_morf"].notna().sum() > 0 and (a["method"] == "ss_cam").sum() > 0
     for col in a.columns:
         if a[col].dtype.kind == "f":
             np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-6, err_msg=col)
