@@ -86,3 +86,18 @@ def test_a_batch_that_keeps_failing_stops_the_run_naming_its_samples(
     assert main(["run", str(cfg), "--out", str(out), "--no-progress", "--backend", "ray", "--actors", "1"]) == 3
     err = capsys.readouterr().err
     assert "failed 2 times on the workers (RuntimeError: injected failure); its samples: ['images/" in err
+
+
+def test_a_ray_run_resumes_from_its_committed_batches(local_ray: Any, dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"])
+    args = ["run", str(cfg), "--no-progress", "--backend", "ray", "--actors", "2"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
+    resumed = tmp_path / "resumed"
+    for name in ("summary.json", "samples.parquet", "report.html"):  # as if stopped after the map stage
+        (resumed / name).unlink()
+    kept = sorted((resumed / "parts").glob("part-*.parquet"))
+    for part in kept[1::2]:  # and half its batches were never committed
+        part.unlink()
+    assert main([*args, "--out", str(resumed)]) == 0
+    _assert_same_run(tmp_path / "clean", resumed)
