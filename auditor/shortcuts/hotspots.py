@@ -95,7 +95,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     hotspots = {}
     for m, (sub, grids) in inputs.grids.items():
         rows = sub["row"].to_numpy()
-        obj = np.asarray(inputs.objects[rows], dtype=np.float64) if inputs.objects is not None else None
+        obj = np.asarray(inputs.objects[rows], dtype=np.float32) if inputs.objects is not None else None
         hotspots[m] = class_hotspots(grids, sub["label"].to_numpy(), inputs.classes, obj)
     return {"hotspots": hotspots, "interventions": {}}
 
