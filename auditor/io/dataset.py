@@ -175,9 +175,10 @@ def drop(batch: dict[str, Any], positions: Sequence[int], reason: str) -> dict[s
     gone = set(positions)
     keep = [i for i in range(int(batch["index"].numel())) if i not in gone]
     rows = batch["index"].tolist()
+    dropped = {rows[i] for i in gone}
     out: dict[str, Any] = {
         "skipped": [*batch["skipped"], *((rows[i], reason) for i in sorted(gone))],
-        "warnings": [(r, w) for r, w in batch["warnings"] if r not in {rows[i] for i in gone}],
+        "warnings": [(r, w) for r, w in batch["warnings"] if r not in dropped],
         "index": batch["index"][keep],
     }
     if keep:

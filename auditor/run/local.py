@@ -54,7 +54,7 @@ class NonFinite:
     """
 
     def __init__(self, plan: Plan, kind: str) -> None:
-        self.plan, self.kind = plan, kind
+        self.plan = plan
         self.count = (
             sum(
                 e["reason"] == mapstage.NONFINITE

@@ -138,6 +138,7 @@ class _Batch:
     images: Tensor
     labels: Tensor
     out: BatchOutput
+    keys: Tensor  # [B] int64 keys of the samples' random draws (_keys)
 
     @property
     def rows(self) -> np.ndarray:
@@ -149,7 +150,6 @@ def _metric_inputs(
 ) -> Callable[[Tensor], MetricInputs]:
     """A function ``pick -> MetricInputs`` over the positions ``sel`` of the batch, on the maps' device."""
     dev = maps.device
-    keys = _keys(spec, b.rows[sel.numpy()])
     masks = (b.raw["mask"].to(dev) & b.raw["has_mask"].to(dev)[:, None, None])[sel]
     boxes = [b.raw["boxes"][i].to(dev) for i in sel.tolist()]
 
@@ -168,7 +168,7 @@ def _metric_inputs(
             seed=spec.cfg.seed,
             mixed_precision=spec.cfg.mixed_precision,
             cache={} if base is None else {"base_probs": base[pick]},
-            sample_keys=keys[pick],
+            sample_keys=b.keys[sel][pick],
         )
 
     return make
@@ -195,6 +195,9 @@ def _metric_columns(
     method. Curves go to ``b.out.curves``. Metrics that need the model run only on ``spec.faithful``
     methods' maps.
     """
+    names = [name for name in spec.metrics if METRICS[name].host == host]
+    if not names:
+        return {}
     key = map_key(method, target)
     n = int(sel.numel())
     rows = b.rows[sel.numpy()]
@@ -204,10 +207,8 @@ def _metric_columns(
     inputs = {"all": make(every), "subset": make(subset) if subset.numel() else None}
     any_mask = bool(b.raw["has_mask"][sel].any())
     cols: Columns = {}
-    for name in spec.metrics:
+    for name in names:
         metric = METRICS[name]
-        if metric.host != host:
-            continue
         pick, given = (subset, inputs["subset"]) if metric.expensive else (every, inputs["all"])
         skip = (metric.needs == "mask" and not any_mask) or (metric.needs == "model" and method not in spec.faithful)
         if skip or given is None:
@@ -333,7 +334,7 @@ def _cams(spec: MapSpec, b: _Batch, methods: list[str], sel: Tensor, targets: Te
         options={m: spec.cfg.method_options.get(m, {}) for m in methods},
         batch_size=spec.chunk,
         mixed_precision=spec.cfg.mixed_precision,
-        sample_keys=_keys(spec, b.rows[sel.numpy()]),
+        sample_keys=b.keys[sel],
     )
     b.out.tick("cams", start)
     return res
@@ -390,7 +391,7 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
         return out
     images = batch["image"].to(spec.device, non_blocking=True)
     labels = torch.tensor([spec.samples[i].label for i in idx.tolist()], device=spec.device)
-    b = _Batch(batch, idx, images, labels, out)
+    b = _Batch(batch, idx, images, labels, out, _keys(spec, idx.numpy()))
     cheap = [m for m in spec.methods if not CAMS[m].expensive]
     costly = [m for m in spec.methods if CAMS[m].expensive]
     first = _cams(spec, b, cheap, torch.arange(idx.numel()), labels) if cheap else None

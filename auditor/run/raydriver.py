@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from auditor.config import AuditConfig, dump_resolved, parse_config
 from auditor.errors import ConfigError, ModelError
@@ -39,7 +40,7 @@ class MapActor:
 
     def __init__(self, config: str, selection: list[Any], device: str) -> None:
         torch.set_num_threads(1)  # one thread per worker: two-thread workers on shared cores ran ~10x slower
-        cfg = parse_config(__import__("yaml").safe_load(config), base=Path.cwd(), source="ray driver config")
+        cfg = parse_config(yaml.safe_load(config), base=Path.cwd(), source="ray driver config")
         cfg = cfg.model_copy(update={"device": device})
         self.scratch = tempfile.mkdtemp(prefix="auditor-actor-")
         plan = plan_run(cfg, self.scratch, force=True, selection=Selection(*selection))
@@ -59,7 +60,7 @@ class MapActor:
         return {"batch": rows["batch"], "payload": np.array(payloads, dtype=object)}
 
 
-def _init(address: str | None, out: Path) -> Any:
+def _init(address: str | None) -> Any:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
@@ -122,7 +123,7 @@ def run_ray(
             plan.cfg.model_copy(update={"methods": plan.methods, "memory_format": plan.memory_format})
         )
         chosen = [plan.selection.limit, plan.selection.per_class, plan.selection.only_classes]
-        ray = _init(address, Path(out))
+        ray = _init(address)
         timer, nonfinite = Timer(), NonFinite(plan, MAIN)
         done = plan.store.done_batches()
         pending = [b for b in range(plan.n_batches) if b not in done]

@@ -38,7 +38,7 @@ def loader(plan: Plan) -> Callable[[Sequence[int]], Tensor]:
     """Rows -> ``[n, 3, S, S]`` normalized images on the model's device (reloaded from the files)."""
 
     def load(rows: Sequence[int]) -> Tensor:
-        return torch.stack([plan.dataset[int(r)]["image"] for r in rows]).to(plan.device)
+        return torch.stack([plan.dataset.load(int(r))["image"] for r in rows]).to(plan.device)
 
     return load
 

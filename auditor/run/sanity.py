@@ -32,7 +32,7 @@ def run_mprt(plan: Plan, first: pd.DataFrame) -> dict[str, Any]:
     per_class = max(1, math.ceil(cfg.n_images / len(plan.classes)))
     keep = stratified_subset(labels, per_class, plan.cfg.seed + 7)
     chosen = first["row"].to_numpy()[keep][: cfg.n_images]
-    items = [it for it in (plan.dataset[int(r)] for r in chosen) if it["ok"]]
+    items = [it for it in (plan.dataset.load(int(r)) for r in chosen) if it["ok"]]  # no partner needed
     images = torch.stack([it["image"] for it in items]).to(plan.device)
     targets = torch.tensor([plan.samples[int(r)].label for r in chosen[: len(items)]], device=plan.device)
     res = mprt(

@@ -101,8 +101,7 @@ def merge(out: str | Path, *, progress: bool | None = None) -> Summary:
     batches = [b for d in dirs for b in d.read_json(DONE)["batches"]]
     with RunDir(out).lock():
         started = time.perf_counter()
-        if out.joinpath("parts").is_dir():  # an earlier merge: start the gathering again
-            shutil.rmtree(out / "parts")
+        # force: an earlier merge's files (parts, maps, summary) are removed and gathered again
         plan = plan_run(cfg, out, force=True, selection=selection, batches=batches)
         if plan.store.read_json(RUN)["identity"] != dirs[0].read_json(DONE)["identity"]:
             raise ConfigError(f"{out}: the shards were run on other data or another config than their own; rerun them")

@@ -127,18 +127,23 @@ def counterfactuals(
     none = torch.full((b,), -1, dtype=torch.long)
     has_partner = usable.cpu() & (partners.present.cpu() if partners is not None else torch.zeros(b, dtype=torch.bool))
     m = masks[:, None].to(images.dtype)
-    versions = {"fg": (images * m, usable.cpu()), "bg": (inpaint(images, masks), usable.cpu())}
-    if partners is not None and bool(has_partner.any()):
-        backgrounds = inpaint(partners.images, partners.masks)
-        versions["mix"] = (images * m + backgrounds * (1 - m), has_partner)
+
+    def version(key: str, sel: Tensor) -> Tensor:  # built for the forwarded rows only: inpainting is costly
+        if key == "fg":
+            return images[sel] * m[sel]
+        if key == "bg":
+            return inpaint(images[sel], masks[sel])
+        assert partners is not None
+        background = inpaint(partners.images.to(images.device)[sel], partners.masks.to(images.device)[sel])
+        return images[sel] * m[sel] + background * (1 - m[sel])
+
     out: dict[str, Tensor] = {}
     with torch.no_grad():
-        for key in ("fg", "bg", "mix"):
+        for key, ok in (("fg", usable.cpu()), ("bg", usable.cpu()), ("mix", has_partner)):
             pred, prob = none.clone(), nan.clone()
-            if key in versions and bool(versions[key][1].any()):
-                batch, ok = versions[key]
+            if bool(ok.any()):
                 sel = ok.nonzero().flatten().to(images.device)
-                probs = model(batch[sel]).float().softmax(1)
+                probs = model(version(key, sel)).float().softmax(1)
                 pred[ok] = probs.argmax(1).cpu()
                 prob[ok] = probs.gather(1, labels[sel, None])[:, 0].cpu()
             out[f"cf_{key}_pred"], out[f"cf_{key}_prob"] = pred, prob

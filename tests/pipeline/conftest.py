@@ -69,3 +69,20 @@ def make_config(root: Path, tmp: Path, **overrides: Any) -> Path:
     path = tmp / "audit.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def kill_after_parts(command: list[str], parts: Path, count: int) -> None:
+    """Start ``command`` and SIGKILL it once ``parts`` holds ``count`` committed parts (or it ends)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(parts.glob("part-*.parquet"))) >= count:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from auditor.cli import main
 from auditor.config import AuditConfig, load_config
 from auditor.run import flagged, local, setup
 from auditor.run.local import Selection, run_audit
-from tests.pipeline.conftest import make_config
+from tests.pipeline.conftest import kill_after_parts, make_config
 
 
 def _run(cfg_path: Path, out: Path, *extra: str) -> int:
@@ -130,17 +128,7 @@ def test_resume_after_kill_9(dataset_dir: Path, tmp_path: Path) -> None:
     cfg = make_config(dataset_dir, tmp_path, batch_size=2)
     args = [sys.executable, "-m", "auditor", "run", str(cfg), "--no-progress"]
     subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
-    proc = subprocess.Popen(
-        [*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    parts = tmp_path / "killed" / "parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(parts.glob("part-*.parquet"))) >= 3:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
+    kill_after_parts([*args, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "parts", 3)
     subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
     _same_outputs(tmp_path / "clean", tmp_path / "killed")
 

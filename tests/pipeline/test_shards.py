@@ -4,6 +4,7 @@ and the result equals the one-process run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from auditor.cli import main
 from auditor.run.setup import shard_of
-from tests.pipeline.conftest import make_config
+from tests.pipeline.conftest import kill_after_parts, make_config
 
 
 def _run(*args: str) -> int:
@@ -51,10 +52,10 @@ def test_three_shards_and_merge_equal_the_one_process_run(dataset_dir: Path, tmp
     assert _run("run", str(cfg), "--out", str(tmp_path / "one")) == 0
     sharded = tmp_path / "sharded"
     # one shard in a separate process (as torchrun would start it, from its environment), two in this one
-    env = {"WORLD_SIZE": "3", "RANK": "2", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "2"}
     done = subprocess.run(
         [sys.executable, "-m", "auditor", "run", str(cfg), "--out", str(sharded), "--no-progress"],
-        env={**env, **{k: v for k, v in __import__("os").environ.items() if k not in env}},
+        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -90,23 +91,11 @@ def test_shards_split_by_id_hash_and_merge_refuses_foreign_or_unfinished_shards(
 
 
 def test_a_shard_killed_mid_run_resumes_and_the_merge_is_unchanged(dataset_dir: Path, tmp_path: Path) -> None:
-    import os
-    import signal
-    import time
-
     cfg = make_config(dataset_dir, tmp_path, batch_size=2)
     assert _run("run", str(cfg), "--out", str(tmp_path / "one")) == 0
     out = tmp_path / "sharded"
     args = [sys.executable, "-m", "auditor", "run", str(cfg), "--out", str(out), "--no-progress", "--num-shards", "2"]
-    proc = subprocess.Popen([*args, "--shard-id", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = out / "shards" / "0-of-2" / "parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(parts.glob("part-*.parquet"))) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
+    kill_after_parts([*args, "--shard-id", "0"], out / "shards" / "0-of-2" / "parts", 2)
     assert not (out / "shards" / "0-of-2" / "done.json").exists()  # killed before its end
     for i in (0, 1):  # shard 0 resumes from its committed batches
         assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", str(i)) == 0
