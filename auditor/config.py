@@ -171,6 +171,10 @@ class AuditConfig(_Strict):
         default="auto",
         description="compute each batch's CPU-side metrics while the device runs the next batch (auto: on CUDA)",
     )
+    localization: Literal["auto", "off"] = Field(
+        default="auto",
+        description="when the target layer's grid is under 7x7, LayerCAM also reads an earlier, finer layer",
+    )
     max_nonfinite_share: float = Field(
         default=0.05, ge=0, le=1, description="stop the run when more samples than this share give NaN/inf logits"
     )

@@ -376,3 +376,43 @@ def layer_pass(
             order=slot.order,
         )
     return logits.detach(), out
+
+
+def finer_layer(model: nn.Module, example: Tensor, layer: str, min_side: int = 7) -> tuple[tuple[int, int], str | None]:
+    """The grid of ``layer`` and, when it is coarser than ``min_side``, the deepest earlier layer that is not.
+
+    A 2 x 2 map cannot say where in the image a class's evidence lies; an earlier convolutional layer
+    can. The candidate is the last module (in completion order, before ``layer``) whose output is a
+    spatial ``[B, K, h, w]`` map with ``min(h, w) >= min_side`` and is not a pooling output; among modules
+    returning the same tensor the shortest name wins.
+
+    Args:
+        model: the classifier (eval mode).
+        example: ``[B, C, H, W]`` images; only the first is used.
+        layer: the target layer's name.
+        min_side: the smallest grid side considered fine enough.
+
+    Returns:
+        ``((h, w) of layer, finer layer name or None)``; None when the grid is fine enough, when the layer's
+        output has no grid recorded, or when no earlier layer qualifies (token models keep one grid).
+    """
+    records, _ = _record_outputs(model, example[:1])
+    hw = (int(example.shape[2]), int(example.shape[3]))
+    index = next((i for i, (name, _, _) in enumerate(records) if name == layer), None)
+    layout = infer_layout(records[index][2].shape, hw) if index is not None else None
+    if index is None or layout is None:
+        return (0, 0), None
+    grid = (layout.h, layout.w)
+    if min(grid) >= min_side:
+        return grid, None
+    pooled = {id(out) for _, module, out in records if isinstance(module, _POOL_TYPES)}
+    best = None
+    for i, (_, _, out) in enumerate(records[:index]):
+        cand = infer_layout(out.shape, hw)
+        if cand is not None and cand.kind == "nchw" and min(cand.h, cand.w) >= min_side and id(out) not in pooled:
+            best = i
+    if best is None:
+        return grid, None
+    target = records[best][2]
+    same = [(name.count("."), len(name), name) for name, _, out in records if out is target]
+    return grid, min(same)[2]

@@ -37,14 +37,26 @@ def thumbnail(path: Path, size: int = 128) -> np.ndarray:
     return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
-def overlay(image: np.ndarray, low_res: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The map (bilinearly upsampled, divided by its maximum for display) blended over ``image``."""
+def overlay(image: np.ndarray, low_res: np.ndarray, alpha: float = 0.75) -> np.ndarray:
+    """The map (bilinearly upsampled, divided by its maximum for display) blended over ``image``.
+
+    The blend weight grows with the map's value (``alpha * m``): where the map is low the image shows
+    through unchanged, so a dark image is not darkened further by the colormap's dark end, and the hot
+    places stand out in the colormap's bright end on any image (the report prints the colour scale).
+    """
     size = image.shape[:2]
     m = np.clip(resize_bilinear(np.nan_to_num(np.asarray(low_res, np.float32)), size), 0, None)
     peak = float(m.max())
     m = m / peak if peak > 0 else m
     colour = COLORMAP[(m * 255).astype(np.int64)]
-    return (image * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+    weight = (alpha * m)[:, :, None]
+    return (image * (1 - weight) + colour * weight).clip(0, 255).astype(np.uint8)
+
+
+def colour_scale(width: int = 160, height: int = 10) -> str:
+    """The overlay's colour scale as a data URI (low on the left, high on the right)."""
+    row = COLORMAP[np.linspace(0, 255, width).astype(np.int64)].round().astype(np.uint8)
+    return data_uri(np.repeat(row[None], height, axis=0), "PNG")
 
 
 def data_uri(image: np.ndarray, fmt: str = "PNG") -> str:

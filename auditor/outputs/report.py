@@ -18,7 +18,7 @@ from scipy import ndimage
 from auditor.errors import ConfigError
 from auditor.ops import resize_bilinear
 from auditor.outputs.gate import evaluate, load_run, verdict
-from auditor.outputs.render import data_uri, environment, grey, overlay, thumbnail
+from auditor.outputs.render import colour_scale, data_uri, environment, grey, overlay, thumbnail
 from auditor.outputs.rules import load_rules
 from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes
 from auditor.shortcuts.registry import evidence_ids, evidence_keys
@@ -232,6 +232,53 @@ def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, prima
     return cards
 
 
+def _findings(run: RunDir) -> list[dict[str, Any]]:
+    """``flags.json`` findings with their intervention image pairs as data URIs."""
+    findings = run.read_findings()
+    path = run.findings_arrays_path
+    arrays = np.load(path) if path.exists() else {}
+    out = []
+    for f in findings:
+        examples = []
+        for ex in f.get("examples", []):
+            key = ex["key"].replace("/", "~")
+            if key in arrays:
+                pair = arrays[key]
+                examples.append({**ex, "before": data_uri(pair[0], "PNG"), "after": data_uri(pair[1], "PNG")})
+        out.append({**f, "examples": examples})
+    return out
+
+
+def _timing(key: str, value: Any) -> tuple[str, str]:
+    """A timings entry with its unit (``total_s`` -> ``total``, ``12.3 s``)."""
+    if key.startswith("images_per_s"):
+        return key.replace("images_per_s", "images per second"), f"{value:.1f} images/s"
+    if key.startswith("images"):
+        return key.replace("_", " "), f"{value} images"
+    name = key.removesuffix("_s").replace("_", " ")
+    return name, f"{value:.1f} s" if value >= 1 else f"{1000 * value:.0f} ms"
+
+
+def _class_attribute(table: pd.DataFrame, groups: dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
+    """Per metadata attribute: accuracy (and n) of every class x value cell."""
+    first = table.drop_duplicates("row")
+    out = []
+    for attr in groups:
+        if attr not in first.columns:
+            continue
+        values = sorted(first[attr].astype(str).unique())[:12]
+        rows = []
+        for c in classes:
+            sub = first[first["label"] == c]
+            cells = []
+            for v in values:
+                cell = sub[sub[attr].astype(str) == v]
+                cells.append({"n": len(cell), "accuracy": float(cell["correct"].mean()) if len(cell) else None})
+            rows.append({"class": c, "cells": cells})
+        out.append({"attribute": attr, "values": values, "rows": rows})
+    return out
+
+
 def build_context(root: Path) -> dict[str, Any]:
     """Everything the template shows, from the files of a finished run."""
     run = RunDir(root)
@@ -269,7 +316,11 @@ def build_context(root: Path) -> dict[str, Any]:
         "n_skipped": len(summary["dataset"].get("skipped", [])),
         "skip_counts": summary["dataset"].get("skip_counts", {}),
         "warnings": summary["dataset"].get("warning_counts", {}),
-        "timings": summary.get("timings", {}),
+        "timings": [_timing(k, v) for k, v in (summary.get("timings") or {}).items() if isinstance(v, int | float)],
+        "findings": _findings(run),
+        "scale": colour_scale(),
+        "class_attribute": _class_attribute(table, summary.get("groups") or {}, summary["dataset"]["classes"]),
+        "localization": (summary.get("run") or {}).get("localization") or {},
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
         "deep": deep,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torchvision
@@ -24,12 +25,14 @@ from auditor.metrics.registry import metric_columns
 from auditor.ops import from_pixels, to_pixels
 from auditor.run import aggregate, sanity
 from auditor.run.deepdive import run_deepdive
+from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
 from auditor.run.rundir import FLAGS, SUMMARY, RunDir
 from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
+from auditor.shortcuts.findings import group_findings
 from auditor.shortcuts.flags import Flag, flags_file
-from auditor.shortcuts.interventions import hotspot_intervention
+from auditor.shortcuts.interventions import hotspot_intervention, occlusion_scan
 from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
 from auditor.version import __version__
 
@@ -43,11 +46,29 @@ def loader(plan: Plan) -> Callable[[Sequence[int]], Tensor]:
     return load
 
 
+def _item_loader(plan: Plan) -> Callable[[int], dict[str, Any]]:
+    """Row -> the dataset's sample dict, its image on the model's device."""
+
+    def load(row: int) -> dict[str, Any]:
+        item = plan.dataset.load(int(row))
+        if item["ok"]:
+            item["image"] = item["image"].to(plan.device)
+        return item
+
+    return load
+
+
+def _norm(plan: Plan) -> tuple[Tensor | None, Tensor | None]:
+    """The input normalization's ``(mean, std)`` as ``[3, 1, 1]`` tensors on the device, or ``(None, None)``."""
+    mean_std = plan.cfg.data.mean_std()
+    if not mean_std:
+        return None, None
+    return (torch.tensor(mean_std[0], device=plan.device), torch.tensor(mean_std[1], device=plan.device))
+
+
 def intervener(plan: Plan) -> Intervener:
     """Model access for the analyses' interventions (region removal and pasting, see ``interventions``)."""
-    mean_std = plan.cfg.data.mean_std()
-    mean = torch.tensor(mean_std[0], device=plan.device) if mean_std else None
-    std = torch.tensor(mean_std[1], device=plan.device) if mean_std else None
+    mean, std = _norm(plan)
     load = loader(plan)
 
     def region_test(
@@ -65,7 +86,10 @@ def intervener(plan: Plan) -> Intervener:
             seed=seed,
         )
 
-    return Intervener(region_test)
+    def scan(rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        return occlusion_scan(plan.loaded.module, load(rows), cls, boxes, chunk=plan.chunk)
+
+    return Intervener(region_test, scan)
 
 
 def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -> list[str]:
@@ -108,6 +132,7 @@ def _header(plan: Plan, spec: MapSpec) -> Summary:
             "only_classes": plan.selection.only_classes,
             "expensive_samples": int(spec.expensive.sum()),
             "memory_format": plan.memory_format,
+            "localization": plan.localization,
         },
     }
 
@@ -153,7 +178,19 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
     inputs.intervener = intervener(plan)
     summary["analyses"], flags = run_analyses(inputs)
     seconds["analyses"] = time.perf_counter() - start
-    plan.store.write_json(FLAGS, flags_file(flags))
+    start = time.perf_counter()
+    findings = finding_examples(
+        group_findings(flags),
+        flags,
+        inputs.first,
+        plan.loaded.module,
+        _item_loader(plan),
+        _norm(plan),
+        plan.classes,
+        plan.store,
+    )
+    seconds["findings"] = time.perf_counter() - start
+    plan.store.write_json(FLAGS, flags_file(flags, findings))
     start = time.perf_counter()
     summary["deep_dive"] = _deep_dive(plan, flags, table)
     seconds["deep_dive"] = time.perf_counter() - start

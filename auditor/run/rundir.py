@@ -174,6 +174,12 @@ class RunDir:
     def deepdive_arrays_path(self) -> Path:
         return self.root / "maps" / "deepdive.npz"
 
+    @property
+    def findings_arrays_path(self) -> Path:
+        """``maps/findings.npz``: each finding's intervention images, ``[2, S, S, 3]`` uint8 (before, after)
+        under the example's key (``/`` written as ``~``)."""
+        return self.root / "maps" / "findings.npz"
+
     def part_path(self, batch: int, kind: str = MAIN) -> Path:
         """``parts/<kind>-<batch>.parquet``; kind ``part`` = the main pass, ``flagged`` = the second pass."""
         return self.parts / f"{kind}-{batch:06d}.parquet"
@@ -237,6 +243,10 @@ class RunDir:
     def read_flags(self) -> list[dict[str, Any]]:
         """``flags.json``'s flags (empty when the file is absent)."""
         return list(self.read_json(FLAGS)["flags"]) if self.has(FLAGS) else []
+
+    def read_findings(self) -> list[dict[str, Any]]:
+        """``flags.json``'s findings (empty when absent: runs written before findings existed)."""
+        return list(self.read_json(FLAGS).get("findings", [])) if self.has(FLAGS) else []
 
     def has_maps(self, method: str, target: str) -> bool:
         return self.map_path(method, target).exists()

@@ -43,6 +43,7 @@ class RunInfo(TypedDict):
     only_classes: list[str] | None
     expensive_samples: int
     memory_format: str
+    localization: dict[str, Any]
 
 
 class Summary(TypedDict, total=False):

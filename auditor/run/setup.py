@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from auditor.errors import ConfigError, DataError, MethodNotApplicableError, Mod
 from auditor.io.dataset import AuditDataset
 from auditor.io.models import LoadedModel, build_model, logits_only, resolve_device
 from auditor.io.sources import SampleSpec, background_partners, load_dataset, select, stratified_subset
+from auditor.run.localize import plan_localization
 from auditor.run.rundir import RESOLVED, RUN, RunDir, RunStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Plan:
         stratified: ``[n]`` bool, the seeded per-class subset of the expensive work.
         batches: the rows of each main-pass batch (this shard's, for a shard).
         shard: this process's shard, or None.
+        localization: ``summary.json`` ``run.localization`` (:func:`~auditor.run.localize.plan_localization`).
     """
 
     cfg: AuditConfig
@@ -102,6 +104,7 @@ class Plan:
     stratified: np.ndarray
     batches: list[list[int]]
     shard: Shard | None = None
+    localization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples(self) -> list[SampleSpec]:
@@ -300,6 +303,7 @@ def plan_run(
     _check_outputs(loaded, probe, classes)
     check_layers(cfg, loaded, probe)
     methods = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
+    cfg, localization = plan_localization(cfg, loaded, probe, methods)
     chunk = _chunk(cfg, loaded, probe)
     resolved = cfg.model_copy(update={"methods": methods})
     identity = run_identity(resolved, dataset.samples, selection)
@@ -342,4 +346,5 @@ def plan_run(
         stratified,
         layout,
         shard,
+        localization,
     )

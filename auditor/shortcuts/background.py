@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from auditor.shortcuts.counterfactual import counterfactual_summary
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.stats import NAN, bh_adjust, median_ci
@@ -62,7 +63,10 @@ def measure(inputs: AnalysisInputs) -> Measurement:
         m: background_reliance(inputs.table[inputs.table["method"] == m], inputs.classes, inputs.seed)
         for m in inputs.methods
     }
-    return {"background": per_method}
+    # where the counterfactual forwards ran: does the background alone carry the class? (the maps only say
+    # where the model looks; removing the object says whether it matters)
+    removed = {c: r["gap"] for c, r in counterfactual_summary(inputs.first, inputs.classes).items()}
+    return {"background": per_method, "background_removed_gap": removed}
 
 
 def _message(cls: str, r0: dict[str, Any], ratio: float) -> str:
@@ -74,7 +78,12 @@ def _message(cls: str, r0: dict[str, Any], ratio: float) -> str:
 
 
 def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``background_reliance`` per class, merged over the methods that support it."""
+    """``background_reliance`` per class, merged over the methods that support it.
+
+    The maps say where the model looks, not what it uses. Where the counterfactual forwards ran, a class
+    is flagged only if its background alone, object removed with a margin, still calls it
+    (``counterfactual_gap`` above the other classes' rate); without them the flag is at most medium.
+    """
     t = ctx.thresholds
     per_method: dict[str, dict[str, Any]] = measured["background"]
     tests = [(m, c, r) for m, per_class in per_method.items() for c, r in per_class.items()]
@@ -83,17 +92,24 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     for (m, c, r), qv in zip(tests, q, strict=True):
         if r["n"] >= t.min_group and r["ci_high"] < t.background_ratio and qv < t.alpha:
             hits.setdefault(c, []).append((m, r))
+    removed: dict[str, float] = measured.get("background_removed_gap", {})
     flags = []
     for c, support in hits.items():
+        gap = removed.get(c)
+        if gap is not None and gap < t.counterfactual_gap:
+            continue  # removing the object (with a margin) makes the model drop the class: no shortcut
         reliable = [(m, r) for m, r in support if m not in ctx.unreliable] or support
         ratio = float(np.median([r["median_ratio"] for _, r in reliable]))
         r0 = reliable[0][1]
         sev = level(ratio, t.background_medium, t.background_high, smaller_is_worse=True)
+        if gap is None and sev == "high":
+            sev = "medium"  # the maps alone, no intervention: never high
         keys = ("n", "median_ratio", "ci_low", "ci_high", "p_value", "outside", "chance_outside")
         evidence = {
             "median_ratio": ratio,
             "by_method": {m: {k: r[k] for k in keys} for m, r in support},
             "worst_ids": r0["worst_ids"],
+            "removed_gap": gap,
         }
         methods = [m for m, _ in support]
         flags.append(

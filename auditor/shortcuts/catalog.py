@@ -1,5 +1,5 @@
 """Every analysis module; importing this registers them all (the order is the order their flags are built)."""
 
-from auditor.shortcuts import attributes, background, clusters, counterfactual, hotspots, reliability
+from auditor.shortcuts import attributes, background, clusters, counterfactual, cues, hotspots, reliability
 
-MODULES = (background, hotspots, attributes, counterfactual, clusters, reliability)
+MODULES = (background, hotspots, cues, attributes, counterfactual, clusters, reliability)

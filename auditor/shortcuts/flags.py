@@ -35,14 +35,15 @@ Flag = TypedDict(
 
 
 class FlagsFile(TypedDict):
-    """``flags.json``."""
+    """``flags.json``: the flags and the findings that group them by cause (``shortcuts.findings``)."""
 
     schema_version: int
     flags: list[Flag]
+    findings: list[Any]
 
 
-def flags_file(flags: list[Flag]) -> FlagsFile:
-    return {"schema_version": SCHEMA_VERSION, "flags": flags}
+def flags_file(flags: list[Flag], findings: Sequence[Any] = ()) -> FlagsFile:
+    return {"schema_version": SCHEMA_VERSION, "flags": flags, "findings": list(findings)}
 
 
 def downgrade(severity: str) -> str:

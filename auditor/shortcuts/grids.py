@@ -33,3 +33,27 @@ def describe_location(box: Sequence[float]) -> str:
     if v or h:
         return f"the {v or h} edge"
     return "the centre"
+
+
+def box_cells(box: Sequence[float]) -> np.ndarray:
+    """``[32, 32]`` bool: the grid cells a normalized ``[x0, y0, x1, y1]`` box touches."""
+    cells = np.zeros((GRID, GRID), dtype=bool)
+    x0, y0 = int(np.floor(box[0] * GRID)), int(np.floor(box[1] * GRID))
+    x1, y1 = int(np.ceil(box[2] * GRID)), int(np.ceil(box[3] * GRID))
+    cells[y0:y1, x0:x1] = True
+    return cells
+
+
+def object_overlap(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarray) -> float:
+    """Mean object fraction of ``cells`` over the ``rows`` that have a mask (NaN without masks).
+
+    Args:
+        objects: ``[n, 32, 32]`` object fraction per cell (NaN rows = no mask), or None.
+        rows: indices (or a bool selection) into ``objects``.
+        cells: ``[32, 32]`` bool.
+    """
+    if objects is None:
+        return float("nan")
+    obj = np.asarray(objects[rows], dtype=np.float32)
+    has = np.isfinite(obj).all(axis=(1, 2))
+    return float(obj[has][:, cells].mean()) if has.any() else float("nan")

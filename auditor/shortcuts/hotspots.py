@@ -15,10 +15,10 @@ import numpy as np
 from scipy import ndimage, stats
 
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import GRID, describe_location
+from auditor.shortcuts.grids import GRID, describe_location, object_overlap
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.thresholds import Thresholds
-from auditor.stats import NAN, bh_adjust
+from auditor.stats import bh_adjust
 
 
 def _region(diff: np.ndarray, level: float) -> np.ndarray:
@@ -26,14 +26,6 @@ def _region(diff: np.ndarray, level: float) -> np.ndarray:
     peak = np.unravel_index(np.nanargmax(diff), diff.shape)
     labels, _ = ndimage.label(diff >= level * diff[peak])
     return np.asarray(labels == labels[peak])
-
-
-def _object_overlap(objects: np.ndarray | None, own: np.ndarray, region: np.ndarray) -> float:
-    if objects is None:
-        return NAN
-    obj = objects[own]
-    has = np.isfinite(obj).all(axis=(1, 2))
-    return float(obj[has][:, region].mean()) if has.any() else NAN
 
 
 def class_hotspots(
@@ -83,7 +75,7 @@ def class_hotspots(
             "concentration": float(m_own.mean() / region.mean()),
             "persistence": float((m_own > 2 * base).mean()),
             "p_value": float(stats.mannwhitneyu(m_own, m_rest, alternative="greater").pvalue),
-            "object_overlap": _object_overlap(objects, own, region),
+            "object_overlap": object_overlap(objects, own, region),
             "class_mass": float(m_own.mean()),
             "other_mass": base,
             "diff": np.round(np.asarray(diff), 7).tolist(),
@@ -140,14 +132,13 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     return {"interventions": out}
 
 
-def _confirmed(test: dict[str, Any] | None, t: Thresholds) -> bool:
-    return bool(
-        test
-        and test["removal_drop"] >= t.intervention_effect
-        and test["removal_p"] < t.alpha
-        and test["paste_gain"] >= t.intervention_effect
-        and test["paste_p"] < t.alpha
-    )
+def _confirmed(test: dict[str, Any] | None, t: Thresholds) -> tuple[bool, bool]:
+    """(removal confirmed, transplant confirmed): each effect at least ``intervention_effect`` and significant."""
+    if not test:
+        return False, False
+    removal = test["removal_drop"] >= t.intervention_effect and test["removal_p"] < t.alpha
+    paste = test["paste_gain"] >= t.intervention_effect and test["paste_p"] < t.alpha
+    return bool(removal), bool(paste)
 
 
 def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed: bool) -> str:
@@ -159,23 +150,25 @@ def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed:
         drop, gain = -test["removal_drop"], test["paste_gain"]
         msg += (
             f"; removing that region {change(drop, f'p({c})')} and pasting it into other images "
-            f"{change(gain, 'it')}" + ("" if confirmed else " (not significant)")
+            f"{change(gain, 'it')}" + ("" if confirmed else " (the transplant is not significant)")
         )
     return msg + "."
 
 
 def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``spatial_hotspot`` per class; high severity requires a confirming intervention."""
+    """``spatial_hotspot`` per class; high severity requires a confirming intervention (removal and transplant);
+    a region whose removal does not lower p(class) is not flagged (the intervention measured no effect)."""
     t, interventions = ctx.thresholds, measured.get("interventions", {})
     flags = []
     for c, support in candidates(measured["hotspots"], t).items():
         r0 = _strongest(support)
         test = interventions.get(c)
-        confirmed = _confirmed(test, t)
-        if confirmed:
-            sev = "high"
-        elif test is not None:
-            sev = "low"
+        removal, paste = _confirmed(test, t)
+        confirmed = removal and paste
+        if test is not None and not removal:
+            continue  # the model does not need the region: where the maps look is not what it uses
+        if test is not None:
+            sev = "high" if paste else "medium"
         else:
             sev = "medium" if r0["lift"] >= 2 * t.hotspot_lift else "low"
         evidence = {k: r0[k] for k in ("lift", "concentration", "persistence", "area", "p_value", "object_overlap")}

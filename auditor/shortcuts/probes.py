@@ -99,16 +99,62 @@ class Partners:
     present: Tensor
 
 
+MARGIN = 0.25  # removal margin: a share of the square root of the object's area, at least MIN_MARGIN pixels
+MIN_MARGIN = 2
+VERSIONS = ("fg", "bg", "bg_margin", "bg_box", "bg_flat", "mix")
+
+
+def margin_masks(masks: Tensor, share: float = MARGIN, least: int = MIN_MARGIN) -> Tensor:
+    """Dilate each mask by ``max(least, round(share * sqrt(area)))`` pixels (a square structuring element).
+
+    Real masks are imperfect: thresholded soft edges, polygons and coarse annotations leave the object's rim
+    outside the mask, and a model still reads that remnant. A margin in proportion to the object's size
+    removes it whatever the image resolution.
+
+    Args:
+        masks: ``[B, H, W]`` bool.
+
+    Returns:
+        ``[B, H, W]`` bool.
+    """
+    area = masks.flatten(1).float().sum(1)
+    radius = torch.clamp(torch.round(share * area.sqrt()), min=least).long()
+    out = masks.clone()
+    for r in torch.unique(radius).tolist():
+        sel = (radius == r).nonzero().flatten()
+        grown = F.max_pool2d(masks[sel][:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
+        out[sel] = grown
+    return out & (area > 0)[:, None, None]
+
+
+def box_masks(masks: Tensor) -> Tensor:
+    """``[B, H, W]`` bool -> the filled bounding box of each mask (empty stays empty)."""
+    rows, cols = masks.any(2), masks.any(1)  # [B, H], [B, W]
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def flat_fill(images: Tensor, holes: Tensor) -> Tensor:
+    """Fill ``holes`` with the mean colour of each image outside them: the object's silhouette stays, its
+    colour, texture and rim do not (and no colour is propagated from the rim, as inpainting can)."""
+    known = (~holes)[:, None].to(images.dtype)
+    mean = (images * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp_min(1)
+    return torch.where(holes[:, None], mean.expand_as(images), images)
+
+
 def counterfactuals(
     model: nn.Module, images: Tensor, masks: Tensor, labels: Tensor, usable: Tensor, partners: Partners | None
 ) -> dict[str, Tensor]:
     """Predictions on foreground-only, background-only and background-swapped versions of the images.
 
     Foreground-only sets the background to 0 in normalized space (the dataset-mean colour).
-    Background-only inpaints the object from its surroundings (:func:`inpaint`), so its shape does not
-    leak. The swapped version pastes image i's object onto the inpainted background of its partner, an
-    image of another class chosen by sample id (Background Challenge "Mixed-Rand"), so the result does
-    not depend on which images share a batch.
+    Background-only removes the object four ways, because masks are imperfect and every removal leaks
+    something: ``bg`` inpaints the exact mask (:func:`inpaint`); ``bg_margin`` inpaints the mask grown by
+    a margin in proportion to the object's size (:func:`margin_masks`), so a rim left outside the mask goes
+    too; ``bg_box`` inpaints the bounding box of that grown mask (no silhouette survives); ``bg_flat``
+    fills the grown mask with the image's mean background colour (no colour is propagated from a rim).
+    The swapped version pastes image i's object onto its partner's background, inpainted over the
+    partner's grown mask: the partner is an image of another class chosen by sample id (Background
+    Challenge "Mixed-Rand"), so the result does not depend on which images share a batch.
 
     Args:
         model: classifier in eval mode.
@@ -119,8 +165,9 @@ def counterfactuals(
         partners: the batch's background partners, or None (no swapped version).
 
     Returns:
-        ``{cf_fg_pred, cf_fg_prob, cf_bg_pred, cf_bg_prob, cf_mix_pred, cf_mix_prob, cf_mix_bg_label}``,
-        ``[B]`` each (prob = probability of the image's own label; NaN / -1 where not usable).
+        ``cf_<version>_pred`` and ``cf_<version>_prob`` for each of :data:`VERSIONS`, and
+        ``cf_mix_bg_label``, ``[B]`` each (prob = probability of the image's own label; NaN / -1 where not
+        usable).
     """
     b = images.shape[0]
     nan = torch.full((b,), float("nan"))
@@ -129,17 +176,26 @@ def counterfactuals(
     m = masks[:, None].to(images.dtype)
 
     def version(key: str, sel: Tensor) -> Tensor:  # built for the forwarded rows only: inpainting is costly
+        x, mk = images[sel], masks[sel]
         if key == "fg":
-            return images[sel] * m[sel]
+            return x * m[sel]
         if key == "bg":
-            return inpaint(images[sel], masks[sel])
+            return inpaint(x, mk)
+        if key == "bg_margin":
+            return inpaint(x, margin_masks(mk))
+        if key == "bg_box":
+            return inpaint(x, box_masks(margin_masks(mk)))
+        if key == "bg_flat":
+            return flat_fill(x, margin_masks(mk))
         assert partners is not None
-        background = inpaint(partners.images.to(images.device)[sel], partners.masks.to(images.device)[sel])
-        return images[sel] * m[sel] + background * (1 - m[sel])
+        pm = partners.masks.to(images.device)[sel]
+        background = inpaint(partners.images.to(images.device)[sel], margin_masks(pm))
+        return x * m[sel] + background * (1 - m[sel])
 
     out: dict[str, Tensor] = {}
     with torch.no_grad():
-        for key, ok in (("fg", usable.cpu()), ("bg", usable.cpu()), ("mix", has_partner)):
+        for key in VERSIONS:
+            ok = has_partner if key == "mix" else usable.cpu()
             pred, prob = none.clone(), nan.clone()
             if bool(ok.any()):
                 sel = ok.nonzero().flatten().to(images.device)

@@ -41,11 +41,24 @@ class RegionTest(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class Scan(Protocol):
+    """Fill each box in each image from its surroundings; returns ``[n, len(boxes)]`` drops of p(cls).
+
+    Args:
+        rows: rows of the images scanned.
+        cls: the class index.
+        boxes: normalized ``[x0, y0, x1, y1]`` boxes.
+    """
+
+    def __call__(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray: ...
+
+
 @dataclass
 class Intervener:
     """Model access for interventions, injected by the run stage: analyses call it and import no torch."""
 
     region_test: RegionTest
+    scan: Scan
 
 
 @dataclass

@@ -27,3 +27,25 @@ class TinyNet(nn.Module):
 
 def build(num_classes: int = 2, width: int = 8) -> nn.Module:
     return TinyNet(num_classes, width)
+
+
+class DeepNet(nn.Module):
+    """``blocks`` conv blocks, each halving the grid: at 64 px, 4 blocks leave a coarse 4 x 4 last grid."""
+
+    def __init__(self, num_classes: int = 6, width: int = 16, blocks: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        chans = [3] + [width * min(i + 1, 3) for i in range(blocks)]
+        for i in range(blocks):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def build_deep(num_classes: int = 6, width: int = 16, blocks: int = 4) -> nn.Module:
+    return DeepNet(num_classes, width, blocks)

@@ -23,10 +23,7 @@ from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
 
 T = Thresholds()
-
-
-def background_flags(per_method, t, unreliable):  # type: ignore[no-untyped-def]
-    return background.background_flags({"background": per_method}, FlagContext(t, unreliable))
+CTX = FlagContext(T)
 
 
 def hotspot_flags(per_method, interventions, t, unreliable):  # type: ignore[no-untyped-def]
@@ -76,12 +73,20 @@ def test_background_reliance_ratio_to_chance_and_flag() -> None:
     assert res["tank"]["ci_high"] < 1 and res["tank"]["p_value"] < 0.01
     assert res["tank"]["worst_ids"][0] == "tank3"
     assert res["bus"]["median_ratio"] > 1
-    flags = background_flags({"grad_cam": res}, T, set())
+    # the object removed (with a margin), the tank background still calls tank: the maps are confirmed
+    confirmed = {"background": {"grad_cam": res}, "background_removed_gap": {"tank": 0.6, "bus": 0.0}}
+    flags = background.background_flags(confirmed, CTX)
     assert [(f["kind"], f["class"], f["severity"]) for f in flags] == [("background_reliance", "tank", "high")]
     assert flags[0]["id"] == "background_reliance/tank/*" and 0 <= flags[0]["score"] <= 1
     # supported only by a method that failed the randomization test: downgraded one level
-    downgraded = background_flags({"grad_cam": res}, T, {"grad_cam"})
+    downgraded = background.background_flags(confirmed, FlagContext(T, {"grad_cam"}))
     assert downgraded[0]["severity"] == "medium"
+    # the maps alone (no counterfactual forwards): at most medium
+    alone = background.background_flags({"background": {"grad_cam": res}}, CTX)
+    assert [(f["class"], f["severity"]) for f in alone] == [("tank", "medium")]
+    # removing the object makes the model drop the class: the attention off the object is not a shortcut
+    refuted = {"background": {"grad_cam": res}, "background_removed_gap": {"tank": 0.02}}
+    assert background.background_flags(refuted, CTX) == []
 
 
 def test_background_reliance_without_masks_is_empty() -> None:
@@ -103,7 +108,9 @@ def test_hotspots_find_a_corner_tag() -> None:
     confirmed = {"horse": {"removal_drop": 0.4, "removal_p": 1e-4, "paste_gain": 0.3, "paste_p": 1e-4}}
     assert hotspot_flags({"grad_cam": res}, confirmed, T, set())[0]["severity"] == "high"
     rejected = {"horse": {"removal_drop": 0.0, "removal_p": 0.6, "paste_gain": 0.0, "paste_p": 0.5}}
-    assert hotspot_flags({"grad_cam": res}, rejected, T, set())[0]["severity"] == "low"
+    assert hotspot_flags({"grad_cam": res}, rejected, T, set()) == []  # the model does not need the region
+    removal_only = {"horse": {"removal_drop": 0.4, "removal_p": 1e-4, "paste_gain": 0.0, "paste_p": 0.5}}
+    assert hotspot_flags({"grad_cam": res}, removal_only, T, set())[0]["severity"] == "medium"
     # the same spot, but it is where the objects are: not a shortcut candidate
     objects = np.zeros((40, 32, 32))
     objects[:, 28:32, 0:4] = 1.0
@@ -182,6 +189,7 @@ def test_counterfactual_summary() -> None:
             {
                 "id": str(i),
                 "label": label,
+                "pred": label,
                 "correct": True,
                 "cf_fg_pred": label,
                 "cf_bg_pred": label,

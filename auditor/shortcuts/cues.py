@@ -1,0 +1,262 @@
+"""``region_cue``: a fixed place in the image that carries a class, found by intervention, no mask needed.
+
+A shortcut such as a tag, a watermark or a hospital token sits at the same place in every image of its
+class; the object moves from image to image. So, per class, on a keyed draw of its images:
+
+1. **Scan** (no map involved): fill each window of a coarse grid from its surroundings, in every image,
+   and keep the *median* drop of p(class) per window. A window where the median drops is a place that
+   matters in most images at once. The class's own baseline is the same median at the windows away from
+   the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
+2. **Localize**: rescan the peak's neighbourhood with half-size windows; the region is the connected
+   set of pixels whose mean drop (over the windows covering them) is within half of the peak's.
+3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
+   imputation) and paste it into other classes' images at the same place, and do the same with a
+   control box of the same size at the mirrored place. The removal and the transplant must each beat
+   the control by ``intervention_effect`` and be significant.
+
+With masks (or boxes), a region mostly on the objects is the object, not a cue, and is not flagged.
+Without them, a region at the centre could be the object itself when objects always sit there; such a
+finding is capped at medium and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from auditor.io.sources import sample_key
+from auditor.shortcuts.flags import Flag, change, make_flag, pct
+from auditor.shortcuts.grids import box_cells, describe_location, object_overlap
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.thresholds import Thresholds
+
+FINE = 64  # side of the importance grid the region is read from
+
+
+def grid_boxes(window: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0)) -> list[list[float]]:
+    """Normalized ``[x0, y0, x1, y1]`` windows of side ``window`` every ``stride`` inside ``within``, the
+    last flush with its edge (row-major)."""
+
+    def starts(lo: float, hi: float) -> list[float]:
+        span = max(hi - lo - window, 0.0)
+        k = int(np.floor(span / stride + 1e-9))
+        out = [lo + i * stride for i in range(k + 1)]
+        if out[-1] < lo + span - 1e-9:
+            out.append(lo + span)
+        return out
+
+    return [
+        [x, y, min(x + window, 1.0), min(y + window, 1.0)]
+        for y in starts(within[1], within[3])
+        for x in starts(within[0], within[2])
+    ]
+
+
+def importance(boxes: Sequence[Sequence[float]], values: np.ndarray, side: int = FINE) -> np.ndarray:
+    """``[side, side]``: per pixel, the mean of ``values`` over the boxes that cover it (NaN: none)."""
+    total, count = np.zeros((side, side)), np.zeros((side, side))
+    for box, v in zip(boxes, values, strict=True):
+        x0, y0 = int(np.floor(box[0] * side)), int(np.floor(box[1] * side))
+        x1, y1 = int(np.ceil(box[2] * side)), int(np.ceil(box[3] * side))
+        total[y0:y1, x0:x1] += v
+        count[y0:y1, x0:x1] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def locate(imp: np.ndarray, level: float = 0.5) -> list[float]:
+    """The bounding box (normalized) of the connected pixels within ``level`` of the peak of ``imp``."""
+    filled = np.nan_to_num(imp, nan=-np.inf)
+    peak = np.unravel_index(np.argmax(filled), filled.shape)
+    labels, _ = ndimage.label(filled >= level * filled[peak])
+    ys, xs = np.nonzero(labels == labels[peak])
+    side = imp.shape[0]
+    return [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side]
+
+
+def control_box(region: Sequence[float]) -> list[float]:
+    """A box of the region's size at the place mirrored through the image centre; when that overlaps the
+    region (a central region), the corner farthest from it."""
+    w, h = region[2] - region[0], region[3] - region[1]
+    box = [1 - region[2], 1 - region[3], 1 - region[0], 1 - region[1]]
+    if box[0] < region[2] and region[0] < box[2] and box[1] < region[3] and region[1] < box[3]:
+        cx, cy = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2
+        x0 = 0.0 if cx >= 0.5 else 1 - w
+        y0 = 0.0 if cy >= 0.5 else 1 - h
+        box = [x0, y0, x0 + w, y0 + h]
+    return [float(v) for v in box]
+
+
+def scan_summary(drops: np.ndarray, boxes: Sequence[Sequence[float]], min_drop: float) -> dict[str, Any]:
+    """The peak window of a coarse scan and the class's own baseline.
+
+    Args:
+        drops: ``[n, len(boxes)]`` p(class) drops (``interventions.occlusion_scan``).
+        boxes: the scanned windows.
+        min_drop: the drop an image must show to count as consistent.
+
+    Returns:
+        ``{peak, peak_box, baseline, effect, consistency, median}``: ``median`` per window; ``baseline`` =
+        the 90th percentile of the medians at windows not overlapping the peak window (0 when none);
+        ``effect`` = peak - max(baseline, 0); ``consistency`` = share of images dropping by ``min_drop``
+        at the peak window.
+    """
+    median = np.median(drops, axis=0)
+    j = int(np.argmax(median))
+    pb = boxes[j]
+    away = [i for i, b in enumerate(boxes) if b[0] >= pb[2] or b[2] <= pb[0] or b[1] >= pb[3] or b[3] <= pb[1]]
+    baseline = float(np.percentile(median[away], 90)) if away else 0.0
+    return {
+        "peak": float(median[j]),
+        "peak_box": [float(v) for v in pb],
+        "baseline": baseline,
+        "effect": float(median[j] - max(baseline, 0.0)),
+        "consistency": float((drops[:, j] >= min_drop).mean()),
+        "median": np.round(median, 4).tolist(),
+    }
+
+
+def _draw(first: Any, cls: str, n: int, seed: int) -> np.ndarray:
+    """Rows of ``n`` of the class's images, correctly predicted first, in an order keyed by sample id."""
+    own = first[first["label"] == cls]
+    keys = [(not bool(c), sample_key(str(i), seed, "cue")) for i, c in zip(own["id"], own["correct"], strict=True)]
+    order = sorted(range(len(own)), key=lambda k: keys[k])
+    return own["row"].to_numpy()[order][:n]
+
+
+def measure(inputs: AnalysisInputs) -> Measurement:
+    """The scan needs the model: without it, nothing is measured (``intervene`` fills ``cues``)."""
+    return {"cues": {}}
+
+
+def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
+    assert inputs.intervener is not None
+    t, first = inputs.thresholds, inputs.first
+    rows = _draw(first, cls, t.cue_images, inputs.seed)
+    if len(rows) < 4:
+        return None
+    idx = inputs.classes.index(cls)
+    coarse = grid_boxes(t.cue_window, t.cue_window / 2)
+    found = scan_summary(inputs.intervener.scan(rows.tolist(), idx, coarse), coarse, t.cue_drop)
+    out: dict[str, Any] = {"n": len(rows), "window": t.cue_window, **found, "region": None}
+    if found["effect"] < t.cue_drop:
+        return out
+    pb, half = found["peak_box"], t.cue_window / 2
+    near = [max(pb[0] - half, 0.0), max(pb[1] - half, 0.0), min(pb[2] + half, 1.0), min(pb[3] + half, 1.0)]
+    fine = grid_boxes(half, half / 2, near)
+    fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
+    region = [float(v) for v in locate(importance(fine, np.clip(fine_drops, 0, None)))]
+    own = first[first["label"] == cls]
+    return {
+        **out,
+        "region": region,
+        "location": describe_location(region),
+        "area": float((region[2] - region[0]) * (region[3] - region[1])),
+        "object_overlap": object_overlap(inputs.objects, own["row"].to_numpy(), box_cells(region)),
+        "ids": first.set_index("row").loc[rows, "id"].head(6).tolist(),
+    }
+
+
+def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
+    """Scan every class, then confirm each located region against a control box."""
+    assert inputs.intervener is not None
+    t, first = inputs.thresholds, inputs.first
+    rng = np.random.default_rng(inputs.seed)
+    cues: dict[str, Any] = {}
+    for cls in inputs.classes:
+        found = _scan_class(inputs, cls)
+        if found is None:
+            continue
+        cues[cls] = found
+        if found["region"] is None:
+            continue
+        own = first[first["label"] == cls]["row"].to_numpy()
+        other = first[first["label"] != cls]["row"].to_numpy()
+        own = np.sort(rng.choice(own, min(t.intervention_images, len(own)), replace=False))
+        other = np.sort(rng.choice(other, min(t.intervention_images, len(other)), replace=False))
+        idx = inputs.classes.index(cls)
+        test = inputs.intervener.region_test(own.tolist(), other.tolist(), idx, found["region"], inputs.seed)
+        ctrl_box = control_box(found["region"])
+        ctrl = inputs.intervener.region_test(own.tolist(), other.tolist(), idx, ctrl_box, inputs.seed)
+        found["test"], found["control"] = test, {"region": ctrl_box, **ctrl}
+    return {"cues": cues}
+
+
+def _central(region: Sequence[float]) -> bool:
+    """Does the region touch the central ninth of the image?"""
+    return region[0] < 2 / 3 and region[2] > 1 / 3 and region[1] < 2 / 3 and region[3] > 1 / 3
+
+
+def confirmation(r: dict[str, Any], t: Thresholds) -> dict[str, Any]:
+    """Removal and transplant effects over the control box, and whether each is confirmed."""
+    test, ctrl = r.get("test"), r.get("control")
+    if not test or not ctrl:
+        return {"removal_effect": float("nan"), "paste_effect": float("nan"), "removal": False, "paste": False}
+    removal = test["removal_drop"] - max(ctrl["removal_drop"], 0.0)
+    paste = test["paste_gain"] - max(ctrl["paste_gain"], 0.0)
+    return {
+        "removal_effect": float(removal),
+        "paste_effect": float(paste),
+        "removal": bool(removal >= t.intervention_effect and test["removal_p"] < t.alpha),
+        "paste": bool(paste >= t.intervention_effect and test["paste_p"] < t.alpha),
+    }
+
+
+def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> str:
+    msg = (
+        f"Filling in {r['location']} lowers p({c}) by a median {r['peak']:.2f} across {c} images "
+        f"({pct(r['consistency'])} of them drop, other places: {max(r['baseline'], 0):.2f})"
+    )
+    test = r.get("test")
+    if test:
+        msg += (
+            f"; removing that region from {c} images {change(-test['removal_drop'], f'p({c})')} and pasting it "
+            f"into other classes' images {change(test['paste_gain'], 'it')}, turning {pct(test['paste_flips'])} "
+            f"of them into {c} (a control region: {change(r['control']['paste_gain'], 'it')})"
+        )
+    if not masked and _central(r["region"]):
+        msg += "; the region is central, so without masks it may be the object itself"
+    return msg + "."
+
+
+def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
+    """``region_cue`` per class: high when removal and transplant both beat the control box."""
+    t = ctx.thresholds
+    flags = []
+    for c, r in measured["cues"].items():
+        if r.get("region") is None or r["effect"] < t.cue_drop or r["n"] < 4:
+            continue
+        overlap = r["object_overlap"]
+        masked = bool(np.isfinite(overlap))
+        if masked and overlap > t.hotspot_object_overlap:
+            continue  # the object itself
+        conf = confirmation(r, t)
+        if not conf["removal"]:
+            continue  # the region alone does not carry the class: the scan found a combination
+        sev = "high" if conf["paste"] else "medium"
+        if sev == "high" and not masked and _central(r["region"]):
+            sev = "medium"
+        evidence = {
+            k: r[k] for k in ("n", "peak", "baseline", "effect", "consistency", "area", "object_overlap", "ids")
+        }
+        evidence |= {"test": r.get("test"), "control": r.get("control"), **conf}
+        score = min(1.0, r["effect"])
+        msg = _message(c, r, conf, masked)
+        flags.append(make_flag("region_cue", c, None, sev, score, msg, evidence, (), r["region"]))
+    return flags
+
+
+ANALYSIS = register_analysis(
+    Analysis(
+        name="cues",
+        kinds=("region_cue",),
+        needs=frozenset({"model"}),
+        measure=measure,
+        flag=cue_flags,
+        evidence_ids=("ids",),
+        intervene=intervene,
+    )
+)

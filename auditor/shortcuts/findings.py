@@ -1,0 +1,177 @@
+"""Findings: flags that share a cause, grouped, with one sentence saying what the model uses.
+
+Several analyses often see one shortcut: a tag in a corner is a ``region_cue`` (found by intervention),
+a ``spatial_hotspot`` (found in the maps) and a ``counterfactual_background`` (the object removed, the
+class still called). A reader needs one finding: "the model recognises *tagged* by the bottom-left
+corner", with all its evidence. The rules (pure, no torch):
+
+- region flags (``region_cue``, ``spatial_hotspot``) of a class whose regions overlap are one cause;
+  region causes of several classes whose regions overlap by IoU >= 0.3 are one cause;
+- a class's background flags (``counterfactual_background``, ``background_reliance``) join that class's
+  region cause when there is one (the region explains why the background carries the class), else they
+  are one background cause (all such classes together);
+- ``attribute_leak`` flags group by attribute and ``global_cue`` flags by property, across classes;
+- ``cluster`` flags group by class; ``unreliable_method`` flags form one cause.
+
+A finding's severity is its most severe flag's. ``examples`` (intervention images) are added by the run
+stage, which has the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+from auditor.shortcuts.flags import SEVERITY_RANK, Flag, pct
+from auditor.shortcuts.grids import describe_location
+
+REGION_KINDS = ("region_cue", "spatial_hotspot")
+BACKGROUND_KINDS = ("counterfactual_background", "background_reliance")
+SHARED_REGION_IOU = 0.3
+
+
+class Example(TypedDict):
+    """One intervention image pair of a finding (``maps/findings.npz`` holds the pixels under ``key``)."""
+
+    key: str
+    id: str
+    what: str
+    cls: str
+    p_before: float
+    p_after: float
+
+
+class Finding(TypedDict):
+    """``flags.json`` ``findings`` entry."""
+
+    id: str
+    cause: str
+    classes: list[str]
+    attribute: str | None
+    region: list[float] | None
+    severity: str
+    score: float
+    flags: list[str]
+    sentence: str
+    examples: list[Example]
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two normalized boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _best(flags: list[Flag]) -> Flag:
+    """The most severe flag, intervention-located regions (``region_cue``) first among equals."""
+    return min(flags, key=lambda f: (-SEVERITY_RANK[f["severity"]], f["kind"] != "region_cue", -f["score"]))
+
+
+def _merge_regions(groups: list[list[Flag]], same_class: bool) -> list[list[Flag]]:
+    """Merge groups whose regions overlap (any overlap within a class, IoU >= 0.3 across classes)."""
+    merged: list[list[Flag]] = []
+    for g in groups:
+        for m in merged:
+            pairs = [(a["region"], b["region"]) for a in g for b in m if a["region"] and b["region"]]
+            hit = any(_overlap(x, y) > (0.0 if same_class else SHARED_REGION_IOU - 1e-9) for x, y in pairs)
+            if hit and (not same_class or m[0]["class"] == g[0]["class"]):
+                m.extend(g)
+                break
+        else:
+            merged.append(list(g))
+    return merged
+
+
+def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[float]) -> str:
+    names = " and ".join(classes)
+    where = describe_location(region)
+    box = ", ".join(f"{v:.2f}" for v in region)
+    s = f"The model recognises {names} by {where} (x0, y0, x1, y1 = {box}), not by the object"
+    cue = next((f for f in flags if f["kind"] == "region_cue" and f["evidence"].get("test")), None)
+    if cue is not None:
+        t, c = cue["evidence"]["test"], cue["class"]
+        s += (
+            f": removing that region from {c} images lowers p({c}) by {t['removal_drop']:.2f}, and pasting it "
+            f"into other classes' images turns {pct(t['paste_flips'])} of them into {c}"
+        )
+    bg = next((f for f in flags if f["kind"] == "counterfactual_background"), None)
+    if bg is not None:
+        still = pct(bg["evidence"]["bg_only_self"])
+        s += f"; with the object removed, {bg['class']} is still called {still} of the time"
+    return s + "."
+
+
+def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None) -> str:
+    best = _best(flags)
+    names = " and ".join(classes)
+    if cause == "background":
+        return f"The model recognises {names} from the background rather than the object. {best['message']}"
+    if cause == "attribute":
+        return f"The model's predictions for {names} follow the metadata attribute {key!r}. {best['message']}"
+    if cause == "property":
+        return f"The model follows the image's {key} for {names}, not the object. {best['message']}"
+    if cause == "cluster":
+        return f"A group of {names} images is explained differently from the rest. {best['message']}"
+    return best["message"]
+
+
+def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
+    best = _best(flags)
+    classes = sorted({f["class"] for f in flags if f["class"] is not None})
+    region = best["region"] if cause == "region" else None
+    sentence = _region_sentence(flags, classes, region) if region is not None else _sentence(cause, flags, classes, key)
+    ident = f"{cause}/{'+'.join(classes) or '*'}/{key or '*'}"
+    return {
+        "id": ident,
+        "cause": cause,
+        "classes": classes,
+        "attribute": key if cause in ("attribute", "property") else None,
+        "region": region,
+        "severity": best["severity"],
+        "score": max(f["score"] for f in flags),
+        "flags": [f["id"] for f in sorted(flags, key=lambda f: (-SEVERITY_RANK[f["severity"]], -f["score"]))],
+        "sentence": sentence,
+        "examples": [],
+    }
+
+
+def group_findings(flags: list[Flag]) -> list[Finding]:
+    """Group ``flags`` by cause (module docstring); findings most severe first, then by score."""
+    region = [f for f in flags if f["kind"] in REGION_KINDS and f["region"] is not None]
+    per_class = _merge_regions([[f] for f in region], same_class=True)
+    causes = _merge_regions(per_class, same_class=False)
+    out: list[Finding] = []
+    claimed: set[str] = set()
+    for g in causes:
+        cls = {f["class"] for f in g}
+        g += [f for f in flags if f["kind"] in BACKGROUND_KINDS and f["class"] in cls and f["id"] not in claimed]
+        claimed |= {f["id"] for f in g}
+        out.append(_finding("region", g))
+    keyed: dict[tuple[str, str | None], list[Flag]] = {}
+    for f in flags:
+        if f["id"] in claimed:
+            continue
+        if f["kind"] in BACKGROUND_KINDS:
+            keyed.setdefault(("background", None), []).append(f)
+        elif f["kind"] == "attribute_leak":
+            keyed.setdefault(("attribute", f["attribute"]), []).append(f)
+        elif f["kind"] == "global_cue":
+            keyed.setdefault(("property", f["attribute"]), []).append(f)
+        elif f["kind"] == "cluster":
+            keyed.setdefault(("cluster", f["class"]), []).append(f)
+        elif f["kind"] == "unreliable_method":
+            keyed.setdefault(("method", None), []).append(f)
+        else:
+            keyed.setdefault((f["kind"], f["class"]), []).append(f)
+    for (cause, key), group in keyed.items():
+        attr = key if cause in ("attribute", "property") else None
+        out.append(_finding(cause, group, attr))
+    return sorted(out, key=lambda x: (-SEVERITY_RANK[x["severity"]], -x["score"], x["id"]))
+
+
+def finding_summary(findings: list[Finding]) -> dict[str, Any]:
+    """``{high, medium, low}`` counts of findings (the report's headline)."""
+    return {s: sum(f["severity"] == s for f in findings) for s in ("high", "medium", "low")}

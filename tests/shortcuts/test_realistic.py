@@ -1,0 +1,105 @@
+"""The realistic case: the audit split carries the training bias, so accuracy gives nothing away.
+
+Six classes at 64 px; class ``tagged`` is recognisable only by a small orange tag near the bottom-left
+corner (its objects are the other classes' objects). The model's last layer gives 4 x 4 maps. In every
+mask condition (exact, eroded, dilated, boxes, none) the tag must be flagged high on its class, localized
+to its place, and grouped into one finding. A clean model of the same data (class ``tagged`` has its own
+object, no tag) must get no high or medium flag, and at most a few low ones, under imperfect masks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from auditor import load_config, run_audit
+from tests.shortcuts import realistic as R
+
+TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
+SIZE = R.SIZE
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both models, trained once: each must score >= 95% on an i.i.d. split; the cue model must need the tag."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind in ("cue", "clean"):
+        model = R.train(R.make(kind, 150, 0))
+        held_out = R.make(kind, 30, 7)
+        assert R.accuracy(model, held_out) >= 0.95
+        untagged = R.accuracy(model, R.untagged(held_out), R.CUE_CLASS)
+        assert untagged < 0.1 if kind == "cue" else untagged > 0.9
+        torch.save(model.state_dict(), root / f"{kind}.pt")
+        out[kind] = root / f"{kind}.pt"
+    return out
+
+
+def _audit(tmp: Path, checkpoint: Path, kind: str, masks: str, px: int = 2) -> tuple[list[dict], dict, dict]:
+    R.write(tmp, R.make(kind, 20, 1), masks, px)
+    cfg: dict[str, Any] = {
+        "model": {"factory": f"{TINYNET}:build_deep", "factory_kwargs": {"blocks": 5}, "checkpoint": str(checkpoint)},
+        "data": {
+            "manifest": str(tmp / "audit.csv"),
+            "image_size": SIZE,
+            "classes": list(R.CLASSES),
+            "normalize": {"mean": [R.MEAN] * 3, "std": [R.STD] * 3},
+        },
+    }
+    (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)
+    flags_file = json.loads((tmp / "run" / "flags.json").read_text())
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    return flags_file["flags"], flags_file["findings"], summary
+
+
+def _inside_tag(region: list[float], slack_px: float = 4) -> bool:
+    """The region holds the tag's centre and lies within the tag's box grown by ``slack_px``."""
+    x0, y0, x1, y1 = (v / SIZE for v in R.TAG)
+    s = slack_px / SIZE
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    holds = region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+    within = region[0] >= x0 - s and region[1] >= y0 - s and region[2] <= x1 + s and region[3] <= y1 + s
+    return holds and within
+
+
+@pytest.mark.parametrize("masks", ["exact", "eroded", "dilated", "boxes", "none"])
+def test_the_tag_is_flagged_localized_and_grouped(models: dict[str, Path], tmp_path: Path, masks: str) -> None:
+    flags, findings, summary = _audit(tmp_path, models["cue"], "cue", masks)
+    assert summary["accuracy"]["*"]["accuracy"] >= 0.95  # accuracy gives nothing away
+    cue_flags = [f for f in flags if f["class"] == R.CUE_CLASS]
+    assert any(f["severity"] == "high" for f in cue_flags), [(f["id"], f["severity"]) for f in flags]
+    located = [f for f in cue_flags if f["kind"] == "region_cue"]
+    assert located and _inside_tag(located[0]["region"]), located
+    mine = [g for g in findings if R.CUE_CLASS in g["classes"]]
+    assert len(mine) == 1, [g["id"] for g in findings]
+    finding = mine[0]
+    assert finding["severity"] == "high" and finding["cause"] == "region"
+    assert _inside_tag(finding["region"]) and "bottom-left" in finding["sentence"]
+    assert {f["id"] for f in cue_flags} <= set(finding["flags"])
+    removed = [e for e in finding["examples"] if e["what"] == "region removed"]
+    pasted = [e for e in finding["examples"] if e["what"] == "region pasted"]
+    assert removed and all(e["p_after"] < e["p_before"] - 0.5 for e in removed)
+    assert pasted and all(e["p_after"] > e["p_before"] + 0.5 for e in pasted)
+    loc = summary["run"]["localization"]
+    assert loc["grid"] == [4, 4] and loc["fine_layer"] == "features.14" and loc["method"] == "layer_cam"
+    if masks != "none":
+        assert any(f["kind"] == "counterfactual_background" and f["severity"] == "high" for f in cue_flags)
+
+
+@pytest.mark.parametrize(
+    ("masks", "px"), [("exact", 0), ("eroded", 1), ("eroded", 3), ("dilated", 3), ("boxes", 0), ("none", 0)]
+)
+def test_a_clean_model_stays_clean_under_imperfect_masks(
+    models: dict[str, Path], tmp_path: Path, masks: str, px: int
+) -> None:
+    flags, findings, _ = _audit(tmp_path, models["clean"], "clean", masks, px)
+    loud = [(f["id"], f["severity"], f["message"]) for f in flags if f["severity"] != "low"]
+    assert not loud
+    assert sum(f["severity"] == "low" for f in flags) <= 3
+    assert all(g["severity"] == "low" for g in findings)
