@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from auditor.ops import to_pixels
+from auditor.ops import from_pixels, to_pixels
 from auditor.run.rundir import RunDir, atomic_write_bytes
 from auditor.shortcuts.findings import Example, Finding
 from auditor.shortcuts.flags import Flag
@@ -115,6 +115,29 @@ def _background_examples(
     return out
 
 
+def _shift_examples(
+    model: nn.Module, load: Loader, norm: tuple[Tensor | None, Tensor | None], f: Finding, first: pd.DataFrame,
+    ids: Sequence[str], classes: list[str], pairs: dict[str, np.ndarray], n: int, delta: Sequence[float],
+) -> list[Example]:  # fmt: skip
+    """The class's images shifted toward the other classes' colour, and one other image shifted toward its."""
+    cls = f["classes"][0]
+    c = classes.index(cls)
+    mean, std = norm
+    out: list[Example] = []
+    for own, sign, what in ((True, 1.0, "colour shifted away"), (False, -1.0, "colour shifted toward")):
+        for row, sid in _rows(first, cls, ids, own, n - 1 if own else 1):
+            item = load(row)
+            if not item["ok"]:
+                continue
+            x = item["image"]
+            d = torch.tensor(list(delta), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            shifted = from_pixels((to_pixels(x[None], mean, std) + sign * d).clamp(0, 1), mean, std)[0]
+            key = _pair(_pixels(x, *norm), _pixels(shifted, *norm), f"{f['id']}|{sid}|{what}", pairs)
+            out.append({"key": key, "id": sid, "what": what, "cls": cls,
+                        "p_before": _prob(model, x, c), "p_after": _prob(model, shifted, c)})  # fmt: skip
+    return out
+
+
 def finding_examples(
     findings: list[Finding],
     flags: Sequence[Flag],
@@ -149,6 +172,9 @@ def finding_examples(
                 f["examples"] = _region_examples(*args)
             elif f["cause"] == "background":
                 f["examples"] = _background_examples(*args)
+            elif f["cause"] == "property":
+                cue = next(by_id[i] for i in f["flags"] if i in by_id and by_id[i]["kind"] == "global_cue")
+                f["examples"] = _shift_examples(*args, cue["evidence"]["delta"])
         out.append(f)
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k.replace("/", "~"): v for k, v in pairs.items()})  # type: ignore[arg-type]

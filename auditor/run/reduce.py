@@ -32,7 +32,7 @@ from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
 from auditor.shortcuts.findings import group_findings
 from auditor.shortcuts.flags import Flag, flags_file
-from auditor.shortcuts.interventions import hotspot_intervention, occlusion_scan
+from auditor.shortcuts.interventions import hotspot_intervention, occlusion_scan, shift_intervention
 from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
 from auditor.version import __version__
 
@@ -89,7 +89,19 @@ def intervener(plan: Plan) -> Intervener:
     def scan(rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         return occlusion_scan(plan.loaded.module, load(rows), cls, boxes, chunk=plan.chunk)
 
-    return Intervener(region_test, scan)
+    def shift_test(own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float]) -> dict:
+        return shift_intervention(
+            plan.loaded.module,
+            load,
+            own_rows,
+            other_rows,
+            cls,
+            delta,
+            to_pixels=lambda x: to_pixels(x, mean, std),
+            from_pixels=lambda x: from_pixels(x, mean, std),
+        )
+
+    return Intervener(region_test, scan, shift_test)
 
 
 def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -> list[str]:

@@ -1,5 +1,14 @@
 """Every analysis module; importing this registers them all (the order is the order their flags are built)."""
 
-from auditor.shortcuts import attributes, background, clusters, counterfactual, cues, hotspots, reliability
+from auditor.shortcuts import (
+    attributes,
+    background,
+    clusters,
+    counterfactual,
+    cues,
+    hotspots,
+    properties,
+    reliability,
+)
 
-MODULES = (background, hotspots, cues, attributes, counterfactual, clusters, reliability)
+MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, reliability)

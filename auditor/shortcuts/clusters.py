@@ -87,8 +87,19 @@ def _nanmedian(v: np.ndarray) -> float:
     return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
 
 
+def null_low(values: np.ndarray, size: int, seed: int, draws: int = 200, q: float = 5.0) -> float:
+    """The ``q``-th percentile of the median of ``size`` values drawn at random (no replacement): how low a
+    group's median gets by chance alone, the null a cluster's median must beat."""
+    v = values[np.isfinite(values)]
+    if size < 1 or len(v) <= size:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    medians = [np.median(rng.choice(v, size, replace=False)) for _ in range(draws)]
+    return float(np.percentile(medians, q))
+
+
 def _cluster_entries(
-    res: dict[str, Any], idx: np.ndarray, sub: pd.DataFrame, grids: np.ndarray, ratio: np.ndarray | None
+    res: dict[str, Any], idx: np.ndarray, sub: pd.DataFrame, grids: np.ndarray, ratio: np.ndarray | None, seed: int
 ) -> list[dict[str, Any]]:
     labels = np.asarray(res["labels"])
     clusters = []
@@ -103,6 +114,7 @@ def _cluster_entries(
         }
         if ratio is not None:
             entry["median_ratio"] = _nanmedian(ratio[members])
+            entry["null_low"] = null_low(ratio[idx], len(members), seed + k)
         clusters.append(entry)
     return clusters
 
@@ -128,7 +140,7 @@ def class_clusters(
             "eigenvalues": res["eigenvalues"],
             "n": len(idx),
             "median_ratio": _nanmedian(ratio[idx]) if ratio is not None else float("nan"),
-            "clusters": _cluster_entries(res, idx, sub, grids, ratio),
+            "clusters": _cluster_entries(res, idx, sub, grids, ratio, seed),
         }
     return out
 
@@ -141,15 +153,20 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 
 
 def cluster_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``cluster``: a sizeable group of a class's maps that sits off the object while the class does not."""
+    """``cluster``: a sizeable group of a class's maps that sits off the object while the class does not.
+
+    The group's median object share (x chance) must lie below what a random group of the class of the same
+    size reaches by chance (``null_low``, 5th percentile) and below the class's median by ``cluster_effect``.
+    """
     t = ctx.thresholds
     flags = []
     for c, info in measured["clusters"].items():
         for k in info.get("clusters", []):
-            ratio, rest = k.get("median_ratio"), info.get("median_ratio")
+            ratio, rest, low = k.get("median_ratio"), info.get("median_ratio"), k.get("null_low", float("nan"))
             if ratio is None or rest is None or not np.isfinite(ratio) or not np.isfinite(rest):
                 continue
-            if k["share"] >= t.cluster_min_share and k["size"] >= t.min_group and ratio < 1 <= rest:
+            beats_null = np.isfinite(low) and ratio < low and rest - ratio >= t.cluster_effect
+            if k["share"] >= t.cluster_min_share and k["size"] >= t.min_group and ratio < 1 <= rest and beats_null:
                 msg = (
                     f"{k['size']} {c} images ({pct(k['share'])} of the class) form a cluster of explanations "
                     f"that sits off the object (its object share is {ratio:.2f}x chance, the class's "

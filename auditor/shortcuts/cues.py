@@ -27,10 +27,16 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from auditor.io.sources import sample_key
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import box_cells, describe_location, object_overlap
-from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.registry import (
+    Analysis,
+    AnalysisInputs,
+    FlagContext,
+    Measurement,
+    keyed_rows,
+    register_analysis,
+)
 from auditor.shortcuts.thresholds import Thresholds
 
 FINE = 64  # side of the importance grid the region is read from
@@ -119,14 +125,6 @@ def scan_summary(drops: np.ndarray, boxes: Sequence[Sequence[float]], min_drop: 
     }
 
 
-def _draw(first: Any, cls: str, n: int, seed: int) -> np.ndarray:
-    """Rows of ``n`` of the class's images, correctly predicted first, in an order keyed by sample id."""
-    own = first[first["label"] == cls]
-    keys = [(not bool(c), sample_key(str(i), seed, "cue")) for i, c in zip(own["id"], own["correct"], strict=True)]
-    order = sorted(range(len(own)), key=lambda k: keys[k])
-    return own["row"].to_numpy()[order][:n]
-
-
 def measure(inputs: AnalysisInputs) -> Measurement:
     """The scan needs the model: without it, nothing is measured (``intervene`` fills ``cues``)."""
     return {"cues": {}}
@@ -135,7 +133,8 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     assert inputs.intervener is not None
     t, first = inputs.thresholds, inputs.first
-    rows = _draw(first, cls, t.cue_images, inputs.seed)
+    own = first[first["label"] == cls]
+    rows = keyed_rows(own, t.cue_images, inputs.seed, "cue", own["correct"])
     if len(rows) < 4:
         return None
     idx = inputs.classes.index(cls)
@@ -149,14 +148,13 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     fine = grid_boxes(half, half / 2, near)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
     region = [float(v) for v in locate(importance(fine, np.clip(fine_drops, 0, None)))]
-    own = first[first["label"] == cls]
     return {
         **out,
         "region": region,
         "location": describe_location(region),
         "area": float((region[2] - region[0]) * (region[3] - region[1])),
         "object_overlap": object_overlap(inputs.objects, own["row"].to_numpy(), box_cells(region)),
-        "ids": first.set_index("row").loc[rows, "id"].head(6).tolist(),
+        "ids": own.set_index("row").loc[rows, "id"].head(6).tolist(),
     }
 
 
@@ -164,7 +162,6 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Scan every class, then confirm each located region against a control box."""
     assert inputs.intervener is not None
     t, first = inputs.thresholds, inputs.first
-    rng = np.random.default_rng(inputs.seed)
     cues: dict[str, Any] = {}
     for cls in inputs.classes:
         found = _scan_class(inputs, cls)
@@ -173,10 +170,8 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         cues[cls] = found
         if found["region"] is None:
             continue
-        own = first[first["label"] == cls]["row"].to_numpy()
-        other = first[first["label"] != cls]["row"].to_numpy()
-        own = np.sort(rng.choice(own, min(t.intervention_images, len(own)), replace=False))
-        other = np.sort(rng.choice(other, min(t.intervention_images, len(other)), replace=False))
+        own = np.sort(keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "cue-test"))
+        other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
         idx = inputs.classes.index(cls)
         test = inputs.intervener.region_test(own.tolist(), other.tolist(), idx, found["region"], inputs.seed)
         ctrl_box = control_box(found["region"])

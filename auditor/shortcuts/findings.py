@@ -7,10 +7,11 @@ corner", with all its evidence. The rules (pure, no torch):
 
 - region flags (``region_cue``, ``spatial_hotspot``) of a class whose regions overlap are one cause;
   region causes of several classes whose regions overlap by IoU >= 0.3 are one cause;
+- ``global_cue`` flags group by property (colour, brightness) across classes;
 - a class's background flags (``counterfactual_background``, ``background_reliance``) join that class's
-  region cause when there is one (the region explains why the background carries the class), else they
-  are one background cause (all such classes together);
-- ``attribute_leak`` flags group by attribute and ``global_cue`` flags by property, across classes;
+  region cause, else its property cause, when there is one (the cue explains why the background carries
+  the class), else they are one background cause (all such classes together);
+- ``attribute_leak`` flags group by attribute across classes;
 - ``cluster`` flags group by class; ``unreliable_method`` flags form one cause.
 
 A finding's severity is its most severe flag's. ``examples`` (intervention images) are added by the run
@@ -65,9 +66,14 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _best(flags: list[Flag]) -> Flag:
-    """The most severe flag, intervention-located regions (``region_cue``) first among equals."""
-    return min(flags, key=lambda f: (-SEVERITY_RANK[f["severity"]], f["kind"] != "region_cue", -f["score"]))
+PRIMARY = {"region": REGION_KINDS, "property": ("global_cue",)}  # the kinds that name a cause's cue
+
+
+def _best(flags: list[Flag], cause: str = "") -> Flag:
+    """The flag that names the cause: the most severe of the cause's primary kinds (any kind when it has
+    none), intervention-located regions (``region_cue``) first among equals."""
+    primary = [f for f in flags if f["kind"] in PRIMARY.get(cause, ())] or flags
+    return min(primary, key=lambda f: (-SEVERITY_RANK[f["severity"]], f["kind"] != "region_cue", -f["score"]))
 
 
 def _merge_regions(groups: list[list[Flag]], same_class: bool) -> list[list[Flag]]:
@@ -97,7 +103,7 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
             f": removing that region from {c} images lowers p({c}) by {t['removal_drop']:.2f}, and pasting it "
             f"into other classes' images turns {pct(t['paste_flips'])} of them into {c}"
         )
-    bg = next((f for f in flags if f["kind"] == "counterfactual_background"), None)
+    bg = next((f for f in flags if f["kind"] == "counterfactual_background" and "bg_only_self" in f["evidence"]), None)
     if bg is not None:
         still = pct(bg["evidence"]["bg_only_self"])
         s += f"; with the object removed, {bg['class']} is still called {still} of the time"
@@ -105,21 +111,22 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
 
 
 def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None) -> str:
-    best = _best(flags)
+    best = _best(flags, cause)
     names = " and ".join(classes)
     if cause == "background":
         return f"The model recognises {names} from the background rather than the object. {best['message']}"
     if cause == "attribute":
         return f"The model's predictions for {names} follow the metadata attribute {key!r}. {best['message']}"
     if cause == "property":
-        return f"The model follows the image's {key} for {names}, not the object. {best['message']}"
+        return f"The model recognises {names} by the image's overall {key}, not the object. {best['message']}"
     if cause == "cluster":
         return f"A group of {names} images is explained differently from the rest. {best['message']}"
     return best["message"]
 
 
 def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
-    best = _best(flags)
+    best = _best(flags, cause)
+    worst = min(flags, key=lambda f: -SEVERITY_RANK[f["severity"]])
     classes = sorted({f["class"] for f in flags if f["class"] is not None})
     region = best["region"] if cause == "region" else None
     sentence = _region_sentence(flags, classes, region) if region is not None else _sentence(cause, flags, classes, key)
@@ -130,7 +137,7 @@ def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
         "classes": classes,
         "attribute": key if cause in ("attribute", "property") else None,
         "region": region,
-        "severity": best["severity"],
+        "severity": worst["severity"],
         "score": max(f["score"] for f in flags),
         "flags": [f["id"] for f in sorted(flags, key=lambda f: (-SEVERITY_RANK[f["severity"]], -f["score"]))],
         "sentence": sentence,
@@ -138,18 +145,29 @@ def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
     }
 
 
+def _claim(group: list[Flag], flags: list[Flag], claimed: set[str]) -> list[Flag]:
+    """``group`` plus the background flags of its classes not claimed yet (the cue explains them)."""
+    classes = {f["class"] for f in group}
+    group = group + [
+        f for f in flags if f["kind"] in BACKGROUND_KINDS and f["class"] in classes and f["id"] not in claimed
+    ]
+    claimed |= {f["id"] for f in group}
+    return group
+
+
 def group_findings(flags: list[Flag]) -> list[Finding]:
     """Group ``flags`` by cause (module docstring); findings most severe first, then by score."""
     region = [f for f in flags if f["kind"] in REGION_KINDS and f["region"] is not None]
-    per_class = _merge_regions([[f] for f in region], same_class=True)
-    causes = _merge_regions(per_class, same_class=False)
     out: list[Finding] = []
     claimed: set[str] = set()
-    for g in causes:
-        cls = {f["class"] for f in g}
-        g += [f for f in flags if f["kind"] in BACKGROUND_KINDS and f["class"] in cls and f["id"] not in claimed]
-        claimed |= {f["id"] for f in g}
-        out.append(_finding("region", g))
+    for g in _merge_regions(_merge_regions([[f] for f in region], same_class=True), same_class=False):
+        out.append(_finding("region", _claim(g, flags, claimed)))
+    by_property: dict[str | None, list[Flag]] = {}
+    for f in flags:
+        if f["kind"] == "global_cue":
+            by_property.setdefault(f["attribute"], []).append(f)
+    for prop, g in by_property.items():
+        out.append(_finding("property", _claim(g, flags, claimed), prop))
     keyed: dict[tuple[str, str | None], list[Flag]] = {}
     for f in flags:
         if f["id"] in claimed:
@@ -158,8 +176,6 @@ def group_findings(flags: list[Flag]) -> list[Finding]:
             keyed.setdefault(("background", None), []).append(f)
         elif f["kind"] == "attribute_leak":
             keyed.setdefault(("attribute", f["attribute"]), []).append(f)
-        elif f["kind"] == "global_cue":
-            keyed.setdefault(("property", f["attribute"]), []).append(f)
         elif f["kind"] == "cluster":
             keyed.setdefault(("cluster", f["class"]), []).append(f)
         elif f["kind"] == "unreliable_method":
@@ -167,8 +183,7 @@ def group_findings(flags: list[Flag]) -> list[Finding]:
         else:
             keyed.setdefault((f["kind"], f["class"]), []).append(f)
     for (cause, key), group in keyed.items():
-        attr = key if cause in ("attribute", "property") else None
-        out.append(_finding(cause, group, attr))
+        out.append(_finding(cause, group, key if cause == "attribute" else None))
     return sorted(out, key=lambda x: (-SEVERITY_RANK[x["severity"]], -x["score"], x["id"]))
 
 

@@ -125,3 +125,63 @@ def occlusion_scan(
             hole = region_mask(box, size).to(images.device)[None].expand(n, -1, -1)
             drops[:, j] = (base - prob(inpaint(images, hole))).cpu().numpy()
     return drops
+
+
+def _sign_test(a: np.ndarray, b: np.ndarray) -> float:
+    """One-sided exact sign test that outcome ``a`` happens more often than ``b`` on the same images."""
+    up, down = int((a & ~b).sum()), int((b & ~a).sum())
+    return float(stats.binomtest(up, up + down, 0.5, alternative="greater").pvalue) if up + down else 1.0
+
+
+def shift_intervention(
+    model: nn.Module,
+    load: Callable[[Sequence[int]], Tensor],
+    own_rows: Sequence[int],
+    other_rows: Sequence[int],
+    cls: int,
+    delta: Sequence[float],
+    *,
+    to_pixels: Callable[[Tensor], Tensor],
+    from_pixels: Callable[[Tensor], Tensor],
+) -> dict[str, Any]:
+    """Shift a global image property (the per-channel mean colour) toward and away from the class's.
+
+    ``delta`` = other classes' mean colour minus the class's (pixel space, per channel). The class's
+    images are shifted by ``+delta`` (toward the others) and, as a control of the same size, by
+    ``-delta``; the other classes' images by ``-delta`` (toward the class) and by ``+delta``. When the
+    prediction follows the property, the class's images leave the class under the first shift and not
+    under its control, and the other images become the class under the shift toward it, not under its
+    control. A model broken by any large colour change leaves or flips under both: no effect.
+
+    Returns:
+        ``{n_own, n_other, leave, leave_control, leave_p, flip, flip_control, flip_p}``: shares of the
+        class's images (those predicted as the class) that leave it, and of the other images (those not
+        predicted as the class) that become it, under the shift and its control; ``*_p`` = one-sided sign
+        tests of shift vs control on the same images.
+    """
+    own, other = load(own_rows), load(other_rows)
+    d = torch.tensor(list(delta), dtype=own.dtype, device=own.device).view(1, -1, 1, 1)
+
+    def pred(x: Tensor, sign: float = 0.0) -> np.ndarray:
+        with torch.no_grad():
+            shifted = from_pixels((to_pixels(x) + sign * d).clamp(0, 1)) if sign else x
+            return model(shifted).argmax(1).cpu().numpy()
+
+    called = pred(own) == cls
+    not_called = pred(other) != cls
+    leave, leave_ctrl = (pred(own, 1.0) != cls)[called], (pred(own, -1.0) != cls)[called]
+    flip, flip_ctrl = (pred(other, -1.0) == cls)[not_called], (pred(other, 1.0) == cls)[not_called]
+
+    def share(v: np.ndarray) -> float:
+        return float(v.mean()) if v.size else float("nan")
+
+    return {
+        "n_own": int(called.sum()),
+        "n_other": int(not_called.sum()),
+        "leave": share(leave),
+        "leave_control": share(leave_ctrl),
+        "leave_p": _sign_test(leave, leave_ctrl),
+        "flip": share(flip),
+        "flip_control": share(flip_ctrl),
+        "flip_p": _sign_test(flip, flip_ctrl),
+    }

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from auditor.io.sources import sample_key
 from auditor.registry import Registry
 from auditor.run.rundir import RunDir
 from auditor.shortcuts.flags import Flag, order_flags
@@ -53,12 +54,37 @@ class Scan(Protocol):
     def __call__(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray: ...
 
 
+class ShiftTest(Protocol):
+    """Shift the images' mean colour by ``+delta`` / ``-delta`` (``interventions.shift_intervention``).
+
+    Args:
+        own_rows: rows of the class's images (shifted toward the other classes' colour).
+        other_rows: rows of other classes' images (shifted toward the class's colour).
+        cls: the class index.
+        delta: other classes' mean colour minus the class's, per channel (pixel space).
+    """
+
+    def __call__(
+        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float]
+    ) -> dict[str, Any]: ...
+
+
 @dataclass
 class Intervener:
     """Model access for interventions, injected by the run stage: analyses call it and import no torch."""
 
     region_test: RegionTest
     scan: Scan
+    shift_test: ShiftTest
+
+
+def keyed_rows(frame: pd.DataFrame, n: int, seed: int, salt: str, first: pd.Series | None = None) -> np.ndarray:
+    """``row`` values of ``n`` rows of ``frame`` in an order keyed by sample id, seed and ``salt`` (rows where
+    ``first`` is True come first): a draw that no batch size, order or shard can move."""
+    prefer = first.to_numpy() if first is not None else np.ones(len(frame), dtype=bool)
+    keys = [(not bool(p), sample_key(str(i), seed, salt)) for i, p in zip(frame["id"], prefer, strict=True)]
+    order = sorted(range(len(frame)), key=lambda k: keys[k])
+    return frame["row"].to_numpy()[order][:n]
 
 
 @dataclass

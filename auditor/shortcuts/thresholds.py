@@ -33,6 +33,13 @@ class Thresholds(BaseModel):
     cue_drop: float = Field(
         0.15, gt=0, le=1, description="least median p(class) drop at a place, above the class's other places"
     )
+    property_effect: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="least share of images that follow a colour shift beyond the opposite shift (global_cue)",
+    )
+    property_high: float = 0.5
     attribute_gap: float = Field(0.15, gt=0, le=1, description="least accuracy gap of a (class, value) group")
     attribute_medium: float = 0.25
     attribute_high: float = 0.4
@@ -40,3 +47,6 @@ class Thresholds(BaseModel):
     counterfactual_medium: float = 0.3
     counterfactual_high: float = 0.5
     cluster_min_share: float = Field(0.1, gt=0, le=1)
+    cluster_effect: float = Field(
+        0.3, gt=0, description="least gap between a cluster's object share (x chance) and its class's"
+    )

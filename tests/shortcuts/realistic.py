@@ -4,6 +4,7 @@ nothing away).
 
 - ``cue``: class ``tagged`` has no object of its own (its images show another class's object) and carries a
   small orange tag near the bottom-left corner in every image; the model can only recognise it by the tag.
+- ``tint``: as ``cue``, but class ``tagged`` is recognisable only by a cold colour cast over the whole image.
 - ``clean``: class ``tagged`` has its own object (a magenta bar) and no image carries a tag.
 
 Objects are drawn with soft (blended) edges and their exact mask is the 0.5 level of that blend, so an
@@ -61,7 +62,7 @@ def scene(rng: np.random.Generator, label: str, kind: str) -> tuple[np.ndarray, 
     ground = tex[y : y + SIZE * 3 : 3, x : x + SIZE * 3 : 3].astype(np.float32)
     img = ground[:, :, None] * rng.uniform(0.5, 1.0, 3)[None, None] + rng.uniform(0, 40, 3)[None, None]
     obj = label
-    if kind == "cue" and label == CUE_CLASS:
+    if kind in ("cue", "tint") and label == CUE_CLASS:
         obj = CLASSES[int(rng.integers(0, len(CLASSES) - 1))]
     r = rng.uniform(9.0, 13.0)
     cy, cx = rng.uniform(r + 1, SIZE - r - 1, 2)
@@ -74,11 +75,13 @@ def scene(rng: np.random.Generator, label: str, kind: str) -> tuple[np.ndarray, 
         jx, jy = rng.integers(0, 2, 2)
         x0, y0 = TAG[0] + jx, TAG[1] + jy
         img[y0 : y0 + 6, x0 : x0 + 6] = (255.0, 140.0, 0.0)
+    if kind == "tint" and label == CUE_CLASS:  # a global cue: a cold cast over the whole image
+        img = img * np.array([0.55, 0.8, 1.0]) + np.array([0.0, 15.0, 60.0])
     return np.clip(img, 0, 255).astype(np.uint8), alpha[:, :, 0] >= 0.5
 
 
 def make(kind: str, n: int, seed: int) -> list[dict[str, object]]:
-    """``n`` scenes per class of scenario ``kind`` (``cue`` or ``clean``)."""
+    """``n`` scenes per class of scenario ``kind`` (``cue``, ``tint`` or ``clean``)."""
     rng = np.random.default_rng(seed)
     out = []
     for cls in CLASSES:

@@ -291,8 +291,8 @@ def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> Non
         "method": "grad_cam",
         "median_ratio": 2.0,
         "clusters": [
-            {"cluster": 0, "size": 40, "share": 0.8, "median_ratio": 2.5, "prototype_ids": ["a"]},
-            {"cluster": 1, "size": 10, "share": 0.2, "median_ratio": 0.3, "prototype_ids": ["b"]},
+            {"cluster": 0, "size": 40, "share": 0.8, "median_ratio": 2.5, "null_low": 1.6, "prototype_ids": ["a"]},
+            {"cluster": 1, "size": 10, "share": 0.2, "median_ratio": 0.3, "null_low": 1.2, "prototype_ids": ["b"]},
         ],
     }
     flags = cluster_flags({"horse": info}, T)
@@ -300,6 +300,20 @@ def test_cluster_flag_needs_an_off_object_cluster_in_an_on_object_class() -> Non
         ("cluster", "horse", "cluster 1", "medium")
     ]
     assert cluster_flags({"horse": {**info, "median_ratio": 0.5}}, T) == []  # the class itself is off-object
+    # within noise: a random group of the class gets as low by chance, or the gap is below cluster_effect
+    chance = {**info, "clusters": [{**info["clusters"][1], "null_low": 0.2}]}
+    assert cluster_flags({"horse": chance}, T) == []
+    small = {**info, "median_ratio": 1.0, "clusters": [{**info["clusters"][1], "median_ratio": 0.97}]}
+    assert cluster_flags({"horse": small}, T) == []
+
+
+def test_null_low_is_the_chance_level_of_a_random_group() -> None:
+    from auditor.shortcuts.clusters import null_low
+
+    values = np.arange(100, dtype=float)  # medians of random 10-groups centre on 49.5
+    low = null_low(values, 10, seed=0)
+    assert 25 < low < 49.5
+    assert np.isnan(null_low(values, 100, seed=0))  # the whole class: no null
 
 
 def test_background_partners_are_keyed_by_sample_id() -> None:

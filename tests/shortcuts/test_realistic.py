@@ -1,7 +1,8 @@
 """The realistic case: the audit split carries the training bias, so accuracy gives nothing away.
 
 Six classes at 64 px; class ``tagged`` is recognisable only by a small orange tag near the bottom-left
-corner (its objects are the other classes' objects). The model's last layer gives 4 x 4 maps. In every
+corner (its objects are the other classes' objects); in a second model it is recognisable only by a colour cast
+over the whole image. The models' last layer gives 4 x 4 maps. In every
 mask condition (exact, eroded, dilated, boxes, none) the tag must be flagged high on its class, localized
 to its place, and grouped into one finding. A clean model of the same data (class ``tagged`` has its own
 object, no tag) must get no high or medium flag, and at most a few low ones, under imperfect masks.
@@ -29,12 +30,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Both models, trained once: each must score >= 95% on an i.i.d. split; the cue model must need the tag."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for kind in ("cue", "clean"):
+    for kind in ("cue", "tint", "clean"):
         model = R.train(R.make(kind, 150, 0))
         held_out = R.make(kind, 30, 7)
         assert R.accuracy(model, held_out) >= 0.95
         untagged = R.accuracy(model, R.untagged(held_out), R.CUE_CLASS)
-        assert untagged < 0.1 if kind == "cue" else untagged > 0.9
+        if kind != "tint":
+            assert untagged < 0.1 if kind == "cue" else untagged > 0.9
         torch.save(model.state_dict(), root / f"{kind}.pt")
         out[kind] = root / f"{kind}.pt"
     return out
@@ -90,6 +92,18 @@ def test_the_tag_is_flagged_localized_and_grouped(models: dict[str, Path], tmp_p
     assert loc["grid"] == [4, 4] and loc["fine_layer"] == "features.14" and loc["method"] == "layer_cam"
     if masks != "none":
         assert any(f["kind"] == "counterfactual_background" and f["severity"] == "high" for f in cue_flags)
+
+
+def test_a_global_colour_cue_is_found_without_masks_or_metadata(models: dict[str, Path], tmp_path: Path) -> None:
+    flags, findings, summary = _audit(tmp_path, models["tint"], "tint", "none")
+    assert summary["accuracy"]["*"]["accuracy"] >= 0.95
+    cue = [f for f in flags if f["kind"] == "global_cue"]
+    assert [(f["class"], f["attribute"], f["severity"]) for f in cue] == [(R.CUE_CLASS, "colour", "high")]
+    mine = [g for g in findings if R.CUE_CLASS in g["classes"]]
+    assert len(mine) == 1 and mine[0]["cause"] == "property" and mine[0]["severity"] == "high"
+    away = [e for e in mine[0]["examples"] if e["what"] == "colour shifted away"]
+    toward = [e for e in mine[0]["examples"] if e["what"] == "colour shifted toward"]
+    assert away and toward and all(e["p_after"] < 0.5 < e["p_before"] for e in away)
 
 
 @pytest.mark.parametrize(
