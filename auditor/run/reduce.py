@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 import torchvision
 import yaml
 from torch import Tensor
@@ -33,6 +34,7 @@ from auditor.run.setup import Plan
 from auditor.shortcuts.findings import group_findings
 from auditor.shortcuts.flags import Flag, flags_file
 from auditor.shortcuts.interventions import hotspot_intervention, occlusion_scan, shift_intervention
+from auditor.shortcuts.probes import margin_masks
 from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
 from auditor.version import __version__
 
@@ -89,7 +91,9 @@ def intervener(plan: Plan) -> Intervener:
     def scan(rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         return occlusion_scan(plan.loaded.module, load(rows), cls, boxes, chunk=plan.chunk)
 
-    def shift_test(own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float]) -> dict:
+    def shift_test(
+        own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
+    ) -> dict:
         return shift_intervention(
             plan.loaded.module,
             load,
@@ -99,9 +103,37 @@ def intervener(plan: Plan) -> Intervener:
             delta,
             to_pixels=lambda x: to_pixels(x, mean, std),
             from_pixels=lambda x: from_pixels(x, mean, std),
+            keep=_spared(plan, method),
         )
 
     return Intervener(region_test, scan, shift_test)
+
+
+def _spared(plan: Plan, method: str | None) -> Callable[[Sequence[int]], Tensor]:
+    """Rows -> ``[n, S, S]`` bool: each image's object grown by a margin where it has a mask or boxes; else
+    the smallest set of pixels holding half of ``method``'s map mass, at most a quarter of the image (where
+    the model looks; a diffuse map, as a colour cast gives, spares little); else nothing."""
+    maps = None
+    for target in ("label", "prediction") if method else ():
+        maps = maps if maps is not None else plan.store.load_maps(method, target)  # type: ignore[arg-type]
+    size = plan.cfg.data.image_size
+
+    def keep(rows: Sequence[int]) -> Tensor:
+        out = torch.zeros(len(rows), size, size, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            item = plan.dataset.load(int(row))
+            if item["ok"] and item["has_mask"] and bool(item["mask"].any()):
+                out[i] = margin_masks(item["mask"][None])[0]
+            elif maps is not None and np.isfinite(maps[row]).all() and float(np.max(maps[row])) > 0:
+                low = torch.from_numpy(np.asarray(maps[row], np.float32))[None, None]
+                up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False).flatten().clamp_min(0)
+                order = torch.argsort(up, descending=True)
+                mass = torch.cumsum(up[order], 0) / up.sum()
+                k = min(int((mass < 0.5).sum()) + 1, size * size // 4)
+                out[i].view(-1)[order[:k]] = True
+        return out
+
+    return keep
 
 
 def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -> list[str]:

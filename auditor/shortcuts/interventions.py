@@ -143,6 +143,7 @@ def shift_intervention(
     *,
     to_pixels: Callable[[Tensor], Tensor],
     from_pixels: Callable[[Tensor], Tensor],
+    keep: Callable[[Sequence[int]], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Shift a global image property (the per-channel mean colour) toward and away from the class's.
 
@@ -153,35 +154,59 @@ def shift_intervention(
     under its control, and the other images become the class under the shift toward it, not under its
     control. A model broken by any large colour change leaves or flips under both: no effect.
 
+    The test runs twice: on the whole image (``whole``) and sparing the pixels ``keep`` returns
+    (``outside``: the objects grown by a margin, or where the model's map is hot). A model that reads the
+    *object's* colour (a red disc against a blue square) follows the whole-image shift but not the one
+    that spares the object; a colour cast moves the prediction from outside the object too.
+
+    Args:
+        keep: rows -> ``[n, S, S]`` bool, the pixels the ``outside`` test leaves unshifted (None: no
+            ``outside`` test).
+
     Returns:
-        ``{n_own, n_other, leave, leave_control, leave_p, flip, flip_control, flip_p}``: shares of the
-        class's images (those predicted as the class) that leave it, and of the other images (those not
-        predicted as the class) that become it, under the shift and its control; ``*_p`` = one-sided sign
-        tests of shift vs control on the same images.
+        ``{whole, outside}`` (``outside`` None without ``keep``), each ``{n_own, n_other, leave,
+        leave_control, leave_p, flip, flip_control, flip_p, kept}``: shares of the class's images (those
+        predicted as the class) that leave it, and of the other images (those not predicted as the class)
+        that become it, under the shift and its control; ``*_p`` = one-sided sign tests of shift vs
+        control on the same images; ``kept`` = the mean share of pixels spared.
     """
     own, other = load(own_rows), load(other_rows)
     d = torch.tensor(list(delta), dtype=own.dtype, device=own.device).view(1, -1, 1, 1)
 
-    def pred(x: Tensor, sign: float = 0.0) -> np.ndarray:
+    def pred(x: Tensor, spared: Tensor | None = None, sign: float = 0.0) -> np.ndarray:
         with torch.no_grad():
-            shifted = from_pixels((to_pixels(x) + sign * d).clamp(0, 1)) if sign else x
-            return model(shifted).argmax(1).cpu().numpy()
+            if sign:
+                shifted = from_pixels((to_pixels(x) + sign * d).clamp(0, 1))
+                x = shifted if spared is None else torch.where(spared[:, None], x, shifted)
+            return model(x).argmax(1).cpu().numpy()
 
     called = pred(own) == cls
     not_called = pred(other) != cls
-    leave, leave_ctrl = (pred(own, 1.0) != cls)[called], (pred(own, -1.0) != cls)[called]
-    flip, flip_ctrl = (pred(other, -1.0) == cls)[not_called], (pred(other, 1.0) == cls)[not_called]
 
-    def share(v: np.ndarray) -> float:
-        return float(v.mean()) if v.size else float("nan")
+    def outcome(s_own: Tensor | None, s_other: Tensor | None) -> dict[str, Any]:
+        leave, leave_ctrl = (pred(own, s_own, 1.0) != cls)[called], (pred(own, s_own, -1.0) != cls)[called]
+        flip, flip_ctrl = (
+            (pred(other, s_other, -1.0) == cls)[not_called],
+            (pred(other, s_other, 1.0) == cls)[not_called],
+        )
+        kept = [float(m.float().mean()) for m in (s_own, s_other) if m is not None]
+        return {
+            "n_own": int(called.sum()),
+            "n_other": int(not_called.sum()),
+            "leave": _share(leave),
+            "leave_control": _share(leave_ctrl),
+            "leave_p": _sign_test(leave, leave_ctrl),
+            "flip": _share(flip),
+            "flip_control": _share(flip_ctrl),
+            "flip_p": _sign_test(flip, flip_ctrl),
+            "kept": float(np.mean(kept)) if kept else 0.0,
+        }
 
-    return {
-        "n_own": int(called.sum()),
-        "n_other": int(not_called.sum()),
-        "leave": share(leave),
-        "leave_control": share(leave_ctrl),
-        "leave_p": _sign_test(leave, leave_ctrl),
-        "flip": share(flip),
-        "flip_control": share(flip_ctrl),
-        "flip_p": _sign_test(flip, flip_ctrl),
-    }
+    outside = None
+    if keep is not None:
+        outside = outcome(keep(own_rows).to(own.device), keep(other_rows).to(own.device))
+    return {"whole": outcome(None, None), "outside": outside}
+
+
+def _share(v: np.ndarray) -> float:
+    return float(v.mean()) if v.size else float("nan")

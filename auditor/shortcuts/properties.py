@@ -7,6 +7,12 @@ the class's (``interventions.shift_intervention``). Each shift has a control: th
 opposite direction, which changes the image as much but not toward the other side. The flag stands on
 the *difference* between shift and control (``property_effect``): a model that any large colour change
 breaks moves under both, a model that follows the property only under the shift toward the other side.
+The test also runs sparing each image's object (its mask grown by a margin; without a mask, the pixels
+holding half of the model's map mass, at most a quarter of the image), and must hold there too: a model
+that reads the object's own colour (a red disc against a blue square) follows a whole-image shift, but
+not one that leaves the object alone; a colour cast moves the prediction from outside the object.
+A model that pools colour over the whole image can still follow a background shift in part; where masks
+exist, the counterfactual (object removed, class still called?) tells such a fragility from a cue.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from auditor.shortcuts.counterfactual import counterfactual_summary
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -57,52 +64,85 @@ def colour_shifts(first: Any, classes: list[str], min_group: int) -> dict[str, A
 
 
 def measure(inputs: AnalysisInputs) -> Measurement:
-    return {"global": colour_shifts(inputs.first, inputs.classes, inputs.thresholds.min_group)}
+    # where the counterfactual forwards ran: does the rest of the image, object removed, carry the class?
+    removed = {c: r["gap"] for c, r in counterfactual_summary(inputs.first, inputs.classes).items()}
+    return {
+        "global": colour_shifts(inputs.first, inputs.classes, inputs.thresholds.min_group),
+        "global_removed_gap": removed,
+    }
 
 
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Shift each class's images toward the others' colour and back (keyed draws of images)."""
     assert inputs.intervener is not None
     t, first = inputs.thresholds, inputs.first
+    # where an image has no mask, the finest class-sensitive map's hot places stand in for the object
+    method = "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
     out = {}
     for cls, r in measured["global"].items():
         own = keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "shift")
         other = keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "shift")
         test = inputs.intervener.shift_test(
-            np.sort(own).tolist(), np.sort(other).tolist(), inputs.classes.index(cls), r["delta"]
+            np.sort(own).tolist(), np.sort(other).tolist(), inputs.classes.index(cls), r["delta"], method
         )
         out[cls] = {**r, "test": test}
     return {"global": out}
 
 
+def effects(test: dict[str, Any]) -> tuple[float, float, float]:
+    """``(leave effect, flip effect, min of both)``: shift minus control, for one test."""
+    leave = test["leave"] - test["leave_control"]
+    flip = test["flip"] - test["flip_control"]
+    return float(leave), float(flip), float(min(leave, flip))
+
+
 def _message(c: str, r: dict[str, Any]) -> str:
-    t = r["test"]
+    t, out = r["test"]["whole"], r["test"].get("outside")
     shift = ", ".join(f"{ch[0].upper()} {v:+.2f}" for ch, v in zip(CHANNELS, r["delta"], strict=True))
-    return (
+    msg = (
         f"Shifting the {c} images' {r['property']} toward the other classes' ({shift}) makes {pct(t['leave'])} of "
         f"them stop being called {c} (the opposite shift: {pct(t['leave_control'])}); shifting other classes' "
         f"images toward {c}'s {r['property']} turns {pct(t['flip'])} of them into {c} (the opposite shift: "
-        f"{pct(t['flip_control'])})."
+        f"{pct(t['flip_control'])})"
     )
+    if out:
+        msg += (
+            f". Sparing the objects ({pct(out['kept'])} of the pixels), the shifts still move {pct(out['leave'])} "
+            f"and {pct(out['flip'])}: the cue lies outside the object too"
+        )
+    return msg + "."
 
 
 def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``global_cue`` per class: both shifts beat their controls by ``property_effect``, significantly."""
+    """``global_cue`` per class: the shifts beat their opposite controls by ``property_effect``, significantly,
+    on the whole image *and* sparing the objects; the severity follows the whole-image effect. Where the
+    counterfactual forwards ran (masks), the class must also survive the object's removal: a model whose
+    prediction goes with the object is sensitive to background colour, not led by it, and is not flagged."""
     t = ctx.thresholds
+    removed: dict[str, float] = measured.get("global_removed_gap", {})
     tested = [(c, r) for c, r in measured["global"].items() if "test" in r]
-    q = bh_adjust([max(r["test"]["leave_p"], r["test"]["flip_p"]) for _, r in tested])
+    tests = [r["test"]["outside"] or r["test"]["whole"] for _, r in tested]
+    q = bh_adjust([max(x["leave_p"], x["flip_p"]) for x in tests])
     flags = []
-    for (c, r), qv in zip(tested, q, strict=True):
-        test = r["test"]
-        if test["n_own"] < t.min_group or test["n_other"] < t.min_group:
+    for (c, r), spared, qv in zip(tested, tests, q, strict=True):
+        whole = r["test"]["whole"]
+        if whole["n_own"] < t.min_group or whole["n_other"] < t.min_group:
             continue
-        leave = test["leave"] - test["leave_control"]
-        flip = test["flip"] - test["flip_control"]
-        effect = min(leave, flip)
-        if not (np.isfinite(effect) and effect >= t.property_effect and qv < t.alpha):
+        leave, flip, effect = effects(whole)
+        outside = effects(spared)[2]
+        if not (np.isfinite(effect) and np.isfinite(outside)) or min(effect, outside) < t.property_effect:
             continue
+        gap = removed.get(c)
+        if not qv < t.alpha or (gap is not None and gap < t.counterfactual_gap):
+            continue  # with the object removed the class goes: the model is sensitive to colour, not led by it
         sev = "high" if effect >= t.property_high else "medium"
-        evidence = {**r, "leave_effect": float(leave), "flip_effect": float(flip), "q_value": float(qv)}
+        evidence = {
+            **r,
+            "leave_effect": leave,
+            "flip_effect": flip,
+            "outside_effect": outside,
+            "q_value": float(qv),
+        }
         flags.append(make_flag("global_cue", c, r["property"], sev, effect, _message(c, r), evidence))
     return flags
 

@@ -62,10 +62,11 @@ class ShiftTest(Protocol):
         other_rows: rows of other classes' images (shifted toward the class's colour).
         cls: the class index.
         delta: other classes' mean colour minus the class's, per channel (pixel space).
+        method: the map method whose hot places stand in for the object where an image has no mask.
     """
 
     def __call__(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float]
+        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
     ) -> dict[str, Any]: ...
 
 

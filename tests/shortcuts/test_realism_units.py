@@ -126,8 +126,32 @@ def test_a_model_that_follows_colour_follows_the_shift_but_not_its_control() -> 
         _Blue(), lambda rows: images[list(rows)], range(8), range(8, 16), 1, [0.3, 0.0, -0.3],
         to_pixels=lambda x: x, from_pixels=lambda x: x,
     )  # fmt: skip
-    assert res["leave"] == 1.0 and res["leave_control"] == 0.0 and res["leave_p"] < 0.01
-    assert res["flip"] == 1.0 and res["flip_control"] == 0.0 and res["flip_p"] < 0.01
+    whole = res["whole"]
+    assert res["outside"] is None
+    assert whole["leave"] == 1.0 and whole["leave_control"] == 0.0 and whole["leave_p"] < 0.01
+    assert whole["flip"] == 1.0 and whole["flip_control"] == 0.0 and whole["flip_p"] < 0.01
+
+
+class _BlueObject(nn.Module):
+    """Class 1 when the centre 4 x 4 patch (the object) is bluer than red: it reads only the object."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x[:, 2, 2:6, 2:6].mean((1, 2)) - x[:, 0, 2:6, 2:6].mean((1, 2))
+        return torch.stack([-d, d], 1) * 50
+
+
+def test_an_object_colour_model_does_not_follow_a_shift_that_spares_the_object() -> None:
+    images = torch.full((16, 3, 8, 8), 0.45)
+    images[:8, :, 2:6, 2:6] = torch.tensor([0.3, 0.3, 0.7])[:, None, None]  # blue objects: class 1
+    images[8:, :, 2:6, 2:6] = torch.tensor([0.7, 0.3, 0.3])[:, None, None]  # red objects: class 0
+    obj = torch.zeros(8, 8, dtype=torch.bool)
+    obj[2:6, 2:6] = True
+    res = shift_intervention(
+        _BlueObject(), lambda rows: images[list(rows)], range(8), range(8, 16), 1, [0.45, 0.0, -0.45],
+        to_pixels=lambda x: x, from_pixels=lambda x: x, keep=lambda rows: obj.expand(len(rows), 8, 8),
+    )  # fmt: skip
+    assert res["whole"]["leave"] == 1.0 and res["whole"]["flip"] == 1.0  # the object's colour moved too
+    assert res["outside"]["leave"] == 0.0 and res["outside"]["flip"] == 0.0 and res["outside"]["kept"] == 0.25
 
 
 def test_finer_layer_for_coarse_grids_only() -> None:
