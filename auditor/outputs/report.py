@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from PIL import Image
 from scipy import ndimage
 
 from auditor.errors import ConfigError
@@ -232,8 +233,27 @@ def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, prima
     return cards
 
 
-def _findings(run: RunDir) -> list[dict[str, Any]]:
-    """``flags.json`` findings with their intervention image pairs as data URIs."""
+CROPS = 6  # region crops per finding
+CROP = 72  # crop side in the report (pixels)
+
+
+def _crops(region: list[float], rows: pd.DataFrame, classes: list[str]) -> list[dict[str, str]]:
+    """The region (with a quarter of its size around it) cropped from up to ``CROPS`` of the classes' images."""
+    out = []
+    sub = rows[rows["label"].isin(classes)].sort_values("row").head(CROPS)
+    for _, row in sub.iterrows():
+        img = thumbnail(Path(row["path"]), 256)
+        w, h = region[2] - region[0], region[3] - region[1]
+        box = [region[0] - w / 4, region[1] - h / 4, region[2] + w / 4, region[3] + h / 4]
+        x0, y0, x1, y1 = (round(min(max(v, 0.0), 1.0) * 256) for v in box)
+        crop = img[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
+        big = np.asarray(Image.fromarray(crop).resize((CROP, CROP), Image.Resampling.NEAREST))
+        out.append({"id": str(row["id"]), "src": data_uri(big, "PNG")})
+    return out
+
+
+def _findings(run: RunDir, rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """``flags.json`` findings with their intervention image pairs as data URIs (and region crops)."""
     findings = run.read_findings()
     path = run.findings_arrays_path
     arrays = np.load(path) if path.exists() else {}
@@ -245,7 +265,8 @@ def _findings(run: RunDir) -> list[dict[str, Any]]:
             if key in arrays:
                 pair = arrays[key]
                 examples.append({**ex, "before": data_uri(pair[0], "PNG"), "after": data_uri(pair[1], "PNG")})
-        out.append({**f, "examples": examples})
+        crops = _crops(f["region"], rows, f["classes"]) if f.get("region") else []
+        out.append({**f, "examples": examples, "crops": crops})
     return out
 
 
@@ -317,7 +338,7 @@ def build_context(root: Path) -> dict[str, Any]:
         "skip_counts": summary["dataset"].get("skip_counts", {}),
         "warnings": summary["dataset"].get("warning_counts", {}),
         "timings": [_timing(k, v) for k, v in (summary.get("timings") or {}).items() if isinstance(v, int | float)],
-        "findings": _findings(run),
+        "findings": _findings(run, rows),
         "scale": colour_scale(),
         "class_attribute": _class_attribute(table, summary.get("groups") or {}, summary["dataset"]["classes"]),
         "localization": (summary.get("run") or {}).get("localization") or {},
