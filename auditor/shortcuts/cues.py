@@ -136,7 +136,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     own = first[first["label"] == cls]
     rows = keyed_rows(own, t.cue_images, inputs.seed, "cue", own["correct"])
     if len(rows) < 4:
-        return None
+        return None  # too few to call anything "the same place in most images" (or the scan is off)
     idx = inputs.classes.index(cls)
     coarse = grid_boxes(t.cue_window, t.cue_window / 2)
     found = scan_summary(inputs.intervener.scan(rows.tolist(), idx, coarse), coarse, t.cue_drop)

@@ -28,7 +28,9 @@ class Thresholds(BaseModel):
     hotspot_object_overlap: float = Field(0.5, ge=0, le=1, description="regions mostly on the object are not flagged")
     intervention_effect: float = Field(0.05, ge=0, description="least mean probability change that confirms a hotspot")
     intervention_images: StrictInt = Field(32, ge=4)
-    cue_images: StrictInt = Field(12, ge=4, description="images per class scanned for a region cue (mask-free)")
+    cue_images: StrictInt = Field(
+        12, ge=0, description="images per class scanned for a region cue (mask-free); 0 turns the scan off"
+    )
     cue_window: float = Field(0.25, gt=0, le=0.5, description="side of the scan's windows (share of the image side)")
     cue_drop: float = Field(
         0.15, gt=0, le=1, description="least median p(class) drop at a place, above the class's other places"
