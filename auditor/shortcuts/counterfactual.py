@@ -19,19 +19,30 @@ from auditor.stats import NAN, bh_adjust
 REMOVALS = ("bg_margin", "bg_box", "bg_flat")  # the versions a flag must survive (``bg`` = exact mask: evidence)
 
 
+MIN_NULL = 5  # fewest images a null rate is read from
+
+
 def _rates(rows: pd.DataFrame, cls: str, version: str) -> dict[str, Any]:
-    """Self / other call rates of one background-only version and the one-sided Fisher test between them."""
+    """Self / other call rates of one background-only version and the one-sided Fisher test between them.
+
+    The null is read from the images the model does not call the class; when fewer than ``MIN_NULL``
+    exist (a model that calls nearly everything the class), from the other classes' images instead.
+    """
     col = rows[f"cf_{version}_pred"]
     own = (rows["label"] == cls) & (rows["pred"] == cls)
-    rest = rows["pred"] != cls
+    rest, null = rows["pred"] != cls, "prediction"
+    if int(rest.sum()) < MIN_NULL:
+        rest, null = rows["label"] != cls, "label"
     self_hits, other_hits = int((col[own] == cls).sum()), int((col[rest] == cls).sum())
-    n_own, n_other = max(int(own.sum()), 1), max(int(rest.sum()), 1)
+    n_own, n_other = int(own.sum()), int(rest.sum())
     table = [[self_hits, n_own - self_hits], [other_hits, n_other - other_hits]]
     return {
-        "self": self_hits / n_own,
-        "other": other_hits / n_other,
-        "gap": self_hits / n_own - other_hits / n_other,
+        "self": self_hits / max(n_own, 1),
+        "other": other_hits / max(n_other, 1),
+        "gap": self_hits / max(n_own, 1) - other_hits / max(n_other, 1),
         "p_value": float(stats.fisher_exact(table, alternative="greater").pvalue),
+        "n_null": n_other,
+        "null": null,
     }
 
 
@@ -83,6 +94,7 @@ def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str]) -> dict[
             "weakest": weakest,
             "bg_only_self": rates[weakest]["self"],
             "bg_only_other": rates[weakest]["other"],
+            "n_null": rates[weakest]["n_null"],
             "gap": rates[weakest]["gap"],
             "p_value": rates[weakest]["p_value"],
             "mixed_accuracy": mixed_acc,
@@ -121,7 +133,9 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     flags = []
     for (c, r), qv in zip(items, q, strict=True):
         gap = r["bg_only_self"] - r["bg_only_other"]
-        if r["n"] < t.min_group or gap < t.counterfactual_gap or not qv < t.alpha:
+        if r["n"] < t.min_group or r.get("n_null", t.min_group) < t.min_group:
+            continue
+        if gap < t.counterfactual_gap or not qv < t.alpha:
             continue
         sev = level(gap, t.counterfactual_medium, t.counterfactual_high)
         flags.append(

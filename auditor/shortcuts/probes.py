@@ -122,8 +122,10 @@ def margin_masks(masks: Tensor, share: float = MARGIN, least: int = MIN_MARGIN) 
     out = masks.clone()
     for r in torch.unique(radius).tolist():
         sel = (radius == r).nonzero().flatten()
-        grown = F.max_pool2d(masks[sel][:, None].float(), 2 * r + 1, stride=1, padding=r)[:, 0] > 0
-        out[sel] = grown
+        x = masks[sel][:, None].float()
+        # a square dilation is separable: a row max then a column max (cost 2k instead of k^2 per pixel)
+        x = F.max_pool2d(x, (1, 2 * r + 1), stride=1, padding=(0, r))
+        out[sel] = F.max_pool2d(x, (2 * r + 1, 1), stride=1, padding=(r, 0))[:, 0] > 0
     return out & (area > 0)[:, None, None]
 
 
@@ -174,6 +176,7 @@ def counterfactuals(
     none = torch.full((b,), -1, dtype=torch.long)
     has_partner = usable.cpu() & (partners.present.cpu() if partners is not None else torch.zeros(b, dtype=torch.bool))
     m = masks[:, None].to(images.dtype)
+    grown = margin_masks(masks) if bool(usable.any()) else masks  # once per batch: every removal reads it
 
     def version(key: str, sel: Tensor) -> Tensor:  # built for the forwarded rows only: inpainting is costly
         x, mk = images[sel], masks[sel]
@@ -182,11 +185,11 @@ def counterfactuals(
         if key == "bg":
             return inpaint(x, mk)
         if key == "bg_margin":
-            return inpaint(x, margin_masks(mk))
+            return inpaint(x, grown[sel])
         if key == "bg_box":
-            return inpaint(x, box_masks(margin_masks(mk)))
+            return inpaint(x, box_masks(grown[sel]))
         if key == "bg_flat":
-            return flat_fill(x, margin_masks(mk))
+            return flat_fill(x, grown[sel])
         assert partners is not None
         pm = partners.masks.to(images.device)[sel]
         background = inpaint(partners.images.to(images.device)[sel], margin_masks(pm))

@@ -216,3 +216,20 @@ def test_overlay_leaves_the_image_where_the_map_is_low() -> None:
 )  # fmt: skip
 def test_timings_carry_units(key: str, value: float, want: tuple[str, str]) -> None:
     assert _timing(key, value) == want
+
+
+def test_a_model_that_calls_everything_one_class_gets_no_background_flag() -> None:
+    """Its null pool (images it does not call the class) is empty: the null falls back to other classes'
+    images, whose backgrounds also call the class, so there is no gap."""
+    from auditor.shortcuts.counterfactual import counterfactual_flags
+    from auditor.shortcuts.registry import FlagContext
+
+    rows = [
+        {"id": str(i), "label": "a" if i < 10 else "b", "pred": "a", "correct": i < 10, "cf_fg_pred": "a",
+         "cf_bg_pred": "a", "cf_bg_margin_pred": "a", "cf_bg_box_pred": "a", "cf_bg_flat_pred": "a",
+         "cf_mix_pred": "", "cf_mix_bg_label": ""}
+        for i in range(20)
+    ]  # fmt: skip
+    res = counterfactual_summary(pd.DataFrame(rows), ["a", "b"])
+    assert res["a"]["versions"]["bg_margin"]["null"] == "label" and res["a"]["gap"] == 0.0
+    assert counterfactual_flags({"counterfactual": res}, FlagContext(T)) == []
