@@ -45,11 +45,12 @@ def _prob(model: nn.Module, x: Tensor, cls: int) -> float:
 
 
 def _rows(first: pd.DataFrame, cls: str, ids: Sequence[str], own: bool, n: int) -> list[tuple[int, str]]:
-    """``(row, id)`` of the cited samples first, then the class's (or other classes') correct samples by id."""
+    """``(row, id)`` of the class's (or other classes') samples: correctly predicted first, cited ids first."""
     sub = first[(first["label"] == cls) == own]
     cited = sub[sub["id"].isin(ids)]
-    rest = sub[~sub["id"].isin(ids)].sort_values(["correct", "id"], ascending=[False, True])
-    both = pd.concat([cited, rest]).head(n)
+    rest = sub[~sub["id"].isin(ids)].sort_values("id")
+    # images the model gets right first (an intervention on a misclassified image shows nothing), cited first
+    both = pd.concat([cited, rest]).sort_values("correct", ascending=False, kind="stable").head(n)
     return list(zip(both["row"].astype(int), both["id"].astype(str), strict=True))
 
 

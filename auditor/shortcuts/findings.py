@@ -66,7 +66,11 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-PRIMARY = {"region": REGION_KINDS, "property": ("global_cue",)}  # the kinds that name a cause's cue
+PRIMARY = {  # the kinds that name a cause's cue (the intervention first where there is one)
+    "region": REGION_KINDS,
+    "property": ("global_cue",),
+    "background": ("counterfactual_background",),
+}
 
 
 def _best(flags: list[Flag], cause: str = "") -> Flag:
