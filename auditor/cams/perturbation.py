@@ -288,18 +288,25 @@ def window_starts(length: int, window: int, stride: int) -> Tensor:
     forwards="1 + windows (ceil((H-w)/s)+1)^2",
     backwards="0",
     reference="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014, arXiv:1311.2901",
-    options={"window": 16, "stride": 8, "baseline": 0.0, "score": "prob"},
+    options={"window": 16, "stride": 8, "baseline": 0.0, "score": "prob", "importance": "drop"},
     output="pixel",
 )
 def occlusion(ctx: CamContext) -> Tensor:
     """Occlusion sensitivity (captum ``Occlusion`` semantics).
 
     For each window ``P`` (size ``window``, step ``stride``, first at 0): ``delta = f_c(x) - f_c(x with P
-    := baseline)``; a pixel's value is the mean ``delta`` over the windows covering it. ``f_c`` is the
-    softmax probability (``score: prob``, as in Zeiler & Fergus) or the logit (``score: logit``).
+    := baseline)`` (``importance: drop``, captum's), or ``delta = 1 - p_c(x with P := baseline)``
+    (``importance: complement``, Zeiler & Fergus's "probability of the correct class" read as importance;
+    probabilities only); a pixel's value is the mean ``delta`` over the windows covering it. ``f_c`` is
+    the softmax probability (``score: prob``, as in Zeiler & Fergus) or the logit (``score: logit``).
     """
     win, stride = int(ctx.options["window"]), int(ctx.options["stride"])
     kind = str(ctx.options["score"])
+    importance = str(ctx.options["importance"])
+    if importance not in ("drop", "complement"):
+        raise ValueError(f"occlusion importance must be 'drop' or 'complement', got {importance!r}")
+    if importance == "complement" and kind != "prob":
+        raise ValueError("occlusion importance 'complement' (1 - p) needs score: prob")
     b, _, h, w = ctx.images.shape
     dev = ctx.images.device
     ys, xs = window_starts(h, win, stride).to(dev), window_starts(w, win, stride).to(dev)
@@ -329,7 +336,8 @@ def occlusion(ctx: CamContext) -> Tensor:
         img, pos = job // n_win, job % n_win
         patch = patches(pos)
         x = torch.where(patch[:, None], torch.full_like(ctx.images[img], baseline), ctx.images[img])
-        delta = base[img] - ctx.scores(x, ctx.targets[img], kind)
+        ref = base[img] if importance == "drop" else torch.ones_like(base[img])
+        delta = ref - ctx.scores(x, ctx.targets[img], kind)
         total.index_add_(0, img, delta[:, None, None] * patch)
     return total / counts.clamp_min(1)
 

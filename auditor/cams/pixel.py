@@ -1,4 +1,4 @@
-"""Pixel-space methods: guided backpropagation and Guided Grad-CAM.
+"""Pixel-space methods: guided backpropagation, Guided Grad-CAM and Deconvnet.
 
 Both fail the model-parameter randomization test (Adebayo et al. 2018): they behave like edge detectors
 and barely depend on the top layers. They are here for visual deep-dives, not for shortcut claims. Their
@@ -62,6 +62,37 @@ def guided(model: nn.Module) -> Iterator[int]:
             handle.remove()
 
 
+class _DeconvReLU(torch.autograd.Function):
+    """``ReLU`` forward; backward ``ReLU(R_out)``: the forward activation's sign does not gate the signal."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.clamp_min(0)
+
+
+@contextmanager
+def deconvolved(model: nn.Module) -> Iterator[int]:
+    """Within the block, every ``nn.ReLU`` backpropagates by the deconvnet rule (inputs recomputed through
+    :class:`_DeconvReLU`; in-place ReLUs run out of place meanwhile, so their input is still the
+    pre-activation). Hooks are removed and ``inplace`` flags restored on exit. Yields the ReLU count."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    inplace = [m.inplace for m in relus]
+    for m in relus:
+        m.inplace = False
+    handles = [m.register_forward_hook(lambda _m, inp, _out: _DeconvReLU.apply(inp[0])) for m in relus]
+    try:
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in zip(relus, inplace, strict=True):
+            m.inplace = flag
+
+
 def guided_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     """Guided-backprop input gradient of the target logits.
 
@@ -120,3 +151,30 @@ def guided_grad_cam(ctx: CamContext) -> Tensor:
     gc = combine(data.gradients.mean((2, 3)), data.activations).clamp_min(0)
     gc = upsample(gc, (int(ctx.images.shape[2]), int(ctx.images.shape[3])))
     return guided_gradients(ctx.model, ctx.images, ctx.targets).abs().amax(1) * gc
+
+
+@register_cam(
+    "deconvnet",
+    family="pixel",
+    needs="nothing",
+    forwards="1",
+    backwards="1 (to the input)",
+    reference="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014, arXiv:1311.2901",
+    output="pixel",
+)
+def deconvnet(ctx: CamContext) -> Tensor:
+    """Deconvnet: the backward pass with ``R_in = ReLU(R_out)`` at every ``nn.ReLU`` (the forward mask
+    ``1[x_in > 0]`` of the gradient is dropped; max-pooling keeps its switches), reduced by ``max_c |R_c|``.
+
+    Other activation modules keep their own derivative; a model without ``nn.ReLU`` modules (functional
+    ReLUs) cannot be deconvolved and raises :class:`~auditor.errors.MethodNotApplicableError`.
+    """
+    x = ctx.images.detach().clone().requires_grad_(True)
+    with deconvolved(ctx.model) as count, torch.enable_grad():
+        if count == 0:
+            raise MethodNotApplicableError(
+                "deconvnet needs nn.ReLU modules; this model has none (ReLUs applied functionally cannot be hooked)"
+            )
+        logits = ctx.model(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, ctx.targets[:, None]).sum(), x)
+    return grad.abs().amax(1)

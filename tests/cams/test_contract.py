@@ -65,6 +65,7 @@ def test_registry_lists_every_required_method() -> None:
         "rise",
         "guided_backprop",
         "guided_grad_cam",
+        "deconvnet",
     }
     assert required <= set(ALL)
     for name in ALL:

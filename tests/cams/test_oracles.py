@@ -346,6 +346,25 @@ def test_occlusion_logit_closed_form(lin, window: int, stride: int) -> None:  # 
         _close(got, _relu(total / count))
 
 
+def test_occlusion_complement_importance(lin) -> None:  # type: ignore[no-untyped-def]
+    """``importance: complement``: the mean over covering windows of ``1 - p_c(occluded)``."""
+    model, x, t = lin
+    want = np.zeros((2, 5, 5))
+    count = np.zeros((5, 5))
+    with torch.no_grad():
+        for y0 in range(4):
+            for x0 in range(4):
+                occluded = x.clone()
+                occluded[:, :, y0 : y0 + 2, x0 : x0 + 2] = 0.0
+                p = model(occluded).softmax(1)[torch.arange(2), torch.tensor(t)].numpy()
+                want[:, y0 : y0 + 2, x0 : x0 + 2] += (1 - p)[:, None, None]
+                count[y0 : y0 + 2, x0 : x0 + 2] += 1
+    got = _low(model, x, t, "occlusion", window=2, stride=1, score="prob", importance="complement")
+    _close(got, want / count)
+    with pytest.raises(ValueError, match="needs score: prob"):
+        _low(model, x, t, "occlusion", window=2, stride=1, score="logit", importance="complement")
+
+
 def test_rise_closed_form_with_logits(lin) -> None:  # type: ignore[no-untyped-def]
     model, x, t = lin
     n = 300
@@ -412,6 +431,41 @@ def test_guided_backprop_closed_form() -> None:
     # the plain gradient differs: the negative weight would pass
     plain = np.einsum("mc,mhw->chw", w1, (w2[0] / 16)[:, None, None] * (z[0] > 0))
     assert not np.allclose(np.abs(plain).max(0), np.abs(want[0]).max(0))
+
+
+class _Deconv(nn.Module):
+    """``fc(sum_hw ReLU(W1 x) * S)``: a fixed spatial weighting ``S`` (mixed signs) after an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.register_buffer("spatial", torch.linspace(-1.0, 1.0, 16).view(1, 1, 4, 4))
+        self.fc = nn.Linear(2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.relu(self.conv(x)) * self.spatial).sum((2, 3)))
+
+
+def test_deconvnet_closed_form_and_model_restored() -> None:
+    """Deconvnet drops the forward mask: ``R_in = ReLU(R_out)`` at the ReLU, whatever the sign of ``z``."""
+    model = _Deconv()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[1.0, -2.0], [-0.5, 0.7]]))
+    x = torch.randn(2, 3, 4, 4)
+    t = [0, 1]
+    w1 = _np(model.conv.weight)[:, :, 0, 0]  # [2, 3]
+    w2, sp = _np(model.fc.weight), _np(model.spatial)[0, 0]
+    z = np.einsum("mc,bchw->bmhw", w1, _np(x))
+    want, guided = np.zeros((2, 3, 4, 4)), np.zeros((2, 3, 4, 4))
+    for i, c in enumerate(t):
+        r_out = w2[c][:, None, None] * sp[None]  # the gradient at the ReLU's output, [2, 4, 4]
+        want[i] = np.einsum("mc,mhw->chw", w1, np.maximum(r_out, 0))  # no 1[z > 0]: the deconvnet rule
+        guided[i] = np.einsum("mc,mhw->chw", w1, np.maximum(r_out, 0) * (z[i] > 0))
+    got = compute_cam(model, x, t, method="deconvnet")
+    _close(_np(got), np.abs(want).max(1))
+    assert model.relu.inplace and not model.relu._forward_hooks  # restored
+    _close(_np(compute_cam(model, x, t, method="guided_backprop")), np.abs(guided).max(1))
 
 
 def test_guided_grad_cam_is_product_of_parts() -> None:
