@@ -93,6 +93,20 @@ def deconvolved(model: nn.Module) -> Iterator[int]:
             m.inplace = flag
 
 
+def _gated_gradient(model: nn.Module, images: Tensor, targets: Tensor, gate: Any, what: str) -> Tensor:
+    """Input gradient of the target logits with ``gate(model)`` (a context yielding how many activation
+    modules it rewired) active; raises when it rewired none."""
+    x = images.detach().clone().requires_grad_(True)
+    with gate(model) as count, torch.enable_grad():
+        if count == 0:
+            raise MethodNotApplicableError(
+                f"{what}; this model has none (activations applied functionally cannot be hooked)"
+            )
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
+    return grad
+
+
 def guided_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     """Guided-backprop input gradient of the target logits.
 
@@ -106,16 +120,8 @@ def guided_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> Tenso
     Returns:
         ``[B, C, H, W]`` signed attribution.
     """
-    x = images.detach().clone().requires_grad_(True)
-    with guided(model) as count, torch.enable_grad():
-        if count == 0:
-            raise MethodNotApplicableError(
-                "guided backpropagation needs activation modules (nn.ReLU, nn.GELU, ...); this model has none "
-                "(activations applied functionally cannot be guided)"
-            )
-        logits = model(x)
-        (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
-    return grad
+    what = "guided backpropagation needs activation modules (nn.ReLU, nn.GELU, ...)"
+    return _gated_gradient(model, images, targets, guided, what)
 
 
 @register_cam(
@@ -169,12 +175,5 @@ def deconvnet(ctx: CamContext) -> Tensor:
     Other activation modules keep their own derivative; a model without ``nn.ReLU`` modules (functional
     ReLUs) cannot be deconvolved and raises :class:`~auditor.errors.MethodNotApplicableError`.
     """
-    x = ctx.images.detach().clone().requires_grad_(True)
-    with deconvolved(ctx.model) as count, torch.enable_grad():
-        if count == 0:
-            raise MethodNotApplicableError(
-                "deconvnet needs nn.ReLU modules; this model has none (ReLUs applied functionally cannot be hooked)"
-            )
-        logits = ctx.model(x)
-        (grad,) = torch.autograd.grad(logits.gather(1, ctx.targets[:, None]).sum(), x)
+    grad = _gated_gradient(ctx.model, ctx.images, ctx.targets, deconvolved, "deconvnet needs nn.ReLU modules")
     return grad.abs().amax(1)

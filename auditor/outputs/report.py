@@ -273,7 +273,7 @@ def _findings(run: RunDir, rows: pd.DataFrame) -> list[dict[str, Any]]:
 def _timing(key: str, value: Any) -> tuple[str, str]:
     """A timings entry with its unit (``total_s`` -> ``total``, ``12.3 s``)."""
     if key.startswith("images_per_s"):
-        return key.replace("images_per_s", "images per second"), f"{value:.1f} images/s"
+        return key.replace("images_per_s", "images per second").replace("_", " "), f"{value:.1f} images/s"
     if key.startswith("images"):
         return key.replace("_", " "), f"{value} images"
     name = key.removesuffix("_s").replace("_", " ")

@@ -113,9 +113,8 @@ def _spared(plan: Plan, method: str | None) -> Callable[[Sequence[int]], Tensor]
     """Rows -> ``[n, S, S]`` bool: each image's object grown by a margin where it has a mask or boxes; else
     the smallest set of pixels holding half of ``method``'s map mass, at most a quarter of the image (where
     the model looks; a diffuse map, as a colour cast gives, spares little); else nothing."""
-    maps = None
-    for target in ("label", "prediction") if method else ():
-        maps = maps if maps is not None else plan.store.load_maps(method, target)  # type: ignore[arg-type]
+    found = [plan.store.load_maps(method, t) for t in ("label", "prediction")] if method else []
+    maps = next((m for m in found if m is not None), None)
     size = plan.cfg.data.image_size
 
     def keep(rows: Sequence[int]) -> Tensor:

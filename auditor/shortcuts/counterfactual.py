@@ -106,7 +106,13 @@ def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str]) -> dict[
 
 
 def measure(inputs: AnalysisInputs) -> Measurement:
-    return {"counterfactual": counterfactual_summary(inputs.first, inputs.classes)}
+    return {"counterfactual": inputs.counterfactual}
+
+
+def removed_gaps(inputs: AnalysisInputs) -> dict[str, float]:
+    """Per class, the counterfactual's weakest-version gap: does the rest of the image, object removed with
+    a margin, still carry the class? (empty without masks)."""
+    return {c: r["gap"] for c, r in inputs.counterfactual.items()}
 
 
 def _message(c: str, r: dict[str, Any]) -> str:

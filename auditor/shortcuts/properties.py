@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from auditor.shortcuts.counterfactual import counterfactual_summary
+from auditor.shortcuts.counterfactual import removed_gaps
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -65,7 +65,7 @@ def colour_shifts(first: Any, classes: list[str], min_group: int) -> dict[str, A
 
 def measure(inputs: AnalysisInputs) -> Measurement:
     # where the counterfactual forwards ran: does the rest of the image, object removed, carry the class?
-    removed = {c: r["gap"] for c, r in counterfactual_summary(inputs.first, inputs.classes).items()}
+    removed = removed_gaps(inputs)
     return {
         "global": colour_shifts(inputs.first, inputs.classes, inputs.thresholds.min_group),
         "global_removed_gap": removed,

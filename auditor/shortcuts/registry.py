@@ -136,6 +136,14 @@ class AnalysisInputs:
     def objects(self) -> np.ndarray | None:
         return self.rundir.load_objects()
 
+    @cached_property
+    def counterfactual(self) -> dict[str, Any]:
+        """``counterfactual.counterfactual_summary`` of the run, computed once: several analyses check their
+        map or colour evidence against it."""
+        from auditor.shortcuts.counterfactual import counterfactual_summary
+
+        return counterfactual_summary(self.first, self.classes)
+
 
 @dataclass(frozen=True)
 class FlagContext:

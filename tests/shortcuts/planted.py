@@ -4,7 +4,7 @@ the object). Images are 32 px scenes on scikit-image textures with exact object 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -110,16 +110,18 @@ def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0
     return out
 
 
-def tensors(samples: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(samples: list[dict[str, object]], classes: Sequence[str] = CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(np.stack([s["image"] for s in samples]), dtype=torch.float32).permute(0, 3, 1, 2) / 255
-    y = torch.tensor([CLASSES.index(str(s["label"])) for s in samples])
+    y = torch.tensor([list(classes).index(str(s["label"])) for s in samples])
     return (x - MEAN) / STD, y
 
 
-def train(samples: list[dict[str, object]], steps: int = 150, seed: int = 0) -> TinyNet:
-    x, y = tensors(samples)
+def fit(
+    build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int, seed: int
+) -> torch.nn.Module:
+    """Seed, build the model, then ``steps`` Adam steps (lr 0.01) on random batches of 64; eval mode."""
     torch.manual_seed(seed)
-    model = TinyNet(2, width=12)
+    model = build()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(steps):
         idx = torch.randint(0, len(y), (64,))
@@ -127,6 +129,10 @@ def train(samples: list[dict[str, object]], steps: int = 150, seed: int = 0) -> 
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     return model.eval()
+
+
+def train(samples: list[dict[str, object]], steps: int = 150, seed: int = 0) -> torch.nn.Module:
+    return fit(lambda: TinyNet(2, width=12), *tensors(samples), steps, seed)
 
 
 def accuracy(model: TinyNet, samples: list[dict[str, object]]) -> float:

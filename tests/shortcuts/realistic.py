@@ -22,11 +22,14 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data
 
+from tests.pipeline.tinynet import DeepNet
+from tests.shortcuts import planted
+
 SIZE = 64
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "tagged")
 CUE_CLASS = "tagged"
 TAG = (5, 50, 12, 57)  # x0, y0, x1, y1 in pixels: the 6 px tag sits inside this box (1 px jitter)
-MEAN, STD = 0.45, 0.25
+MEAN, STD = planted.MEAN, planted.STD
 _COLOURS = {
     "disc": (220.0, 60.0, 50.0),
     "square": (50.0, 90.0, 230.0),
@@ -92,24 +95,11 @@ def make(kind: str, n: int, seed: int) -> list[dict[str, object]]:
 
 
 def tensors(samples: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.tensor(np.stack([s["image"] for s in samples]), dtype=torch.float32).permute(0, 3, 1, 2) / 255
-    y = torch.tensor([CLASSES.index(str(s["label"])) for s in samples])
-    return (x - MEAN) / STD, y
+    return planted.tensors(samples, CLASSES)
 
 
 def train(samples: list[dict[str, object]], steps: int = 500, seed: int = 0) -> torch.nn.Module:
-    from tests.pipeline.tinynet import DeepNet
-
-    x, y = tensors(samples)
-    torch.manual_seed(seed)
-    model = DeepNet(len(CLASSES), width=16, blocks=5)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (64,))
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model.eval()
+    return planted.fit(lambda: DeepNet(len(CLASSES), width=16, blocks=5), *tensors(samples), steps, seed)
 
 
 def accuracy(model: torch.nn.Module, samples: list[dict[str, object]], cls: str | None = None) -> float:

@@ -212,7 +212,7 @@ def test_overlay_leaves_the_image_where_the_map_is_low() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "want"),
     [("total_s", 12.34, ("total", "12.3 s")), ("analyses", 0.0123, ("analyses", "12 ms")),
-     ("images_per_s_this_session", 17.9, ("images per second_this_session", "17.9 images/s"))],
+     ("images_per_s_this_session", 17.9, ("images per second this session", "17.9 images/s"))],
 )  # fmt: skip
 def test_timings_carry_units(key: str, value: float, want: tuple[str, str]) -> None:
     assert _timing(key, value) == want
