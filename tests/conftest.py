@@ -73,3 +73,21 @@ def small_cnn() -> SmallCNN:
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def tiny_vit(classes: int = 3, image: int = 16, patch: int = 4, layers: int = 2) -> nn.Module:
+    """torchvision's VisionTransformer at toy size, with a random (not zero-initialised) head, in eval mode."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=image,
+        patch_size=patch,
+        num_layers=layers,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=classes,
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model.eval()

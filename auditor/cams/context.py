@@ -33,6 +33,33 @@ def combine(weights: Tensor, activations: Tensor) -> Tensor:
     return (weights * activations).sum(1)
 
 
+def first_component(x: Tensor) -> Tensor:
+    """Projection of each spatial position on the first principal component of the channels.
+
+    ``O = reshape(x) in R^{(h w) x K}``, columns centred over positions, thin SVD ``O = U S V^T``, map
+    ``O v_1``. The SVD's sign is arbitrary, so the sign is fixed such that the largest-magnitude value is
+    positive (the correction of Seg-Eigen-CAM; pytorch-grad-cam's EigenCAM leaves it arbitrary). An image
+    with non-finite values gets an all-NaN projection (flagged invalid downstream) instead of an SVD error.
+
+    Args:
+        x: ``[B, K, h, w]``.
+
+    Returns:
+        ``[B, h, w]`` signed projection.
+    """
+    b, _, h, w = x.shape
+    obs = x.flatten(2).transpose(1, 2).double()
+    finite = torch.isfinite(obs).flatten(1).all(1)
+    obs = torch.where(finite[:, None, None], obs, torch.zeros_like(obs))  # SVD cannot take NaN/inf
+    obs = obs - obs.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(obs, full_matrices=False)
+    proj = (obs @ vh[:, 0, :, None])[..., 0]
+    flip = proj.amin(1).abs() > proj.amax(1).abs()
+    proj = torch.where(flip[:, None], -proj, proj)
+    proj = torch.where(finite[:, None], proj, torch.full_like(proj, float("nan")))  # flagged by finalize()
+    return proj.float().view(b, h, w)
+
+
 def finalize(signed: Tensor) -> tuple[Tensor, Tensor]:
     """ReLU a signed map and flag the maps that carry no information.
 
@@ -99,6 +126,22 @@ class CamContext:
         """The captured data of the method's (first) target layer."""
         return self.layers[self.layer]
 
+    def weighted(self, weights: Tensor, activations: Tensor) -> Tensor:
+        """The method's channel combination: :func:`combine`, or with the ``eigen_smooth`` option the first
+        principal component of the weighted activations ``w * A`` (pytorch-grad-cam's ``eigen_smooth``).
+
+        Args:
+            weights: ``[B, K]`` channel weights or ``[B, K, h, w]`` element weights.
+            activations: ``[B, K, h, w]``.
+
+        Returns:
+            ``[B, h, w]`` signed map.
+        """
+        if self.options.get("eigen_smooth"):
+            w = weights[:, :, None, None] if weights.ndim == 2 else weights
+            return first_component(w * activations)
+        return combine(weights, activations)
+
     def forward(self, inputs: Tensor) -> Tensor:
         """Logits ``[n, num_classes]`` of extra inputs, without gradients (float32 out).
 
@@ -127,13 +170,20 @@ class CamContext:
         Each row's noise depends only on its own sample and draw index, never on the batch it shares or
         on how the work is chunked, so a sample gets the same noise in any batch, order or shard.
         """
+        return self._keyed(img, draw, shape, torch.randn)
+
+    def keyed_uniform(self, img: Tensor, draw: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Uniform ``[0, 1)`` draws ``[n, *shape]``, keyed like :meth:`keyed_noise`."""
+        return self._keyed(img, draw, shape, torch.rand)
+
+    def _keyed(self, img: Tensor, draw: Tensor, shape: tuple[int, ...], sampler: Any) -> Tensor:
         keys = self.sample_keys if self.sample_keys is not None else torch.arange(self.images.shape[0])
         seed = int(self.options.get("seed", 0))
         gen = torch.Generator(device=self.images.device)
         rows = []
         for i, d in zip(img.tolist(), draw.tolist(), strict=True):
             gen.manual_seed((int(keys[i]) * 1_000_003 + d * 7919 + seed) % (2**63 - 1))
-            rows.append(torch.randn(shape, generator=gen, device=self.images.device))
+            rows.append(sampler(shape, generator=gen, device=self.images.device))
         return torch.stack(rows) if rows else torch.empty((0, *shape), device=self.images.device)
 
     def rng(self) -> torch.Generator:

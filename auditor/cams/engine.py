@@ -52,7 +52,9 @@ class CamResult:
         return self.outputs[method]
 
 
-def _method_layers(spec: CamMethod, layer: LayerArg, options: Mapping[str, Any], default: str | None) -> list[str]:
+def _method_layers(
+    spec: CamMethod, layer: LayerArg, options: Mapping[str, Any], default: str | None, model: nn.Module, images: Tensor
+) -> list[str]:
     if spec.needs == "nothing":
         return []
     if spec.multi_layer and options.get("layers"):
@@ -72,6 +74,8 @@ def _method_layers(spec: CamMethod, layer: LayerArg, options: Mapping[str, Any],
         if default is None:
             raise ValueError(f"method {spec.name!r} needs a target layer")
         names = [default]
+    if spec.default_layers is not None and len(names) == 1 and not options.get("layers"):
+        names = spec.default_layers(model, images, names[0])
     if len(set(names)) != len(names):
         raise ValueError(f"layers listed twice for {spec.name!r}: {names}")
     return names
@@ -122,12 +126,16 @@ def compute_cams(
     targets = check_targets(targets, images.shape[0], device)
     size = (int(images.shape[2]), int(images.shape[3]))
 
+    keys = None if sample_keys is None else torch.as_tensor(sample_keys, dtype=torch.int64)
+    order = [s.name for s in specs]
+    smoothed = [s for s in specs if resolved[s.name].get("aug_smooth")]
+    specs = [s for s in specs if not resolved[s.name].get("aug_smooth")]
+    outputs: dict[str, CamOutput] = {}
     with model_state(model):
         if batch_size is None:
             batch_size = auto_chunk(model, images) if any(s.family == "perturbation" for s in specs) else 32
         per_method = _resolved_layers(model, images, specs, resolved, layer)
         logits, captured = _shared_pass(model, images, targets, specs, per_method)
-        outputs: dict[str, CamOutput] = {}
         for spec in specs:
             names = sorted(per_method[spec.name], key=lambda n: captured[n].order)
             ctx = CamContext(
@@ -141,12 +149,67 @@ def compute_cams(
                 options=resolved[spec.name],
                 batch_size=batch_size,
                 mixed_precision=mixed_precision,
-                sample_keys=None if sample_keys is None else torch.as_tensor(sample_keys, dtype=torch.int64),
+                sample_keys=keys,
             )
             low, valid = finalize(spec.fn(ctx))
             maps = upsample(low, size) if upsample_maps else None
             outputs[spec.name] = CamOutput(spec.name, maps, low, valid, names)
-    return CamResult(logits=logits, outputs=outputs)
+    for spec in smoothed:
+        plain = {k: v for k, v in resolved[spec.name].items() if k != "aug_smooth"}
+        low, names = aug_smooth(
+            lambda x, spec=spec, plain=plain: compute_cams(
+                model,
+                x,
+                targets,
+                methods=[spec.name],
+                layer=layer,
+                options={spec.name: plain},
+                batch_size=batch_size,
+                upsample_maps=False,
+                mixed_precision=mixed_precision,
+                sample_keys=keys,
+            )[spec.name],
+            images,
+        )
+        low, valid = finalize(low)
+        maps = upsample(low, size) if upsample_maps else None
+        outputs[spec.name] = CamOutput(spec.name, maps, low, valid, names)
+    if not specs:
+        with model_state(model), torch.no_grad():
+            logits = model(images).detach().float()
+    return CamResult(logits=logits, outputs={name: outputs[name] for name in order})
+
+
+#: Test-time augmentations of ``aug_smooth`` (pytorch-grad-cam's ``tta.HorizontalFlip() x tta.Multiply``).
+AUG_FLIPS: tuple[bool, ...] = (False, True)
+AUG_FACTORS: tuple[float, ...] = (0.9, 1.0, 1.1)
+
+
+def aug_smooth(run: Any, images: Tensor) -> tuple[Tensor, list[str]]:
+    """Average of a method's maps over six test-time augmentations of the (normalized) input.
+
+    Each augmentation multiplies the input by ``0.9``, ``1`` or ``1.1`` and optionally flips it left-right;
+    each map is computed, ReLU'd by the engine, flipped back and averaged (pytorch-grad-cam's ``aug_smooth``
+    min-max scales each map before averaging; here raw magnitudes are kept, as everywhere in auditor).
+
+    Args:
+        run: ``images [B, C, H, W] -> CamOutput`` for the plain method.
+        images: ``[B, C, H, W]``.
+
+    Returns:
+        ``([B, h, w] averaged map, layer names)``.
+    """
+    total: Tensor | None = None
+    names: list[str] = []
+    for flip in AUG_FLIPS:
+        for factor in AUG_FACTORS:
+            x = images * factor
+            out = run(x.flip(-1) if flip else x)
+            low = out.low_res.flip(-1) if flip else out.low_res
+            total = low if total is None else total + low
+            names = out.layers
+    assert total is not None
+    return total / (len(AUG_FLIPS) * len(AUG_FACTORS)), names
 
 
 def _specs(
@@ -188,7 +251,7 @@ def _resolved_layers(
         single = layer if isinstance(layer, str) or layer is None else (layer[0] if len(layer) == 1 else None)
         if single is not None or layer is None:
             default = resolve_layer(model, single, images)
-    per_method = {s.name: _method_layers(s, layer, resolved[s.name], default) for s in specs}
+    per_method = {s.name: _method_layers(s, layer, resolved[s.name], default, model, images) for s in specs}
     for names in per_method.values():
         for name in names:
             resolve_layer(model, name, images)

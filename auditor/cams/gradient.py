@@ -7,14 +7,18 @@ pre-softmax logit of the explained class, ``Z = h * w``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from auditor.cams.context import CamContext, combine, upsample
-from auditor.cams.layers import get_module, inspect_model, layer_pass
-from auditor.cams.registry import register_cam
+from auditor.cams.context import CamContext, combine, first_component, upsample
+from auditor.cams.layers import capture, get_module, inspect_model, layer_pass, stage_layers
+from auditor.cams.registry import CAMS, register_cam
 from auditor.cams.speed import chunks
 from auditor.errors import MethodNotApplicableError
+from auditor.ops import minmax
 
 
 def _grads(ctx: CamContext) -> Tensor:
@@ -31,6 +35,7 @@ def _grads(ctx: CamContext) -> Tensor:
     forwards="1",
     backwards="0",
     reference="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016, arXiv:1512.04150",
+    channel_weighted=True,
 )
 def cam(ctx: CamContext) -> Tensor:
     """CAM: ``M_c = sum_k w^c_k A^k`` with ``w^c`` the classifier row of class ``c`` (bias ignored).
@@ -60,7 +65,7 @@ def cam(ctx: CamContext) -> Tensor:
             f"{requirement}; the logits are not mean(A) @ W.T + b for layer {ctx.layer!r} and head "
             f"{info.head_linear!r} (max difference {(predicted - ctx.logits).abs().max().item():.3g})"
         )
-    return combine(weight[ctx.targets], acts)
+    return ctx.weighted(weight[ctx.targets], acts)
 
 
 @register_cam(
@@ -70,10 +75,11 @@ def cam(ctx: CamContext) -> Tensor:
     forwards="1",
     backwards="1 (to the target layer)",
     reference="Selvaraju et al., Grad-CAM, ICCV 2017, arXiv:1610.02391",
+    channel_weighted=True,
 )
 def grad_cam(ctx: CamContext) -> Tensor:
     """Grad-CAM: ``alpha_k = (1/Z) sum_ij g^k_ij``; map ``sum_k alpha_k A^k`` (ReLU applied by the core)."""
-    return combine(_grads(ctx).mean((2, 3)), ctx.data.activations)
+    return ctx.weighted(_grads(ctx).mean((2, 3)), ctx.data.activations)
 
 
 def gradcampp_weights(d1: Tensor, d2: Tensor, d3: Tensor, acts: Tensor) -> Tensor:
@@ -107,6 +113,7 @@ def gradcampp_weights(d1: Tensor, d2: Tensor, d3: Tensor, acts: Tensor) -> Tenso
     forwards="1",
     backwards="1 (to the target layer)",
     reference="Chattopadhyay et al., Grad-CAM++, WACV 2018, arXiv:1710.11063",
+    channel_weighted=True,
 )
 def grad_cam_pp(ctx: CamContext) -> Tensor:
     """Grad-CAM++, closed form under ``Y = exp(S)`` (Eq. 19 as in pytorch-grad-cam), relative eps.
@@ -115,7 +122,7 @@ def grad_cam_pp(ctx: CamContext) -> Tensor:
     per-channel renormalisation of alpha is not applied (it is not in the paper).
     """
     g = _grads(ctx)
-    return combine(gradcampp_weights(g, g * g, g * g * g, ctx.data.activations), ctx.data.activations)
+    return ctx.weighted(gradcampp_weights(g, g * g, g * g * g, ctx.data.activations), ctx.data.activations)
 
 
 @register_cam(
@@ -125,6 +132,7 @@ def grad_cam_pp(ctx: CamContext) -> Tensor:
     forwards="1",
     backwards="1 (to the target layer)",
     reference="Fu et al., Axiom-based Grad-CAM, BMVC 2020, arXiv:2008.02312",
+    channel_weighted=True,
 )
 def xgrad_cam(ctx: CamContext) -> Tensor:
     """XGrad-CAM: ``alpha_k = sum_ij (A^k_ij / sum_ab A^k_ab) g^k_ij``.
@@ -137,7 +145,7 @@ def xgrad_cam(ctx: CamContext) -> Tensor:
     num = (acts * _grads(ctx)).sum((2, 3))
     dead = sums.abs() <= 1e-7 * sums.abs().amax(1, keepdim=True)
     weights = torch.where(dead, torch.zeros_like(num), num / torch.where(dead, torch.ones_like(sums), sums))
-    return combine(weights, acts)
+    return ctx.weighted(weights, acts)
 
 
 @register_cam(
@@ -147,10 +155,11 @@ def xgrad_cam(ctx: CamContext) -> Tensor:
     forwards="1",
     backwards="1 (to the target layer)",
     reference="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv:2011.08891",
+    channel_weighted=True,
 )
 def hires_cam(ctx: CamContext) -> Tensor:
     """HiResCAM: ``sum_k g^k * A^k`` element-wise (no spatial averaging of the gradient)."""
-    return combine(_grads(ctx), ctx.data.activations)
+    return ctx.weighted(_grads(ctx), ctx.data.activations)
 
 
 @register_cam(
@@ -208,33 +217,6 @@ def layer_cam(ctx: CamContext) -> Tensor:
     return torch.stack(fused).amax(0)
 
 
-def first_component(x: Tensor) -> Tensor:
-    """Projection of each spatial position on the first principal component of the channels.
-
-    ``O = reshape(x) in R^{(h w) x K}``, columns centred over positions, thin SVD ``O = U S V^T``, map
-    ``O v_1``. The SVD's sign is arbitrary, so the sign is fixed such that the largest-magnitude value is
-    positive (the correction of Seg-Eigen-CAM; pytorch-grad-cam's EigenCAM leaves it arbitrary). An image
-    with non-finite values gets an all-NaN projection (flagged invalid downstream) instead of an SVD error.
-
-    Args:
-        x: ``[B, K, h, w]``.
-
-    Returns:
-        ``[B, h, w]`` signed projection.
-    """
-    b, _, h, w = x.shape
-    obs = x.flatten(2).transpose(1, 2).double()
-    finite = torch.isfinite(obs).flatten(1).all(1)
-    obs = torch.where(finite[:, None, None], obs, torch.zeros_like(obs))  # SVD cannot take NaN/inf
-    obs = obs - obs.mean(1, keepdim=True)
-    _, _, vh = torch.linalg.svd(obs, full_matrices=False)
-    proj = (obs @ vh[:, 0, :, None])[..., 0]
-    flip = proj.amin(1).abs() > proj.amax(1).abs()
-    proj = torch.where(flip[:, None], -proj, proj)
-    proj = torch.where(finite[:, None], proj, torch.full_like(proj, float("nan")))  # flagged by finalize()
-    return proj.float().view(b, h, w)
-
-
 @register_cam(
     "eigen_cam",
     family="activation",
@@ -271,6 +253,7 @@ def eigen_grad_cam(ctx: CamContext) -> Tensor:
     reference="Omeiza et al., Smooth Grad-CAM++, arXiv:1908.01224",
     options={"num_samples": 4, "std": 0.3, "seed": 0},
     expensive=True,
+    channel_weighted=True,
 )
 def smooth_grad_cam_pp(ctx: CamContext) -> Tensor:
     """Smooth Grad-CAM++: Grad-CAM++ with ``g, g^2, g^3`` averaged over N noisy copies ``x + eps``.
@@ -298,4 +281,169 @@ def smooth_grad_cam_pp(ctx: CamContext) -> Tensor:
         d1.index_add_(0, idx, g)
         d2.index_add_(0, idx, g * g)
         d3.index_add_(0, idx, g * g * g)
-    return combine(gradcampp_weights(d1 / n, d2 / n, d3 / n, acts), acts)
+    return ctx.weighted(gradcampp_weights(d1 / n, d2 / n, d3 / n, acts), acts)
+
+
+# --------------------------------------------------------------------------------------------------
+# second-order and contrastive objectives, multi-layer refinement
+# --------------------------------------------------------------------------------------------------
+
+
+def hessian_vector(ctx: CamContext) -> tuple[Tensor, Tensor]:
+    """Gradient ``g = d y^c / d A`` and Hessian-vector product ``H A = d (g . v) / d A`` at ``v = A``.
+
+    One forward to the target layer with a double backward (``create_graph=True``). A head that is
+    piecewise linear in ``A`` (ReLU, pooling, Linear) has ``H = 0``.
+
+    Returns:
+        ``(g, H A)``, both ``[B, K, h, w]`` on the layer's grid.
+    """
+    layout = ctx.data.layout
+    # the fused attention kernels have no double backward; the math kernel computes the same attention
+    with capture(ctx.model, [ctx.layer], grad=True) as slots, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        logits = ctx.model(ctx.images)
+        acts = slots[ctx.layer].tensor
+        assert acts is not None  # the shared pass ran this layer already
+        score = logits.gather(1, ctx.targets[:, None]).sum()
+        (g,) = torch.autograd.grad(score, acts, create_graph=True)
+        hvp = None
+        if g.requires_grad:
+            (hvp,) = torch.autograd.grad(g, acts, grad_outputs=acts.detach(), allow_unused=True)
+    grid_g = layout.to_grid(g.detach())
+    return grid_g, torch.zeros_like(grid_g) if hvp is None else layout.to_grid(hvp.detach())
+
+
+@register_cam(
+    "shapley_cam",
+    family="gradient",
+    needs="activations",
+    forwards="2",
+    backwards="2 (to the target layer; the second is a Hessian-vector product)",
+    reference="Cai et al., CAMs as Shapley Value-based Explainers, arXiv:2501.06261",
+    channel_weighted=True,
+)
+def shapley_cam(ctx: CamContext) -> Tensor:
+    """ShapleyCAM: ``alpha_k = (1/Z) sum_ij (g - H A / 2)^k_ij``; map ``sum_k alpha_k A^k``.
+
+    The second-order Taylor expansion of the target logit around ``A`` (the paper's Shapley-value reading of
+    Grad-CAM), as pytorch-grad-cam's ``ShapleyCAM``; the explained score is the raw logit (the paper's
+    ReST target is a softmax-residual alternative not used here). Equal to Grad-CAM where the head is
+    piecewise linear.
+    """
+    g, hvp = hessian_vector(ctx)
+    return ctx.weighted((g - 0.5 * hvp).mean((2, 3)), ctx.data.activations)
+
+
+FINER_BASES = ("grad_cam", "grad_cam_pp", "layer_cam", "hires_cam", "xgrad_cam")
+
+
+def finer_references(logits: Tensor, targets: Tensor, count: int) -> Tensor:
+    """The ``count`` classes whose logits are closest to the target's, per image (target excluded).
+
+    Args:
+        logits: ``[B, C]``.
+        targets: ``[B]``.
+        count: references per image (capped at ``C - 1``).
+
+    Returns:
+        ``[B, min(count, C - 1)]`` class indices, nearest first.
+    """
+    distance = (logits - logits.gather(1, targets[:, None])).abs()
+    distance = distance.scatter(1, targets[:, None], float("inf"))
+    return distance.topk(min(count, logits.shape[1] - 1), dim=1, largest=False).indices
+
+
+def _finer_requires(model: nn.Module, example: Tensor) -> str | None:
+    n = inspect_model(model, example).num_outputs
+    return None if n >= 2 else f"finer_cam contrasts the class with similar classes; the model has {n} output"
+
+
+@register_cam(
+    "finer_cam",
+    family="gradient",
+    needs="activations",
+    forwards="2",
+    backwards="1 (to the target layer)",
+    reference="Zhang et al., Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation, "
+    "CVPR 2025, arXiv:2501.11309",
+    options={"base": "grad_cam", "gamma": 0.6, "num_references": 3},
+    requires=_finer_requires,
+)
+def finer_cam(ctx: CamContext) -> Tensor:
+    """Finer-CAM: the base method on the contrast ``y_c - gamma * mean_t y_{d_t}``.
+
+    ``d_1..d_T`` are the ``num_references`` classes whose logits on the clean image are closest to the
+    target's (:func:`finer_references`); the base method (``grad_cam`` by default, or ``grad_cam_pp``,
+    ``layer_cam``, ``hires_cam``, ``xgrad_cam``) reads the gradient of the contrast instead of the logit.
+    torchcam's definition (``gamma = 0.6``, 3 references); pytorch-grad-cam weights the references by their
+    softmax probability instead.
+    """
+    base = str(ctx.options["base"])
+    if base not in FINER_BASES:
+        raise ValueError(f"finer_cam base must be one of {FINER_BASES}, got {base!r}")
+    gamma = float(ctx.options["gamma"])
+    refs = finer_references(ctx.logits, ctx.targets, int(ctx.options["num_references"]))
+
+    def contrast(logits: Tensor) -> Tensor:
+        own = logits.gather(1, ctx.targets[:, None])[:, 0]
+        return own - gamma * logits.gather(1, refs).mean(1)
+
+    _, layers = layer_pass(ctx.model, ctx.images, ctx.targets, [ctx.layer], grad=True, objective=contrast)
+    sub = dataclasses.replace(ctx, layers={**ctx.layers, ctx.layer: layers[ctx.layer]}, layer_names=[ctx.layer])
+    return CAMS[base].fn(sub)
+
+
+REFINE_BASES = ("grad_cam_pp", "grad_cam", "layer_cam", "hires_cam", "xgrad_cam")
+
+
+def _refine_layers(model: nn.Module, example: Tensor, layer: str) -> list[str]:
+    return stage_layers(model, example, layer, count=3)
+
+
+def _refine_requires(model: nn.Module, example: Tensor) -> str | None:
+    layer = inspect_model(model, example).default_layer
+    if layer is None or len(stage_layers(model, example, layer)) < 2:
+        return (
+            "refine_cam multiplies maps of layers at different resolutions; this model has one grid "
+            "(pass method_options: {refine_cam: {layers: [...]}} to choose layers)"
+        )
+    return None
+
+
+@register_cam(
+    "refine_cam",
+    family="gradient",
+    needs="gradients",
+    forwards="1",
+    backwards="1 (to the shallowest layer)",
+    reference="torchcam RefineCAM / pytorch-grad-cam RefineCAM, 'How to Evaluate and Refine your CAM', "
+    "arXiv:2605.14641",
+    options={"layers": None, "base": "grad_cam_pp"},
+    multi_layer=True,
+    default_layers=_refine_layers,
+    requires=_refine_requires,
+)
+def refine_cam(ctx: CamContext) -> Tensor:
+    """RefineCAM: the product of the base method's maps over several layers.
+
+    Each layer's map (``grad_cam_pp`` by default) is ReLU'd, min-max normalized per image, upsampled
+    bilinearly to the finest grid and the maps are multiplied element-wise (torchcam's ``fuse_cams``). A
+    region survives only where every layer agrees, which removes the noise of shallow layers. Default
+    layers: the target layer and up to two earlier stages at finer grids (``layer2, layer3, layer4`` on a
+    ResNet); the ``layers`` option names them explicitly. Needs at least two layers.
+    """
+    base = str(ctx.options["base"])
+    if base not in REFINE_BASES:
+        raise ValueError(f"refine_cam base must be one of {REFINE_BASES}, got {base!r}")
+    names = ctx.layer_names
+    if len(names) < 2:
+        raise MethodNotApplicableError(
+            f"refine_cam needs at least two layers at different depths; got {names} "
+            "(pass method_options: {refine_cam: {layers: [...]}})"
+        )
+    maps = []
+    for name in names:
+        sub = dataclasses.replace(ctx, layer=name, layer_names=[name])
+        maps.append(minmax(CAMS[base].fn(sub).clamp_min(0), (1, 2)))
+    size = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
+    return torch.stack([upsample(m, (int(size[0]), int(size[1]))) for m in maps]).prod(0)

@@ -22,8 +22,6 @@ from auditor.registry import did_you_mean
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 # Modules whose output is a pooled / flattened / dropped-out version of a feature map. A feature map that
 # only exists as the output of one of these is not a "conv block" output and is never auto-selected.
 _POOL_TYPES: tuple[type[nn.Module], ...] = (
@@ -331,6 +329,7 @@ def layer_pass(
     layers: Sequence[str],
     *,
     grad: bool,
+    objective: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, LayerData]]:
     """One forward (and, with ``grad``, one backward of the target logits) capturing ``layers``.
 
@@ -340,6 +339,8 @@ def layer_pass(
         targets: ``[B]`` class indices whose logits are differentiated.
         layers: module names to capture.
         grad: whether gradients ``d y^c / d A`` are needed.
+        objective: ``logits [B, C] -> [B]`` differentiated instead of the target logits (Finer-CAM's
+            contrast); None = ``logits[b, targets[b]]``.
 
     Returns:
         ``(logits [B, num_classes] detached, {name: LayerData})``.
@@ -356,7 +357,7 @@ def layer_pass(
         tensors = [s.tensor for s in slots.values() if s.tensor is not None]
         grads: Sequence[Tensor | None] = [None] * len(tensors)
         if grad:
-            score = logits.gather(1, targets[:, None]).sum()
+            score = (logits.gather(1, targets[:, None])[:, 0] if objective is None else objective(logits)).sum()
             if not score.requires_grad:
                 raise ValueError(f"the model's output does not depend on layer(s) {list(layers)}")
             grads = torch.autograd.grad(score, tensors, allow_unused=True)
@@ -416,3 +417,44 @@ def finer_layer(model: nn.Module, example: Tensor, layer: str, min_side: int = 7
     target = records[best][2]
     same = [(name.count("."), len(name), name) for name, _, out in records if out is target]
     return grid, min(same)[2]
+
+
+def stage_layers(model: nn.Module, example: Tensor, layer: str, count: int = 3) -> list[str]:
+    """``layer`` and up to ``count - 1`` earlier stages at finer grids, shallowest first.
+
+    A stage is the deepest module (in completion order, before ``layer``) whose output is a spatial
+    ``[B, K, h, w]`` map at a grid finer than every stage already chosen and is not a pooling output; among
+    modules returning the same tensor the last to complete wins (``layer3`` rather than ``layer3.1.relu``,
+    an in-place ReLU rather than the convolution it overwrote). A
+    ResNet's ``layer4`` gives ``[layer2, layer3, layer4]``; a token model (one grid) gives ``[layer]``.
+
+    Args:
+        model: the classifier (eval mode).
+        example: ``[B, C, H, W]``; only the first image is used.
+        layer: the deepest layer.
+        count: how many layers at most.
+
+    Returns:
+        Layer names in depth order, ending with ``layer``.
+    """
+    records, _ = _record_outputs(model, example[:1])
+    hw = (int(example.shape[2]), int(example.shape[3]))
+    index = next((i for i, (name, _, _) in enumerate(records) if name == layer), None)
+    if index is None:
+        return [layer]
+    layout = infer_layout(records[index][2].shape, hw)
+    if layout is None or layout.kind != "nchw":
+        return [layer]
+    pooled = {id(out) for _, module, out in records if isinstance(module, _POOL_TYPES)}
+    chosen = [layer]
+    area = layout.h * layout.w
+    for i in range(index - 1, -1, -1):
+        if len(chosen) >= count:
+            break
+        out = records[i][2]
+        cand = infer_layout(out.shape, hw)
+        if cand is None or cand.kind != "nchw" or id(out) in pooled or cand.h * cand.w <= area:
+            continue
+        chosen.append(next(name for name, _, o in reversed(records[:index]) if o is out))
+        area = cand.h * cand.w
+    return chosen[::-1]

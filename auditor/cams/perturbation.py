@@ -82,6 +82,7 @@ def _channel_scores(ctx: CamContext, repeats: int, perturb: MaskFn, *, exact_zer
     forwards="1 + K (K = channels; dead channels share one forward)",
     backwards="0",
     reference="Wang et al., Score-CAM, CVPR-W 2020, arXiv:1910.01279",
+    channel_weighted=True,
 )
 def score_cam(ctx: CamContext) -> Tensor:
     """Score-CAM: ``alpha = softmax_k(y^c(x * H^k))``, ``H^k = minmax(Up(A^k))``, map ``sum_k alpha_k A^k``.
@@ -90,7 +91,7 @@ def score_cam(ctx: CamContext) -> Tensor:
     pytorch-grad-cam except for ``align_corners=False`` upsampling (the official code and torchcam).
     """
     scores = _channel_scores(ctx, 1, lambda m, _r, _i, _c: m, exact_zero=True)
-    return torch.einsum("bk,bkhw->bhw", scores.softmax(1), ctx.data.activations)
+    return ctx.weighted(scores.softmax(1), ctx.data.activations)
 
 
 @register_cam(
@@ -101,6 +102,7 @@ def score_cam(ctx: CamContext) -> Tensor:
     backwards="0",
     reference="Wang et al., SS-CAM: Smoothed Score-CAM, arXiv:2006.14255",
     options={"num_samples": 35, "std": 2.0, "seed": 0},
+    channel_weighted=True,
 )
 def ss_cam(ctx: CamContext) -> Tensor:
     """SS-CAM (torchcam): ``alpha = softmax_k(mean_n[y^c((H^k + delta_n) * x) - y^c(x)])``.
@@ -115,7 +117,7 @@ def ss_cam(ctx: CamContext) -> Tensor:
         return masks + std * ctx.keyed_noise(img, chan * n + rep, tuple(masks.shape[1:])).to(masks.dtype)
 
     scores = _channel_scores(ctx, n, noisy, exact_zero=False) - ctx.base_scores()[:, None]
-    return torch.einsum("bk,bkhw->bhw", scores.softmax(1), ctx.data.activations)
+    return ctx.weighted(scores.softmax(1), ctx.data.activations)
 
 
 @register_cam(
@@ -126,6 +128,7 @@ def ss_cam(ctx: CamContext) -> Tensor:
     backwards="0",
     reference="Naidu et al., IS-CAM: Integrated Score-CAM, arXiv:2010.03023",
     options={"num_samples": 10},
+    channel_weighted=True,
 )
 def is_cam(ctx: CamContext) -> Tensor:
     """IS-CAM (torchcam): ``alpha = softmax_k(mean_i[y^c(beta_i H^k * x) - y^c(x)])``.
@@ -140,7 +143,7 @@ def is_cam(ctx: CamContext) -> Tensor:
         return masks * betas[rep][:, None, None]
 
     scores = _channel_scores(ctx, n, scaled, exact_zero=True) - ctx.base_scores()[:, None]
-    return torch.einsum("bk,bkhw->bhw", scores.softmax(1), ctx.data.activations)
+    return ctx.weighted(scores.softmax(1), ctx.data.activations)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,6 +232,7 @@ def _ablated_logits_full(ctx: CamContext, layout: Layout, img: Tensor, chan: Ten
     forwards="1 + K (only the layers after the target layer when the graph splits)",
     backwards="0",
     reference="Desai & Ramaswamy, Ablation-CAM, WACV 2020",
+    channel_weighted=True,
 )
 def ablation_cam(ctx: CamContext) -> Tensor:
     """Ablation-CAM: ``w_k = (y^c - y^c_k) / y^c`` with channel ``k`` of the target layer set to 0.
@@ -262,7 +266,7 @@ def ablation_cam(ctx: CamContext) -> Tensor:
             logits = _ablated_logits_full(ctx, layout, img, chan)
         ablated[sl] = logits.gather(1, ctx.targets[img][:, None])[:, 0]
     weights = (base[:, None] - ablated.view(b, k)) / base[:, None]
-    return torch.einsum("bk,bkhw->bhw", weights, data.activations)
+    return ctx.weighted(weights, data.activations)
 
 
 # --------------------------------------------------------------------------------------------------

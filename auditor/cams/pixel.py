@@ -1,4 +1,4 @@
-"""Pixel-space methods: guided backpropagation, Guided Grad-CAM and Deconvnet.
+"""Pixel-space methods: guided backpropagation, Guided Grad-CAM, Deconvnet and FullGrad.
 
 Both fail the model-parameter randomization test (Adebayo et al. 2018): they behave like edge detectors
 and barely depend on the top layers. They are here for visual deep-dives, not for shortcut claims. Their
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from auditor.cams.context import CamContext, combine, upsample
@@ -177,3 +178,138 @@ def deconvnet(ctx: CamContext) -> Tensor:
     """
     grad = _gated_gradient(ctx.model, ctx.images, ctx.targets, deconvolved, "deconvnet needs nn.ReLU modules")
     return grad.abs().amax(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# FullGrad
+# --------------------------------------------------------------------------------------------------
+
+#: Modules whose bias FullGrad attributes: the bias is added to the module's output.
+BIAS_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+
+
+def effective_bias(module: nn.Module) -> Tensor | None:
+    """The constant a module adds to its output: a conv/linear bias, or BatchNorm's folded
+    ``beta - mean * gamma / sqrt(var + eps)`` (eval mode, running statistics). None when it adds none."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.running_mean is None or module.running_var is None:
+            return None
+        scale = module.weight if module.weight is not None else torch.ones_like(module.running_mean)
+        shift = module.bias if module.bias is not None else torch.zeros_like(module.running_mean)
+        return (shift - module.running_mean * scale / torch.sqrt(module.running_var + module.eps)).detach()
+    bias = getattr(module, "bias", None)
+    return bias.detach() if isinstance(bias, Tensor) else None
+
+
+def _bias_modules(model: nn.Module) -> list[tuple[str, nn.Module, Tensor]]:
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, BIAS_MODULES):
+            bias = effective_bias(module)
+            if bias is not None:
+                out.append((name, module, bias))
+    return out
+
+
+def full_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, list[tuple[str, Tensor]]]:
+    """FullGrad's decomposition of the target logit: input-gradients and bias-gradients.
+
+    For a network whose only non-linearities are piecewise linear (ReLU, max-pooling) and whose constants are
+    the biases of ``Conv2d`` / ``BatchNorm2d`` (eval) / ``Linear`` modules, completeness holds:
+    ``y^c = sum(grad_x * x) + sum_l sum(grad_{z_l} * b_l)`` (Srinivas & Fleuret 2019, Eq. 2).
+
+    Args:
+        model: classifier in eval mode.
+        images: ``[B, C, H, W]``.
+        targets: ``[B]``.
+
+    Returns:
+        ``(grad_x * x [B, C, H, W], [(module name, grad_z * b)])`` where each bias term has the module's
+        output shape (``[B, K, h, w]`` for conv / BatchNorm, ``[B, ...]`` for Linear).
+    """
+    mods = _bias_modules(model)
+    outs: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> Any:
+            if isinstance(out, Tensor):
+                outs[name] = out
+                return out.clone()  # a later in-place op must not rewrite the tensor differentiated
+            return None
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m, _ in mods]
+    x = images.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            used = [(name, bias) for name, _, bias in mods if name in outs and outs[name].requires_grad]
+            grads = torch.autograd.grad(
+                logits.gather(1, targets[:, None]).sum(), [x, *[outs[n] for n, _ in used]], allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    terms = []
+    for (name, bias), g in zip(used, grads[1:], strict=True):
+        if g is None:
+            continue
+        shape = [1, -1] + [1] * (g.ndim - 2) if g.ndim >= 2 else [-1]
+        if g.ndim == 3:  # Linear on tokens [B, N, D]: the bias runs along the last axis
+            shape = [1, 1, -1]
+        terms.append((name, g * bias.to(g.dtype).view(shape)))
+    grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    return grad_x * x.detach(), terms
+
+
+def _fullgrad_requires(model: nn.Module, example: Tensor) -> str | None:
+    spatial = [name for name, m, _ in _bias_modules(model) if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    if not spatial:
+        return "fullgrad needs the biases of Conv2d / BatchNorm2d layers (their gradient maps); this model has none"
+    return None
+
+
+@register_cam(
+    "fullgrad",
+    family="pixel",
+    needs="nothing",
+    forwards="1",
+    backwards="1 (to the input)",
+    reference="Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019, "
+    "arXiv:1905.00780",
+    options={"scale": "layer"},
+    output="pixel",
+    requires=_fullgrad_requires,
+)
+def fullgrad(ctx: CamContext) -> Tensor:
+    """FullGrad: ``psi(|grad_x * x|) + sum_l sum_channels psi(|grad_z_l * b_l|)`` over conv / BatchNorm layers.
+
+    ``psi`` is the authors' post-processing (idiap/fullgrad-saliency): absolute value, min-max per image over
+    all channels of the layer, channel sum, bilinear upsampling to the input (``align_corners=True``). With
+    ``scale: channel`` every channel is min-max scaled on its own, then upsampled (``align_corners=False``)
+    and summed, as pytorch-grad-cam's ``FullGrad``. Linear biases belong to the decomposition but have no
+    spatial map. Raises :class:`MethodNotApplicableError` when the model has no Conv2d / BatchNorm2d bias.
+    """
+    mode = str(ctx.options["scale"])
+    if mode not in ("layer", "channel"):
+        raise ValueError(f"fullgrad scale must be 'layer' or 'channel', got {mode!r}")
+    reason = _fullgrad_requires(ctx.model, ctx.images)
+    if reason:
+        raise MethodNotApplicableError(reason)
+    size = (int(ctx.images.shape[2]), int(ctx.images.shape[3]))
+    input_term, terms = full_gradients(ctx.model, ctx.images, ctx.targets)
+
+    def psi(t: Tensor) -> Tensor:
+        # (t - min) / (max - min + eps) with the eps each reference adds (not a floor: tiny terms stay tiny)
+        dims, eps = ((2, 3), 1e-7) if mode == "channel" else ((1, 2, 3), 1e-6)
+        t = t.abs().float()
+        t = t - t.amin(dim=dims, keepdim=True)
+        t = t / (t.amax(dim=dims, keepdim=True) + eps)
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=mode == "layer").sum(1)
+
+    total = psi(input_term)
+    for _, term in terms:
+        if term.ndim == 4:
+            total = total + psi(term)
+    return total

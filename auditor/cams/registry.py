@@ -7,12 +7,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from auditor.cams.context import CamContext
 from auditor.registry import Registry, merge_options
 
 MethodFn = Callable[[CamContext], Tensor]
+LayerPicker = Callable[[nn.Module, Tensor, str], list[str]]
+Requirement = Callable[[nn.Module, Tensor], str | None]
+
+#: Options every method accepts (DESIGN: generic smoothing). ``aug_smooth`` averages the map over test-time
+#: augmentations (horizontal flip x intensity 0.9 / 1 / 1.1, six passes, as pytorch-grad-cam); the engine
+#: applies it. ``eigen_smooth`` exists only for channel-weighted methods (see :meth:`CamContext.weighted`).
+GENERIC_OPTIONS: dict[str, Any] = {"aug_smooth": False}
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,12 @@ class CamMethod:
         class_sensitive: False for class-agnostic methods (Eigen-CAM) that cannot support class claims.
         multi_layer: whether a list of layers is accepted (fused).
         expensive: costs far more than one forward; ``auditor run`` applies it to the ``expensive`` subset.
+        channel_weighted: the map is a weighted channel sum (through :meth:`CamContext.weighted`), so the
+            generic ``eigen_smooth`` option applies.
+        default_layers: for multi-layer methods, ``(model, images, target_layer) -> layer names`` used when
+            the ``layers`` option is not given (None: the target layer alone).
+        requires: ``(model, images) -> reason or None``: a cheap check of what the method needs from the model
+            (attention modules, biases, activation modules); ``auditor run`` skips the method with the reason.
     """
 
     name: str
@@ -48,6 +61,9 @@ class CamMethod:
     class_sensitive: bool = True
     multi_layer: bool = False
     expensive: bool = False
+    channel_weighted: bool = False
+    default_layers: LayerPicker | None = None
+    requires: Requirement | None = None
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
@@ -70,6 +86,9 @@ def register_cam(
     class_sensitive: bool = True,
     multi_layer: bool = False,
     expensive: bool | None = None,
+    channel_weighted: bool = False,
+    default_layers: LayerPicker | None = None,
+    requires: Requirement | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering a method function under ``name`` (see :class:`CamMethod`).
 
@@ -89,11 +108,16 @@ def register_cam(
                 forwards=forwards,
                 backwards=backwards,
                 reference=reference,
-                options=MappingProxyType(dict(options or {})),
+                options=MappingProxyType(
+                    {**GENERIC_OPTIONS, **({"eigen_smooth": False} if channel_weighted else {}), **dict(options or {})}
+                ),
                 output=output,
                 class_sensitive=class_sensitive,
                 multi_layer=multi_layer,
                 expensive=family == "perturbation" if expensive is None else expensive,
+                channel_weighted=channel_weighted,
+                default_layers=default_layers,
+                requires=requires,
             ),
         )
         return fn

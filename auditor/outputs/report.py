@@ -342,6 +342,7 @@ def build_context(root: Path) -> dict[str, Any]:
         "scale": colour_scale(),
         "class_attribute": _class_attribute(table, summary.get("groups") or {}, summary["dataset"]["classes"]),
         "localization": (summary.get("run") or {}).get("localization") or {},
+        "skipped_methods": (summary.get("run") or {}).get("skipped_methods") or {},
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
         "deep": deep,

@@ -176,6 +176,7 @@ def _header(plan: Plan, spec: MapSpec) -> Summary:
             "expensive_samples": int(spec.expensive.sum()),
             "memory_format": plan.memory_format,
             "localization": plan.localization,
+            "skipped_methods": plan.skipped_methods,
         },
     }
 

@@ -44,6 +44,7 @@ class RunInfo(TypedDict):
     expensive_samples: int
     memory_format: str
     localization: dict[str, Any]
+    skipped_methods: dict[str, str]
 
 
 class Summary(TypedDict, total=False):

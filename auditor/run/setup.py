@@ -88,6 +88,7 @@ class Plan:
         batches: the rows of each main-pass batch (this shard's, for a shard).
         shard: this process's shard, or None.
         localization: ``summary.json`` ``run.localization`` (:func:`~auditor.run.localize.plan_localization`).
+        skipped_methods: configured methods this model cannot run, with the reason (:func:`resolve_methods`).
     """
 
     cfg: AuditConfig
@@ -105,6 +106,7 @@ class Plan:
     batches: list[list[int]]
     shard: Shard | None = None
     localization: dict[str, Any] = field(default_factory=dict)
+    skipped_methods: dict[str, str] = field(default_factory=dict)
 
     @property
     def samples(self) -> list[SampleSpec]:
@@ -120,8 +122,16 @@ class Plan:
         return len(self.batches)
 
 
-def resolve_methods(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer: Any) -> list[str]:
-    """The method list for this model: ``fast`` gains ``cam`` when the head is GAP + one Linear."""
+def resolve_methods(
+    cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer: Any
+) -> tuple[list[str], dict[str, str]]:
+    """The methods that apply to this model, and the reason each configured method that does not was left out.
+
+    ``fast`` gains ``cam`` when the head is GAP + one Linear. A method whose requirement the model lacks
+    (LeGrad without attention, FullGrad without conv biases, CAM without a GAP + Linear head, ...) is
+    skipped with its reason, logged and recorded in ``summary.json`` ``run.skipped_methods``; the run goes on
+    unless no method is left.
+    """
     methods = cfg.method_names()
     if loaded.scripted:
         bad = [m for m in methods if m not in BLACK_BOX]
@@ -130,14 +140,36 @@ def resolve_methods(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer:
                 f"TorchScript models cannot be hooked, so only black-box methods {list(BLACK_BOX)} apply; "
                 f"remove {bad} from 'methods' (or load the model with arch + checkpoint / a factory)"
             )
-        return methods
+        return methods, {}
     if cfg.methods == "fast":
-        try:
-            compute_cams(loaded.module, probe, [0], methods=["cam"], layer=layer)
-            methods = ["cam", *methods]
-        except MethodNotApplicableError as err:
-            log.info("cam left out of the fast set: %s", err)
-    return methods
+        methods = ["cam", *methods]
+    skipped: dict[str, str] = {}
+    for name in methods:
+        requires = CAMS[name].requires
+        reason = requires(loaded.module, probe) if requires is not None else None
+        if reason is None and name == "cam":
+            try:
+                compute_cams(loaded.module, probe, [0], methods=["cam"], layer=layer)
+            except MethodNotApplicableError as err:
+                reason = str(err)
+            except (ValueError, TypeError):
+                pass  # a layer problem, not cam's: check_layers reports it for every method
+        if reason is not None:
+            skipped[name] = reason
+    for name, reason in skipped.items():
+        if cfg.methods == "fast" and name == "cam":
+            log.info("cam left out of the fast set: %s", reason)
+        else:
+            log.warning("method %s skipped: %s", name, reason)
+    kept = [m for m in methods if m not in skipped]
+    if not kept:
+        raise ConfigError(
+            "none of the configured methods applies to this model: "
+            + "; ".join(f"{m}: {r}" for m, r in skipped.items())
+        )
+    if cfg.methods == "fast":
+        skipped.pop("cam", None)  # an optional member of the fast set, not a configured method
+    return kept, skipped
 
 
 def run_identity(cfg: AuditConfig, samples: Sequence[SampleSpec], selection: Selection) -> str:
@@ -301,8 +333,8 @@ def plan_run(
     probe = _probe(dataset, loaded, classes, device)
     loaded = logits_only(loaded, probe)
     _check_outputs(loaded, probe, classes)
-    check_layers(cfg, loaded, probe)
-    methods = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
+    methods, skipped = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
+    check_layers(cfg.model_copy(update={"methods": methods}), loaded, probe)
     cfg, localization = plan_localization(cfg, loaded, probe, methods)
     chunk = _chunk(cfg, loaded, probe)
     resolved = cfg.model_copy(update={"methods": methods})
@@ -347,4 +379,5 @@ def plan_run(
         layout,
         shard,
         localization,
+        skipped,
     )

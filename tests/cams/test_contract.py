@@ -16,7 +16,7 @@ from torch import nn
 
 from auditor import CAMS, compute_cam, compute_cams
 from auditor.errors import MethodNotApplicableError
-from tests.conftest import SmallCNN
+from tests.conftest import SmallCNN, tiny_vit
 
 # Small settings for the expensive methods so the whole suite stays fast on 2 CPU cores.
 FAST_OPTIONS: dict[str, dict[str, Any]] = {
@@ -26,7 +26,7 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "smooth_grad_cam_pp": {"num_samples": 2},
     "occlusion": {"window": 8, "stride": 8},
 }
-BATCH_DEPENDENT = {"ss_cam", "smooth_grad_cam_pp"}  # noise drawn for the whole batch at once
+BATCH_DEPENDENT = {"ss_cam", "smooth_grad_cam_pp", "random_cam"}  # draws keyed by batch position by default
 
 ALL = CAMS.names()
 
@@ -39,6 +39,14 @@ def _hooks(model: nn.Module) -> int:
         + len(getattr(m, "_backward_pre_hooks", {}))
         for m in model.modules()
     )
+
+
+def _model(method: str, small_cnn: SmallCNN) -> nn.Module:
+    """The fixture CNN, or a tiny ViT for the methods that need attention (LeGrad)."""
+    requires = CAMS[method].requires
+    if requires is not None and requires(small_cnn, torch.randn(1, 3, 16, 16)) is not None:
+        return tiny_vit()
+    return small_cnn
 
 
 def _run(model: nn.Module, x: torch.Tensor, t: Any, method: str, **kw: Any) -> torch.Tensor:
@@ -66,6 +74,15 @@ def test_registry_lists_every_required_method() -> None:
         "guided_backprop",
         "guided_grad_cam",
         "deconvnet",
+        "fullgrad",
+        "shapley_cam",
+        "finer_cam",
+        "kpca_cam",
+        "fem",
+        "refine_cam",
+        "legrad",
+        "dff",
+        "random_cam",
     }
     assert required <= set(ALL)
     for name in ALL:
@@ -76,54 +93,61 @@ def test_registry_lists_every_required_method() -> None:
 
 @pytest.mark.parametrize("method", ALL)
 def test_shape_dtype_finite_nonnegative(method: str, small_cnn: SmallCNN) -> None:
+    model = _model(method, small_cnn)
     x = torch.randn(3, 3, 16, 16)
-    res = compute_cams(small_cnn, x, [0, 1, 2], methods=[method], options={method: FAST_OPTIONS.get(method, {})})
+    res = compute_cams(model, x, [0, 1, 2], methods=[method], options={method: FAST_OPTIONS.get(method, {})})
     out = res[method]
     assert out.maps is not None
     assert out.maps.shape == (3, 16, 16) and out.maps.dtype == torch.float32
     assert torch.isfinite(out.maps).all() and (out.maps >= 0).all()
     assert out.low_res.ndim == 3 and out.low_res.shape[0] == 3 and (out.low_res >= 0).all()
     if CAMS[method].output == "layer":
-        assert out.low_res.shape[1:] == (8, 8)  # block2 has stride 2
+        # block2 has stride 2; multi-layer methods answer on the finest layer's grid; the ViT has 4 x 4 patches
+        grid = (4, 4) if model is not small_cnn else (16, 16) if CAMS[method].default_layers else (8, 8)
+        assert out.low_res.shape[1:] == grid
     assert out.valid.shape == (3,) and out.valid.dtype == torch.bool
     assert res.logits.shape == (3, 3)
 
 
 @pytest.mark.parametrize("method", ALL)
 def test_model_left_as_found(method: str, small_cnn: SmallCNN) -> None:
-    small_cnn.train()
-    small_cnn.block1.eval()  # a mixed state must come back exactly
-    modes = [m.training for m in small_cnn.modules()]
-    hooks = _hooks(small_cnn)
-    _run(small_cnn, torch.randn(2, 3, 16, 16), [0, 1], method)
-    assert [m.training for m in small_cnn.modules()] == modes
-    assert _hooks(small_cnn) == hooks
-    assert all(p.grad is None for p in small_cnn.parameters())
+    model = _model(method, small_cnn)
+    model.train()
+    next(iter(model.children())).eval()  # a mixed state must come back exactly
+    modes = [m.training for m in model.modules()]
+    hooks = _hooks(model)
+    _run(model, torch.randn(2, 3, 16, 16), [0, 1], method)
+    assert [m.training for m in model.modules()] == modes
+    assert _hooks(model) == hooks
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("method", ALL)
 def test_model_left_as_found_after_an_error(method: str, small_cnn: SmallCNN) -> None:
-    small_cnn.train()
+    model = _model(method, small_cnn)
+    model.train()
     with pytest.raises(ValueError, match="out of range"):
-        _run(small_cnn, torch.randn(2, 3, 16, 16), [0, 7], method)
-    assert all(m.training for m in small_cnn.modules())
-    assert _hooks(small_cnn) == 0
-    assert all(p.grad is None for p in small_cnn.parameters())
+        _run(model, torch.randn(2, 3, 16, 16), [0, 7], method)
+    assert all(m.training for m in model.modules())
+    assert _hooks(model) == 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("method", ALL)
 def test_target_count_must_match(method: str, small_cnn: SmallCNN) -> None:
+    model = _model(method, small_cnn)
     with pytest.raises(ValueError, match="3 images"):
-        _run(small_cnn, torch.randn(3, 3, 16, 16), [0], method)
+        _run(model, torch.randn(3, 3, 16, 16), [0], method)
     with pytest.raises(TypeError, match="one class per image"):
-        _run(small_cnn, torch.randn(3, 3, 16, 16), 1, method)
+        _run(model, torch.randn(3, 3, 16, 16), 1, method)
 
 
 @pytest.mark.parametrize("method", [m for m in ALL if m not in BATCH_DEPENDENT])
 def test_each_image_gets_the_map_it_gets_alone(method: str, small_cnn: SmallCNN) -> None:
+    model = _model(method, small_cnn)
     x = torch.randn(3, 3, 16, 16)
-    together = _run(small_cnn, x, [2, 0, 1], method)
-    alone = _run(small_cnn, x[1:2], [0], method)
+    together = _run(model, x, [2, 0, 1], method)
+    alone = _run(model, x[1:2], [0], method)
     torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-4)
 
 
@@ -144,13 +168,14 @@ def test_stochastic_methods_are_seeded(method: str) -> None:
 
 @pytest.mark.parametrize("method", ALL)
 def test_works_under_no_grad_and_with_frozen_parameters(method: str, small_cnn: SmallCNN) -> None:
-    for p in small_cnn.parameters():
+    model = _model(method, small_cnn)
+    for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        maps = _run(small_cnn, x, [0, 1], method)
+        maps = _run(model, x, [0, 1], method)
     assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all()
-    assert all(not p.requires_grad for p in small_cnn.parameters())
+    assert all(not p.requires_grad for p in model.parameters())
 
 
 def test_inference_mode_is_refused_clearly(small_cnn: SmallCNN) -> None:

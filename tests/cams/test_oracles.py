@@ -14,7 +14,7 @@ from torch import nn
 
 from auditor import compute_cam, compute_cams
 from auditor.cams import perturbation
-from auditor.cams.gradient import first_component
+from auditor.cams.context import first_component
 from auditor.cams.perturbation import rise_masks
 from tests.conftest import FlatNet, GapNet, LinNet
 

@@ -199,7 +199,9 @@ def test_every_method_and_metric_runs_inside_a_run(dataset_dir: Path, tmp_path: 
     s = run_audit(cfg, tmp_path / "r", selection=Selection(per_class=2), progress=False)
     from auditor import CAMS, METRICS
 
-    assert set(s["aggregates"]) == set(CAMS.names())
+    skipped = s["run"]["skipped_methods"]
+    assert set(skipped) == {"legrad"} and "MultiheadAttention" in skipped["legrad"]  # a CNN: said, not crashed
+    assert set(s["aggregates"]) == set(CAMS.names()) - set(skipped)
     for method, per_target in s["aggregates"].items():
         stats = per_target["label"]["*"]
         for metric in METRICS.names():
