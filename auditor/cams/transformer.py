@@ -35,17 +35,20 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Multihea
     return out
 
 
-def torchvision_projection(model: nn.Module) -> ScoreProjection | None:
+def torchvision_projection(model: nn.Module, token: str = "mean") -> ScoreProjection | None:
     """For torchvision's ``VisionTransformer``: tokens ``[B, N, D]`` -> logits through the model's own final
-    LayerNorm and heads, read at the class token (index 0), exactly as the model reads its last block."""
+    LayerNorm and heads, read at the mean token (``token="mean"``, LeGrad's official code and torchcam) or at
+    the class token (``"class"``, how the model reads its last block). None for other models."""
     encoder = getattr(model, "encoder", None)
     norm = getattr(encoder, "ln", None)
     heads = getattr(model, "heads", None)
     if not (isinstance(norm, nn.Module) and isinstance(heads, nn.Module) and hasattr(model, "class_token")):
         return None
+    if token not in ("mean", "class"):
+        raise ValueError(f"legrad token must be 'mean' or 'class', got {token!r}")
 
     def project(tokens: Tensor) -> Tensor:
-        return heads(norm(tokens)[:, 0])
+        return heads(norm(tokens.mean(1) if token == "mean" else tokens[:, 0]))
 
     return project
 
@@ -125,7 +128,7 @@ def attention_probabilities(blocks: list[tuple[str, nn.Module, nn.MultiheadAtten
     backwards="L (one per block, to its attention)",
     reference="Bousselham et al., LeGrad: An Explainability Method for Vision Transformers via Feature "
     "Formation Sensitivity, arXiv:2404.03214",
-    options={"blocks": None, "score_projection": None},
+    options={"blocks": None, "token": "mean", "score_projection": None},
     requires=_legrad_requires,
 )
 def legrad(ctx: CamContext) -> Tensor:
@@ -133,11 +136,12 @@ def legrad(ctx: CamContext) -> Tensor:
     attention probabilities ``A^l`` ``[B, heads, N, N]``; ``ReLU``, mean over heads and queries, prefix
     (class / register) keys dropped, mean over blocks.
 
-    ``s^l`` maps block ``l``'s output tokens to logits with the model's own final norm and head at the class
-    token (torchvision ``VisionTransformer``; at the last block ``s^L`` is the model's logit), or with the
-    ``score_projection`` option (``tokens [B, N, D] -> [B, C]``). torchcam 0.5.0's ``LeGrad`` reads the mean
-    token instead. ``blocks`` names the blocks (default: all). Raises :class:`MethodNotApplicableError`
-    without attention modules.
+    ``s^l`` maps block ``l``'s output tokens to logits with the model's own final norm and head applied to the
+    mean token (``token: mean``, as the authors' code and torchcam 0.5.0; every query row of ``A^l`` then
+    matters) or to the class token (``token: class``: only the class token's row gets a gradient), for
+    torchvision ``VisionTransformer``; other transformers pass ``score_projection``
+    (``tokens [B, N, D] -> [B, C]``, Python API). ``blocks`` names the blocks (default: all). Raises
+    :class:`MethodNotApplicableError` without attention modules.
     """
     blocks = attention_blocks(ctx.model)
     if not blocks:
@@ -150,7 +154,7 @@ def legrad(ctx: CamContext) -> Tensor:
         if bad:
             raise ValueError(f"legrad blocks {bad} are not attention blocks; choose among {sorted(known)}")
         blocks = [b for b in blocks if b[0] in names]
-    project = ctx.options["score_projection"] or torchvision_projection(ctx.model)
+    project = ctx.options["score_projection"] or torchvision_projection(ctx.model, str(ctx.options["token"]))
     if project is None:
         raise MethodNotApplicableError(str(_legrad_requires(ctx.model, ctx.images)))
     hw = (int(ctx.images.shape[2]), int(ctx.images.shape[3]))

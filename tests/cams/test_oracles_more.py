@@ -194,7 +194,7 @@ def test_fullgrad_without_biases_is_not_applicable() -> None:
         compute_cam(model, torch.randn(1, 3, 8, 8), [0], method="fullgrad")
 
 
-def _legrad_by_hand(vit: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+def _legrad_by_hand(vit: nn.Module, x: torch.Tensor, target: int, token: str) -> torch.Tensor:
     """LeGrad of a one-block torchvision ViT, with the block written out by hand (no hooks)."""
     n, e, heads = x.shape[0], vit.hidden_dim, 2
     tokens = vit._process_input(x)
@@ -212,17 +212,18 @@ def _legrad_by_hand(vit: nn.Module, x: torch.Tensor, target: int) -> torch.Tenso
     mixed = (probs @ split(v)).transpose(1, 2).reshape(n, -1, e)
     y = attn.out_proj(mixed) + tokens
     y = y + block.mlp(block.ln_2(y))
-    score = vit.heads(vit.encoder.ln(y)[:, 0])[:, target].sum()
+    score = vit.heads(vit.encoder.ln(y.mean(1) if token == "mean" else y[:, 0]))[:, target].sum()
     score.backward()
     assert probs.grad is not None
     return probs.grad.clamp_min(0).mean((1, 2))[:, 1:].reshape(n, 4, 4)
 
 
-def test_legrad_matches_a_hand_written_block() -> None:
+@pytest.mark.parametrize("token", ["mean", "class"])
+def test_legrad_matches_a_hand_written_block(token: str) -> None:
     vit = tiny_vit(layers=1)
     x = torch.randn(2, 3, 16, 16)
-    _, low = compute_cam(vit, x, [1, 1], method="legrad", return_low_res=True)
-    torch.testing.assert_close(low, _legrad_by_hand(vit, x, 1).detach(), atol=1e-5, rtol=1e-4)
+    _, low = compute_cam(vit, x, [1, 1], method="legrad", token=token, return_low_res=True)
+    torch.testing.assert_close(low, _legrad_by_hand(vit, x, 1, token).detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_legrad_on_a_cnn_is_not_applicable(small_cnn: SmallCNN) -> None:

@@ -49,3 +49,20 @@ class DeepNet(nn.Module):
 
 def build_deep(num_classes: int = 6, width: int = 16, blocks: int = 4) -> nn.Module:
     return DeepNet(num_classes, width, blocks)
+
+
+def build_vit(
+    num_classes: int = 6, image_size: int = 64, patch_size: int = 8, layers: int = 3, hidden: int = 64
+) -> nn.Module:
+    """A tiny torchvision VisionTransformer (8 x 8 patch grid at 64 px), trainable on CPU in seconds."""
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=layers,
+        num_heads=4,
+        hidden_dim=hidden,
+        mlp_dim=2 * hidden,
+        num_classes=num_classes,
+    )

@@ -151,3 +151,13 @@ def write(root: Path, samples: list[dict[str, object]], masks: str, px: int = 2)
         w.writeheader()
         w.writerows(rows)
     return root / "audit.csv"
+
+
+def inside_tag(region: list[float], slack_px: float = 4) -> bool:
+    """The region holds the tag's centre and lies within the tag's box grown by ``slack_px``."""
+    x0, y0, x1, y1 = (v / SIZE for v in TAG)
+    s = slack_px / SIZE
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    holds = region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+    within = region[0] >= x0 - s and region[1] >= y0 - s and region[2] <= x1 + s and region[3] <= y1 + s
+    return holds and within

@@ -60,16 +60,6 @@ def _audit(tmp: Path, checkpoint: Path, kind: str, masks: str, px: int = 2) -> t
     return flags_file["flags"], flags_file["findings"], summary
 
 
-def _inside_tag(region: list[float], slack_px: float = 4) -> bool:
-    """The region holds the tag's centre and lies within the tag's box grown by ``slack_px``."""
-    x0, y0, x1, y1 = (v / SIZE for v in R.TAG)
-    s = slack_px / SIZE
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    holds = region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
-    within = region[0] >= x0 - s and region[1] >= y0 - s and region[2] <= x1 + s and region[3] <= y1 + s
-    return holds and within
-
-
 @pytest.mark.parametrize("masks", ["exact", "eroded", "dilated", "boxes", "none"])
 def test_the_tag_is_flagged_localized_and_grouped(models: dict[str, Path], tmp_path: Path, masks: str) -> None:
     flags, findings, summary = _audit(tmp_path, models["cue"], "cue", masks)
@@ -77,12 +67,12 @@ def test_the_tag_is_flagged_localized_and_grouped(models: dict[str, Path], tmp_p
     cue_flags = [f for f in flags if f["class"] == R.CUE_CLASS]
     assert any(f["severity"] == "high" for f in cue_flags), [(f["id"], f["severity"]) for f in flags]
     located = [f for f in cue_flags if f["kind"] == "region_cue"]
-    assert located and _inside_tag(located[0]["region"]), located
+    assert located and R.inside_tag(located[0]["region"]), located
     mine = [g for g in findings if R.CUE_CLASS in g["classes"]]
     assert len(mine) == 1, [g["id"] for g in findings]
     finding = mine[0]
     assert finding["severity"] == "high" and finding["cause"] == "region"
-    assert _inside_tag(finding["region"]) and "bottom-left" in finding["sentence"]
+    assert R.inside_tag(finding["region"]) and "bottom-left" in finding["sentence"]
     assert {f["id"] for f in cue_flags} <= set(finding["flags"])
     removed = [e for e in finding["examples"] if e["what"] == "region removed"]
     pasted = [e for e in finding["examples"] if e["what"] == "region pasted"]
