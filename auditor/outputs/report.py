@@ -280,6 +280,22 @@ def _timing(key: str, value: Any) -> tuple[str, str]:
     return name, f"{value:.1f} s" if value >= 1 else f"{1000 * value:.0f} ms"
 
 
+def _concepts(analyses: dict[str, Any], rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per class: its DFF concepts (share of attention, where they lie, specificity) with prototype tiles."""
+    out = []
+    for cls, info in (analyses.get("concepts") or {}).items():
+        concepts = []
+        for c in sorted(info["concepts"], key=lambda c: -(c["share"] or 0.0)):
+            pid = c.get("prototype_id")
+            src = None
+            if pid in rows.index:
+                img = thumbnail(Path(rows.loc[pid, "path"]), THUMB)
+                src = data_uri(overlay(img, np.asarray(c["heat"], np.float32)), "JPEG")
+            concepts.append({**c, "src": src})
+        out.append({"class": cls, "method": info["method"], "n": info["n"], "concepts": concepts})
+    return out
+
+
 def _class_attribute(table: pd.DataFrame, groups: dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
     """Per metadata attribute: accuracy (and n) of every class x value cell."""
     first = table.drop_duplicates("row")
@@ -343,6 +359,7 @@ def build_context(root: Path) -> dict[str, Any]:
         "class_attribute": _class_attribute(table, summary.get("groups") or {}, summary["dataset"]["classes"]),
         "localization": (summary.get("run") or {}).get("localization") or {},
         "skipped_methods": (summary.get("run") or {}).get("skipped_methods") or {},
+        "concepts": _concepts(analyses, rows),
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
         "deep": deep,

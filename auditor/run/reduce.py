@@ -21,6 +21,8 @@ import yaml
 from torch import Tensor
 
 from auditor.cams import CAMS
+from auditor.cams.core import model_state
+from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.config import dump_resolved
 from auditor.metrics.registry import metric_columns
 from auditor.ops import from_pixels, to_pixels
@@ -106,7 +108,29 @@ def intervener(plan: Plan) -> Intervener:
             keep=_spared(plan, method),
         )
 
-    return Intervener(region_test, scan, shift_test)
+    return Intervener(region_test, scan, shift_test, None if plan.loaded.scripted else _activations(plan))
+
+
+def _activations(plan: Plan) -> Callable[[Sequence[int]], np.ndarray]:
+    """Rows -> ``[n, K, h, w]`` float32 activations of the run's target layer (the deepest, for a list), or of
+    the finer layer LayerCAM fuses when the target layer's grid is under 7 x 7 (``run.localization``)."""
+    load = loader(plan)
+    given = plan.cfg.model.target_layer
+    name = given if isinstance(given, str) or given is None else list(given)[-1]
+    name = plan.localization.get("fine_layer") or name
+
+    def activations(rows: Sequence[int]) -> np.ndarray:
+        parts = []
+        for start in range(0, len(rows), max(1, plan.chunk)):
+            x = load(rows[start : start + plan.chunk])
+            layer = resolve_layer(plan.loaded.module, name, x)
+            targets = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            with model_state(plan.loaded.module):
+                _, data = layer_pass(plan.loaded.module, x, targets, [layer], grad=False)
+            parts.append(data[layer].activations.cpu().numpy())
+        return np.concatenate(parts)
+
+    return activations
 
 
 def _spared(plan: Plan, method: str | None) -> Callable[[Sequence[int]], Tensor]:

@@ -4,6 +4,7 @@ from auditor.shortcuts import (
     attributes,
     background,
     clusters,
+    concepts,
     counterfactual,
     cues,
     hotspots,
@@ -11,4 +12,4 @@ from auditor.shortcuts import (
     reliability,
 )
 
-MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, reliability)
+MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, concepts, reliability)

@@ -27,7 +27,7 @@ from auditor.shortcuts.flags import SEVERITY_RANK, Flag, pct
 from auditor.shortcuts.grids import describe_location
 
 REGION_KINDS = ("region_cue", "spatial_hotspot")
-BACKGROUND_KINDS = ("counterfactual_background", "background_reliance")
+BACKGROUND_KINDS = ("counterfactual_background", "background_reliance", "concept")  # off-object evidence
 SHARED_REGION_IOU = 0.3
 
 

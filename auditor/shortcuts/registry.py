@@ -77,6 +77,7 @@ class Intervener:
     region_test: RegionTest
     scan: Scan
     shift_test: ShiftTest
+    activations: Callable[[Sequence[int]], np.ndarray] | None = None  # rows -> [n, K, h, w] at the target layer
 
 
 def keyed_rows(frame: pd.DataFrame, n: int, seed: int, salt: str, first: pd.Series | None = None) -> np.ndarray:

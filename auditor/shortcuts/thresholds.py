@@ -35,6 +35,16 @@ class Thresholds(BaseModel):
     cue_drop: float = Field(
         0.15, gt=0, le=1, description="least median p(class) drop at a place, above the class's other places"
     )
+    concept_images: StrictInt = Field(
+        16, ge=0, description="images per class whose activations are factorized into concepts (DFF); 0 = off"
+    )
+    concept_count: StrictInt = Field(4, ge=1, description="concepts fitted per class")
+    concept_share: float = Field(
+        0.25, gt=0, le=1, description="least share of the class's attention a flagged concept carries (medium: 2x)"
+    )
+    concept_on_ratio: float = Field(
+        0.5, ge=0, lt=1, description="most heat a flagged concept puts on the object, as a multiple of chance"
+    )
     property_effect: float = Field(
         0.25,
         gt=0,
