@@ -135,7 +135,7 @@ def class_concepts(
                 "background_area": bg,
                 "on_object_ratio": (1 - off) / (1 - bg) if bg < 1 else float("nan"),  # a uniform concept: 1
                 "prototype": proto,
-                "heat": np.round(heat[j, proto], 5).tolist(),
+                "heat": heat[j, proto].astype(np.float32).tolist(),
             }
         )
     return out
