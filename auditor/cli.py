@@ -86,13 +86,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(json.dumps({"methods": methods, "metrics": metrics}, indent=2))
         return 0
     print("CAM methods")
-    _table(methods, ["name", "family", "set", "forwards", "backwards", "class_sensitive"])
+    _table(methods, ["name", "family", "set", "forwards", "backwards", "class_sensitive", "reference"])
     print("\nMetrics")
     _table(metrics, ["name", "family", "set", "needs", "better", "forwards", "subset"])
     print()
     print("Cost is per image and explained class; K = channels of the target layer. 'fast' = the default set:")
     print("all fast methods share one forward and one backward to the target layer.")
-    print("Options and references: auditor methods --json")
+    print("Options (and metric references): auditor methods --json")
     return 0
 
 

@@ -51,6 +51,18 @@ EXPENSIVE: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
     "guided_backprop": (16, {}, {}),
     "guided_grad_cam": (16, {}, {}),
 }
+# Methods with their own passes or post-processing (images timed, options).
+OWN_PASS: dict[str, tuple[int, dict[str, Any]]] = {
+    "shapley_cam": (16, {}),
+    "finer_cam": (16, {}),
+    "refine_cam": (16, {}),
+    "kpca_cam": (16, {}),
+    "fem": (16, {}),
+    "random_cam": (16, {}),
+    "dff": (4, {}),
+    "fullgrad": (16, {}),
+    "deconvnet": (16, {}),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -190,6 +202,73 @@ def peers(model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: str, repeat
     return out
 
 
+def new_peers(model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: str, repeat: int) -> dict[str, float]:
+    """ms/image of the peers' versions of the methods in :data:`OWN_PASS`, when installed."""
+    out: dict[str, float] = {}
+    mods = dict(model.named_modules())
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        pgc = None
+    if pgc is not None:
+        targets = [ClassifierOutputTarget(int(c)) for c in t]
+        makers: dict[str, Callable[[], Any]] = {
+            "shapley_cam": lambda: pgc.ShapleyCAM(model=model, target_layers=[mods[layer]]),
+            "kpca_cam": lambda: pgc.KPCA_CAM(model=model, target_layers=[mods[layer]]),
+            "fem": lambda: pgc.FEM(model=model, target_layers=[mods[layer]]),
+            "random_cam": lambda: pgc.RandomCAM(model=model, target_layers=[mods[layer]]),
+            "fullgrad": lambda: pgc.FullGrad(model=model, target_layers=[]),
+        }
+        for name, make in makers.items():
+            cam = make()
+            ms = timed(lambda cam=cam: cam(input_tensor=x, targets=targets), x.device, repeat) / x.shape[0] * 1e3
+            cam.activations_and_grads.release()
+            out[f"pytorch-grad-cam {name}"] = ms
+        model.zero_grad(set_to_none=True)
+    try:
+        from torchcam import methods as tc
+    except ImportError:
+        tc = None
+    if tc is not None and layer == "layer4":
+        for name, make in {
+            "finer_cam": lambda: tc.FinerCAM(model, layer, input_shape=tuple(x.shape[1:])),
+            "refine_cam": lambda: tc.RefineCAM(model, ["layer2", "layer3", "layer4"], input_shape=tuple(x.shape[1:])),
+        }.items():
+            extractor = make()
+
+            def run(extractor: Any = extractor) -> None:
+                extractor(t.tolist(), model(x))
+
+            out[f"torchcam {name}"] = timed(run, x.device, repeat) / x.shape[0] * 1e3
+            extractor.remove_hooks()
+    return out
+
+
+def vit_rows(device: torch.device, repeat: int, peers_too: bool) -> list[tuple[str, float]]:
+    """ms/image of LeGrad and Grad-CAM on a random-weight ViT-B/16 at 224 px (4 images), and torchcam's LeGrad."""
+    torch.manual_seed(0)
+    vit = torchvision.models.vit_b_16(num_classes=1000).eval().to(device)
+    nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision zero-initializes the head
+    x = torch.randn(4, 3, 224, 224, device=device)
+    t = torch.randint(0, 1000, (4,), device=device)
+    rows = [("vit_b_16 forward", timed(lambda: vit(x).sum().item(), device, repeat) / 4 * 1e3)]
+    for name in ("grad_cam", "legrad"):
+        rows.append(
+            (f"vit_b_16 {name}", timed(lambda n=name: compute_cams(vit, x, t, methods=[n]), device, repeat) / 4 * 1e3)
+        )
+    if peers_too:
+        try:
+            from torchcam.methods import LeGrad
+        except ImportError:
+            return rows
+        with LeGrad(vit, list(vit.encoder.layers)) as extractor:
+            rows.append(
+                ("vit_b_16 torchcam legrad", timed(lambda: extractor(t.tolist(), vit(x)), device, repeat) / 4 * 1e3)
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller expensive-method options")
@@ -220,7 +299,13 @@ def main() -> None:
         ms, fw = ours(model, x[:n], t[:n], args.layer, [name], {name: opts} if opts else {}, 1, args.batch)
         shown = ", ".join(f"{k}={v}" for k, v in opts.items())
         rows.append((f"{name}{f' ({shown})' if shown else ''}", n, ms, fw))
+    for name, (n_img, opts) in OWN_PASS.items():
+        n = min(n_img, args.batch)
+        ms, fw = ours(model, x[:n], t[:n], args.layer, [name], {name: opts} if opts else {}, 1, args.batch)
+        rows.append((name, n, ms, fw))
     peer_rows = {} if args.no_peers else peers(model, x, t, args.layer, repeat)
+    new_rows = {} if args.no_peers else new_peers(model, x, t, args.layer, 1)
+    vit = vit_rows(device, 1, not args.no_peers)
     # Floors again after the long runs; keep the smaller of the two (noise on a shared CPU only adds time).
     second = floors(model, x, t, args.layer, repeat)
     fl = {k: min(v, second[k]) for k, v in first.items()}
@@ -245,6 +330,15 @@ def main() -> None:
             print(f"| {k} | {v:.1f} | {v / base:.2f} | {speed} |")
     elif not args.no_peers:
         print("\n(peer libraries not installed: pip install -e '.[bench]')")
+    if new_rows:
+        own = {label: ms for label, _, ms, _ in rows}
+        print("\n| peer library, newer methods | ms/image | auditor ms/image | auditor speed-up |\n|---|---|---|---|")
+        for k, v in new_rows.items():
+            mine = own.get(k.split(" ")[-1])
+            print(f"| {k} | {v:.1f} | {mine:.1f} | {v / mine:.1f}x |" if mine else f"| {k} | {v:.1f} | | |")
+    print("\n| vision transformer (4 images, 224 px) | ms/image |\n|---|---|")
+    for label, ms in vit:
+        print(f"| {label} | {ms:.1f} |")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def intervener(plan: Plan) -> Intervener:
             keep=_spared(plan, method),
         )
 
-    return Intervener(region_test, scan, shift_test, None if plan.loaded.scripted else _activations(plan))
+    # the concepts read the run's target layer, which exists (checked at set-up) when a layer method runs
+    layered = not plan.loaded.scripted and any(CAMS[m].needs != "nothing" for m in plan.methods)
+    return Intervener(region_test, scan, shift_test, _activations(plan) if layered else None)
 
 
 def _activations(plan: Plan) -> Callable[[Sequence[int]], np.ndarray]:
