@@ -306,7 +306,8 @@ def fullgrad(ctx: CamContext) -> Tensor:
         t = t.abs().float()
         t = t - t.amin(dim=dims, keepdim=True)
         t = t / (t.amax(dim=dims, keepdim=True) + eps)
-        return F.interpolate(t, size=size, mode="bilinear", align_corners=mode == "layer").sum(1)
+        # interpolation is linear: summing the channels first gives the same map, upsampled once
+        return F.interpolate(t.sum(1, keepdim=True), size=size, mode="bilinear", align_corners=mode == "layer")[:, 0]
 
     total = psi(input_term)
     for _, term in terms:
