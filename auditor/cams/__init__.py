@@ -1,6 +1,10 @@
 """The CAM engine: every CAM-family method behind one registry (``CAMS``) and two entry points."""
 
-from auditor.cams import activation, gradient, perturbation, pixel, transformer  # noqa: F401  (registers the methods)
+# isort: off
+# importing registers the methods; the import order is the order `auditor methods` lists them (CAM first)
+from auditor.cams import gradient, activation, perturbation, pixel, transformer  # noqa: F401
+
+# isort: on
 from auditor.cams.engine import CamOutput, CamResult, compute_cam, compute_cams
 from auditor.cams.registry import CAMS, CamMethod
 
