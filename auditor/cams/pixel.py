@@ -225,7 +225,7 @@ def full_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> tuple[T
 
     Returns:
         ``(grad_x * x [B, C, H, W], [(module name, grad_z * b)])`` where each bias term has the module's
-        output shape (``[B, K, h, w]`` for conv / BatchNorm, ``[B, ...]`` for Linear).
+        output shape (``[B, K, h, w]`` for conv / BatchNorm; any shape for Linear, bias on the last axis).
     """
     mods = _bias_modules(model)
     outs: dict[str, Tensor] = {}
@@ -251,13 +251,14 @@ def full_gradients(model: nn.Module, images: Tensor, targets: Tensor) -> tuple[T
     finally:
         for handle in handles:
             handle.remove()
+    kinds = {name: isinstance(m, nn.Linear) for name, m, _ in mods}
     terms = []
     for (name, bias), g in zip(used, grads[1:], strict=True):
         if g is None:
             continue
-        shape = [1, -1] + [1] * (g.ndim - 2) if g.ndim >= 2 else [-1]
-        if g.ndim == 3:  # Linear on tokens [B, N, D]: the bias runs along the last axis
-            shape = [1, 1, -1]
+        # a Linear's bias runs along the last axis ([B, D], tokens [B, N, D], Swin's [B, H, W, C]); a conv's
+        # and a BatchNorm's along the channels (dim 1)
+        shape = [1] * (g.ndim - 1) + [-1] if kinds[name] else [1, -1] + [1] * (g.ndim - 2)
         terms.append((name, g * bias.to(g.dtype).view(shape)))
     grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
     return grad_x * x.detach(), terms
@@ -309,8 +310,9 @@ def fullgrad(ctx: CamContext) -> Tensor:
         # interpolation is linear: summing the channels first gives the same map, upsampled once
         return F.interpolate(t.sum(1, keepdim=True), size=size, mode="bilinear", align_corners=mode == "layer")[:, 0]
 
+    spatial = {name for name, m in ctx.model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
     total = psi(input_term)
-    for _, term in terms:
-        if term.ndim == 4:
+    for name, term in terms:
+        if name in spatial:  # Linear biases complete the decomposition but have no channel-first map
             total = total + psi(term)
     return total

@@ -124,9 +124,12 @@ def test_swin_runs_through_the_python_api() -> None:
     swin = SwinTransformer(
         patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=3
     ).eval()
-    res = compute_cams(swin, torch.randn(2, 3, 64, 64), [0, 2], methods=[*METHODS[:-1], "eigen_cam"])
+    x = torch.randn(2, 3, 64, 64)
+    res = compute_cams(swin, x, [0, 2], methods=[*METHODS[:-1], "eigen_cam"])
     for out in res.outputs.values():
         _check(out, 2, (8, 8))  # 64 px / 4 px patches / one merge: the [B, H, W, C] grid, permuted by the model
+    # FullGrad: Swin's Linear layers act on [B, H, W, C], their biases on the last axis
+    _check(compute_cams(swin, x, [0, 2], methods=["fullgrad"])["fullgrad"], 2, (64, 64))
 
 
 def test_deit_with_register_tokens_runs_through_the_python_api() -> None:
