@@ -6,6 +6,7 @@ torch-free modules (the report) can use them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -87,3 +88,55 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     j0, j1, wx = _source_index(x.shape[-1], size[1])
     rows = x[..., i0, :] * (1 - wy)[:, None] + x[..., i1, :] * wy[:, None]
     return np.asarray(rows[..., j0] * (1 - wx) + rows[..., j1] * wx)
+
+
+def factorize(acts: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deep Feature Factorization (Collins et al. 2018): non-negative matrix factorization of activations.
+
+    As pytorch-grad-cam's ``dff``: the ``K x N`` matrix of activations (``N`` positions, of one image or many)
+    is shifted per channel by its minimum so it is non-negative, then ``V - offset ~ W H`` with ``n``
+    concepts; a concept's embedding in activation space is ``W + offset``. Initialisation is NNDSVDa, so the
+    result is deterministic (pytorch-grad-cam draws a random initialisation with ``random_state=0``).
+
+    Args:
+        acts: ``[K, N]`` activations (NaN read as 0).
+        n_components: number of concepts ``n`` (capped at ``min(K, N)``).
+
+    Returns:
+        ``(W [K, n] >= 0, heat H [n, N] >= 0, offset [K, 1])``; all-zero ``W`` and ``H`` for constant activations.
+    """
+    from sklearn.decomposition import NMF
+
+    v = np.nan_to_num(np.asarray(acts, dtype=np.float64))
+    offset = v.min(axis=1, keepdims=True)
+    v = v - offset
+    n = max(1, min(n_components, *v.shape))
+    if not np.any(v > 0):
+        return np.zeros((v.shape[0], n)), np.zeros((n, v.shape[1])), offset
+    model = NMF(n_components=n, init="nndsvda", max_iter=400)
+    with warnings.catch_warnings():  # slow convergence on tiny maps is expected; the result is still used
+        warnings.filterwarnings("ignore", message="Maximum number of iterations")
+        w = model.fit_transform(v)
+    return w, model.components_, offset
+
+
+def project_concepts(acts: np.ndarray, embeddings: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Heat of fixed concepts in new activations: ``V - offset ~ W H`` for ``H >= 0`` with ``W`` fixed.
+
+    Args:
+        acts: ``[K, N]`` activations.
+        embeddings: ``[K, n]`` the ``W`` of :func:`factorize`.
+        offset: ``[K, 1]`` the shift of that fit.
+
+    Returns:
+        ``[n, N]`` heat.
+    """
+    from sklearn.decomposition import non_negative_factorization
+
+    v = np.clip(np.nan_to_num(acts.astype(np.float64)) - offset, 0, None)
+    if not np.any(v > 0) or not np.any(embeddings > 0):
+        return np.zeros((embeddings.shape[1], v.shape[1]))
+    heat, _, _ = non_negative_factorization(
+        v.T, n_components=embeddings.shape[1], init="custom", H=embeddings.T, update_H=False, max_iter=400
+    )
+    return np.asarray(heat).T

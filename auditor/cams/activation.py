@@ -7,9 +7,6 @@ explained class except DFF, which labels its concepts with the model's own linea
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +14,7 @@ from auditor.cams.context import CamContext
 from auditor.cams.layers import get_module, inspect_model
 from auditor.cams.registry import register_cam
 from auditor.errors import MethodNotApplicableError
+from auditor.ops import factorize
 
 
 @register_cam(
@@ -168,36 +166,6 @@ def random_cam(ctx: CamContext) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def factorize(acts: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deep Feature Factorization: non-negative matrix factorization of activations.
-
-    As pytorch-grad-cam's ``dff``: the ``K x N`` matrix of activations (``N`` positions, possibly of many
-    images) is shifted per channel by its minimum so it is non-negative, then ``V ~ W H`` with ``n`` concepts;
-    the concept embeddings are ``W`` plus the shift. Initialisation is NNDSVDa, so the result is deterministic
-    (pytorch-grad-cam draws a random initialisation with ``random_state=0``).
-
-    Args:
-        acts: ``[K, N]`` activations (NaN read as 0).
-        n_components: number of concepts ``n`` (capped at ``min(K, N)``).
-
-    Returns:
-        ``(concepts [K, n], heatmaps [n, N] >= 0)``.
-    """
-    from sklearn.decomposition import NMF
-
-    v = np.nan_to_num(np.asarray(acts, dtype=np.float64))
-    offset = v.min(axis=1, keepdims=True)
-    v = v - offset
-    n = max(1, min(n_components, *v.shape))
-    if not np.any(v > 0):
-        return np.repeat(offset, n, axis=1), np.zeros((n, v.shape[1]))
-    model = NMF(n_components=n, init="nndsvda", max_iter=400)
-    with warnings.catch_warnings():  # slow convergence on tiny maps is expected; the result is still used
-        warnings.filterwarnings("ignore", message="Maximum number of iterations")
-        w = model.fit_transform(v)
-    return w + offset, model.components_
-
-
 def linear_head(model: nn.Module, example: Tensor, channels: int) -> nn.Linear | None:
     """The model's final ``nn.Linear`` when it takes ``channels`` features (the GAP + Linear head of CAM)."""
     info = inspect_model(model, example)
@@ -205,13 +173,6 @@ def linear_head(model: nn.Module, example: Tensor, channels: int) -> nn.Linear |
         return None
     head = get_module(model, info.head_linear)
     return head if isinstance(head, nn.Linear) and head.in_features == channels else None
-
-
-def _dff_requires(model: nn.Module, example: Tensor) -> str | None:
-    info = inspect_model(model, example)
-    if info.head_linear is None:
-        return "dff labels its concepts with the model's final Linear layer; this model's logits come from none"
-    return None
 
 
 @register_cam(
@@ -222,7 +183,6 @@ def _dff_requires(model: nn.Module, example: Tensor) -> str | None:
     backwards="0",
     reference="Collins et al., Deep Feature Factorization for Concept Discovery, ECCV 2018, arXiv:1806.10206",
     options={"n_components": 5},
-    requires=_dff_requires,
 )
 def dff(ctx: CamContext) -> Tensor:
     """DFF map: the heatmap of the image's concept that the model's head scores highest for the class.
@@ -245,7 +205,8 @@ def dff(ctx: CamContext) -> Tensor:
     out = torch.zeros(b, h, w)
     arrays = acts.detach().cpu().numpy()
     for i in range(b):
-        concepts, heat = factorize(arrays[i].reshape(k, -1), int(ctx.options["n_components"]))
+        embeddings, heat, offset = factorize(arrays[i].reshape(k, -1), int(ctx.options["n_components"]))
+        concepts = embeddings + offset
         with torch.no_grad():
             scores = head(torch.as_tensor(concepts.T, dtype=head.weight.dtype, device=head.weight.device))
         best = int(scores[:, int(ctx.targets[i])].argmax())

@@ -1,7 +1,7 @@
 """``concept``: Deep Feature Factorization over the dataset: the concepts a class's attention relies on.
 
 Per class, the target layer's activations of a keyed draw of the class's images are factorized into a few
-non-negative concepts (Collins et al. 2018, arXiv:1806.10206; :func:`auditor.cams.activation.factorize`).
+non-negative concepts (Collins et al. 2018, arXiv:1806.10206; :func:`auditor.ops.factorize`).
 For each concept: its share of the class's attention (the class's map mass on the positions the concept
 explains), where it lives (its heat off the object, where masks exist), and how specific it is to the class
 (its presence in the class's images against its presence in other classes' images, projected on the same
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from auditor.ops import resize_bilinear
+from auditor.ops import factorize, project_concepts, resize_bilinear
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -34,28 +34,6 @@ from auditor.shortcuts.registry import (
 )
 
 NULL_DRAWS = 200
-
-
-def project(acts: np.ndarray, embeddings: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """Heat of fixed concepts in new activations: ``V - offset ~ W H`` for ``H >= 0`` with ``W`` fixed.
-
-    Args:
-        acts: ``[K, N]`` activations.
-        embeddings: ``[K, n]`` concept embeddings (without the offset).
-        offset: ``[K, 1]`` per-channel shift of the fit.
-
-    Returns:
-        ``[n, N]`` heat.
-    """
-    from sklearn.decomposition import non_negative_factorization
-
-    v = np.clip(np.nan_to_num(acts.astype(np.float64)) - offset, 0, None)
-    if not np.any(v > 0) or not np.any(embeddings > 0):
-        return np.zeros((embeddings.shape[1], v.shape[1]))
-    heat, _, _ = non_negative_factorization(
-        v.T, n_components=embeddings.shape[1], init="custom", H=embeddings.T, update_H=False, max_iter=400
-    )
-    return np.asarray(heat).T
 
 
 def class_concepts(
@@ -83,19 +61,14 @@ def class_concepts(
         and ``on_object_ratio`` (heat on the object / the object's area share; NaN without masks),
         ``prototype`` (index into ``own``) and its ``heat`` on the layer grid.
     """
-    from sklearn.decomposition import NMF
-
     n, k, h, w = own.shape
-    v = np.nan_to_num(own.transpose(1, 0, 2, 3).reshape(k, -1).astype(np.float64))
-    offset = v.min(axis=1, keepdims=True)
-    shifted = v - offset
-    r = max(1, min(n_components, *shifted.shape))
-    if not np.any(shifted > 0):
+    embeddings, flat, offset = factorize(own.transpose(1, 0, 2, 3).reshape(k, -1), n_components)
+    if not np.any(flat > 0):
         return []
-    model = NMF(n_components=r, init="nndsvda", max_iter=400)
-    embeddings = model.fit_transform(shifted)
-    heat = model.components_.reshape(r, n, h, w)
-    heat_other = project(other.transpose(1, 0, 2, 3).reshape(k, -1), embeddings, offset).reshape(r, -1, h, w)
+    r = flat.shape[0]
+    heat = flat.reshape(r, n, h, w)
+    heat_other = project_concepts(other.transpose(1, 0, 2, 3).reshape(k, -1), embeddings, offset)
+    heat_other = heat_other.reshape(r, other.shape[0], h, w)  # m may be 0 (one class drawn)
     up = np.stack([resize_bilinear(heat[j], (32, 32)) for j in range(r)]).clip(0)  # [r, n, 32, 32]
     total = up.sum(0, keepdims=True)
     assign = np.divide(up, total, out=np.zeros_like(up), where=total > 0)
