@@ -205,16 +205,18 @@ def layer_cam(ctx: CamContext) -> Tensor:
     if len(names) == 1:
         return _layer_cam_single(ctx, names[0])
     gamma = float(ctx.options["gamma"])
-    maps = [_layer_cam_single(ctx, name) for name in names]
-    size = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
-    fused = []
-    for i, m in enumerate(maps):
+    scaled = []
+    for i, m in enumerate(_layer_cam_single(ctx, name) for name in names):
         peak = m.flatten(1).amax(1).view(-1, 1, 1)
         m = torch.where(peak > 0, m / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(m))
-        if i < len(maps) - 1:
-            m = torch.tanh(gamma * m)
-        fused.append(upsample(m, (int(size[0]), int(size[1]))))
-    return torch.stack(fused).amax(0)
+        scaled.append(torch.tanh(gamma * m) if i < len(names) - 1 else m)
+    return on_finest_grid(scaled).amax(0)
+
+
+def on_finest_grid(maps: list[Tensor]) -> Tensor:
+    """Per-layer maps ``[B, h_l, w_l]`` upsampled bilinearly to the finest of their grids: ``[L, B, h, w]``."""
+    h, w = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
+    return torch.stack([upsample(m, (int(h), int(w))) for m in maps])
 
 
 @register_cam(
@@ -353,11 +355,6 @@ def finer_references(logits: Tensor, targets: Tensor, count: int) -> Tensor:
     return distance.topk(min(count, logits.shape[1] - 1), dim=1, largest=False).indices
 
 
-def _finer_requires(model: nn.Module, example: Tensor) -> str | None:
-    n = inspect_model(model, example).num_outputs
-    return None if n >= 2 else f"finer_cam contrasts the class with similar classes; the model has {n} output"
-
-
 @register_cam(
     "finer_cam",
     family="gradient",
@@ -367,7 +364,6 @@ def _finer_requires(model: nn.Module, example: Tensor) -> str | None:
     reference="Zhang et al., Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation, "
     "CVPR 2025, arXiv:2501.11309",
     options={"base": "grad_cam", "gamma": 0.6, "num_references": 3},
-    requires=_finer_requires,
 )
 def finer_cam(ctx: CamContext) -> Tensor:
     """Finer-CAM: the base method on the contrast ``y_c - gamma * mean_t y_{d_t}``.
@@ -381,6 +377,8 @@ def finer_cam(ctx: CamContext) -> Tensor:
     base = str(ctx.options["base"])
     if base not in FINER_BASES:
         raise ValueError(f"finer_cam base must be one of {FINER_BASES}, got {base!r}")
+    if ctx.logits.shape[1] < 2:
+        raise MethodNotApplicableError("finer_cam contrasts the class with similar classes; the model has 1 output")
     gamma = float(ctx.options["gamma"])
     refs = finer_references(ctx.logits, ctx.targets, int(ctx.options["num_references"]))
 
@@ -396,20 +394,6 @@ def finer_cam(ctx: CamContext) -> Tensor:
 REFINE_BASES = ("grad_cam_pp", "grad_cam", "layer_cam", "hires_cam", "xgrad_cam")
 
 
-def _refine_layers(model: nn.Module, example: Tensor, layer: str) -> list[str]:
-    return stage_layers(model, example, layer, count=3)
-
-
-def _refine_requires(model: nn.Module, example: Tensor) -> str | None:
-    layer = inspect_model(model, example).default_layer
-    if layer is None or len(stage_layers(model, example, layer)) < 2:
-        return (
-            "refine_cam multiplies maps of layers at different resolutions; this model has one grid "
-            "(pass method_options: {refine_cam: {layers: [...]}} to choose layers)"
-        )
-    return None
-
-
 @register_cam(
     "refine_cam",
     family="gradient",
@@ -420,8 +404,7 @@ def _refine_requires(model: nn.Module, example: Tensor) -> str | None:
     "arXiv:2605.14641",
     options={"layers": None, "base": "grad_cam_pp"},
     multi_layer=True,
-    default_layers=_refine_layers,
-    requires=_refine_requires,
+    default_layers=stage_layers,
 )
 def refine_cam(ctx: CamContext) -> Tensor:
     """RefineCAM: the product of the base method's maps over several layers.
@@ -441,9 +424,8 @@ def refine_cam(ctx: CamContext) -> Tensor:
             f"refine_cam needs at least two layers at different depths; got {names} "
             "(pass method_options: {refine_cam: {layers: [...]}})"
         )
-    maps = []
-    for name in names:
-        sub = dataclasses.replace(ctx, layer=name, layer_names=[name])
-        maps.append(minmax(CAMS[base].fn(sub).clamp_min(0), (1, 2)))
-    size = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
-    return torch.stack([upsample(m, (int(size[0]), int(size[1]))) for m in maps]).prod(0)
+    maps = [
+        minmax(CAMS[base].fn(dataclasses.replace(ctx, layer=name, layer_names=[name])).clamp_min(0), (1, 2))
+        for name in names
+    ]
+    return on_finest_grid(maps).prod(0)

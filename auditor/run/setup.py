@@ -130,7 +130,9 @@ def resolve_methods(
     ``fast`` gains ``cam`` when the head is GAP + one Linear. A method whose requirement the model lacks
     (LeGrad without attention, FullGrad without conv biases, CAM without a GAP + Linear head, ...) is
     skipped with its reason, logged and recorded in ``summary.json`` ``run.skipped_methods``; the run goes on
-    unless no method is left.
+    unless no method is left. The reason comes from the method's ``requires`` check, and for the cheap
+    methods from running each once on the probe image (a ``MethodNotApplicableError``); the layers were
+    checked before (:func:`check_layers`).
     """
     methods = cfg.method_names()
     if loaded.scripted:
@@ -145,15 +147,10 @@ def resolve_methods(
         methods = ["cam", *methods]
     skipped: dict[str, str] = {}
     for name in methods:
-        requires = CAMS[name].requires
-        reason = requires(loaded.module, probe) if requires is not None else None
-        if reason is None and name == "cam":
-            try:
-                compute_cams(loaded.module, probe, [0], methods=["cam"], layer=layer)
-            except MethodNotApplicableError as err:
-                reason = str(err)
-            except (ValueError, TypeError):
-                pass  # a layer problem, not cam's: check_layers reports it for every method
+        spec = CAMS[name]
+        reason = spec.requires(loaded.module, probe) if spec.requires is not None else None
+        if reason is None and not spec.expensive:
+            reason = _probe_method(cfg, loaded, probe, layer, name)
         if reason is not None:
             skipped[name] = reason
     for name, reason in skipped.items():
@@ -170,6 +167,22 @@ def resolve_methods(
     if cfg.methods == "fast":
         skipped.pop("cam", None)  # an optional member of the fast set, not a configured method
     return kept, skipped
+
+
+def _probe_method(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor, layer: Any, name: str) -> str | None:
+    """Run one cheap method on the probe image: the reason it cannot run on this model, or None.
+
+    Raises:
+        ModelError: the method fails for another reason (a layer that runs twice, a non-tensor output, ...).
+    """
+    try:
+        options = {name: cfg.method_options.get(name, {})}
+        compute_cams(loaded.module, probe, [0], methods=[name], layer=layer, options=options)
+    except MethodNotApplicableError as err:
+        return str(err)
+    except (ValueError, TypeError) as err:
+        raise ModelError(f"the configured methods cannot run on this model: {err}") from None
+    return None
 
 
 def run_identity(cfg: AuditConfig, samples: Sequence[SampleSpec], selection: Selection) -> str:
@@ -300,13 +313,6 @@ def check_layers(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> None:
         layers_per_method(loaded.module, probe, methods, options, cfg.model.target_layer)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.target_layer / method_options: {err}") from None
-    cheap = [m for m in methods if not CAMS[m].expensive]
-    try:  # one image through the shared pass: a layer that runs twice, a non-tensor output, ... fail here
-        if cheap:
-            given = {m: options[m] for m in cheap}
-            compute_cams(loaded.module, probe, [0], methods=cheap, layer=cfg.model.target_layer, options=given)
-    except (ValueError, TypeError) as err:
-        raise ModelError(f"the configured methods cannot run on this model: {err}") from None
 
 
 def plan_run(
@@ -333,8 +339,8 @@ def plan_run(
     probe = _probe(dataset, loaded, classes, device)
     loaded = logits_only(loaded, probe)
     _check_outputs(loaded, probe, classes)
+    check_layers(cfg, loaded, probe)
     methods, skipped = resolve_methods(cfg, loaded, probe, cfg.model.target_layer)
-    check_layers(cfg.model_copy(update={"methods": methods}), loaded, probe)
     cfg, localization = plan_localization(cfg, loaded, probe, methods)
     chunk = _chunk(cfg, loaded, probe)
     resolved = cfg.model_copy(update={"methods": methods})
