@@ -174,9 +174,6 @@ def compute_cams(
         low, valid = finalize(low)
         maps = upsample(low, size) if upsample_maps else None
         outputs[spec.name] = CamOutput(spec.name, maps, low, valid, names)
-    if not specs:
-        with model_state(model), torch.no_grad():
-            logits = model(images).detach().float()
     return CamResult(logits=logits, outputs={name: outputs[name] for name in order})
 
 

@@ -123,13 +123,14 @@ def _activations(plan: Plan) -> Callable[[Sequence[int]], np.ndarray]:
 
     def activations(rows: Sequence[int]) -> np.ndarray:
         parts = []
-        for start in range(0, len(rows), max(1, plan.chunk)):
-            x = load(rows[start : start + plan.chunk])
-            layer = resolve_layer(plan.loaded.module, name, x)
-            targets = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            with model_state(plan.loaded.module):
+        layer = None
+        with model_state(plan.loaded.module):
+            for start in range(0, len(rows), plan.chunk):
+                x = load(rows[start : start + plan.chunk])
+                layer = layer or resolve_layer(plan.loaded.module, name, x)
+                targets = torch.zeros(len(x), dtype=torch.long, device=x.device)  # no gradient: any class
                 _, data = layer_pass(plan.loaded.module, x, targets, [layer], grad=False)
-            parts.append(data[layer].activations.cpu().numpy())
+                parts.append(data[layer].activations.cpu().numpy())
         return np.concatenate(parts)
 
     return activations

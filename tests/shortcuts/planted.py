@@ -152,6 +152,11 @@ def write(root: Path, samples: list[dict[str, object]], masks: bool) -> Path:
             Image.fromarray(np.asarray(s["mask"], np.uint8) * 255).save(root / "masks" / f"{s['id']}.png")
             row["mask"] = f"masks/{s['id']}.png"
         rows.append(row)
+    return write_manifest(root, rows)
+
+
+def write_manifest(root: Path, rows: list[dict[str, object]]) -> Path:
+    """``root/audit.csv`` with ``rows`` (the first row's keys are the columns)."""
     with (root / "audit.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

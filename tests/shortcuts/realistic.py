@@ -13,7 +13,6 @@ eroded mask leaves an object-coloured rim in the image, as thresholded real mask
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +145,7 @@ def write(root: Path, samples: list[dict[str, object]], masks: str, px: int = 2)
             ys, xs = np.nonzero(mask)
             row |= {"x0": int(xs.min()), "y0": int(ys.min()), "x1": int(xs.max()) + 1, "y1": int(ys.max()) + 1}
         rows.append(row)
-    with (root / "audit.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root / "audit.csv"
+    return planted.write_manifest(root, rows)
 
 
 def inside_tag(region: list[float], slack_px: float = 4) -> bool:
