@@ -107,14 +107,14 @@ def _synthetic_run(root: Path, n: int, seed: int = 0) -> None:
 
 def _reduce_child(root: Path) -> None:
     from auditor.run import aggregate
-    from auditor.run.rundir import RunDir
+    from auditor.run.rundir import RunDir, one_row_per_sample
     from auditor.shortcuts.registry import AnalysisInputs, run_analyses
     from auditor.shortcuts.thresholds import Thresholds
 
     start = time.perf_counter()
     rundir = RunDir(root)
     table = rundir.read_table()
-    first = aggregate.first_rows(table)
+    first = one_row_per_sample(table)
     cols = ["energy_in_mask", "energy_in_mask_chance", "pointing_game", "pointing_game_chance"]
     aggregate.aggregates(table, rundir, ["a", "b"], cols, 0)
     aggregate.accuracy(first, ["a", "b"], 0)

@@ -21,7 +21,7 @@ from auditor.ops import resize_bilinear
 from auditor.outputs.gate import evaluate, load_run, verdict
 from auditor.outputs.render import colour_scale, data_uri, environment, grey, overlay, thumbnail
 from auditor.outputs.rules import load_rules
-from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes
+from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes, one_row_per_sample
 from auditor.shortcuts.registry import evidence_ids, evidence_keys
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _deep_dive(run: RunDir, table: pd.DataFrame, target: str, objects: np.ndarra
         return []
     meta = run.read_json(DEEPDIVE)
     arrays = np.load(run.deepdive_arrays_path)
-    first = table.drop_duplicates("id").set_index("id")
+    first = one_row_per_sample(table).set_index("id")
     methods = sorted(str(m) for m in table["method"].unique())
     out = []
     for i, (sid, row) in enumerate(zip(meta["ids"], meta["rows"], strict=True)):
@@ -298,7 +298,7 @@ def _concepts(analyses: dict[str, Any], rows: pd.DataFrame) -> list[dict[str, An
 
 def _class_attribute(table: pd.DataFrame, groups: dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
     """Per metadata attribute: accuracy (and n) of every class x value cell."""
-    first = table.drop_duplicates("row")
+    first = one_row_per_sample(table)
     out = []
     for attr in groups:
         if attr not in first.columns:

@@ -18,12 +18,6 @@ from auditor.run.schema import DatasetInfo
 from auditor.stats import NAN, bootstrap_ci, describe
 
 
-def first_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per sample: the first method's rows of the first target."""
-    first = table[table["method"] == table["method"].iloc[0]]
-    return first[first["target"] == first["target"].iloc[0]]
-
-
 def _max_box_acc_stats(curves: np.ndarray, seed: int, resamples: int = 200) -> dict[str, float]:
     curves = curves[~np.isnan(curves).any(1)]
     if len(curves) == 0:

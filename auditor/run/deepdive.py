@@ -19,7 +19,7 @@ from auditor.cams import compute_cams
 from auditor.cams.core import model_state
 from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.errors import MethodNotApplicableError
-from auditor.run.rundir import DEEPDIVE, RunDir, atomic_write_bytes
+from auditor.run.rundir import DEEPDIVE, RunDir, atomic_write_bytes, one_row_per_sample
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.registry import evidence_ids
 
@@ -96,7 +96,7 @@ def run_deepdive(
 ) -> list[str]:
     """Pick the flagged samples, compute their deep dive and save it; returns the ids."""
     ids = pick_samples(flags)
-    first = table.drop_duplicates("id").set_index("id")
+    first = one_row_per_sample(table).set_index("id")
     ids = [i for i in ids if i in first.index]
     if not ids:
         return []

@@ -17,7 +17,7 @@ import pandas as pd
 from auditor.cams import CAMS
 from auditor.metrics import METRICS
 from auditor.run.mapstage import MapSpec
-from auditor.run.rundir import EXPENSIVE, RunDir
+from auditor.run.rundir import EXPENSIVE, RunDir, one_row_per_sample
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.registry import evidence_ids
 
@@ -45,7 +45,7 @@ def select_flagged(
         stratified: ``[n]`` bool, the run's stratified subset.
         per_flag: ``expensive.per_class``.
     """
-    first = table.drop_duplicates("row")
+    first = one_row_per_sample(table)
     row_of = dict(zip(first["id"], first["row"].astype(int), strict=True))
     chosen: dict[int, list[str]] = {}
     for flag in flags:
@@ -80,7 +80,7 @@ def write_choice(rundir: RunDir, chosen: dict[int, list[str]]) -> None:
 def write_expensive(rundir: RunDir, spec: MapSpec, table: pd.DataFrame, mode: str, per_class: int) -> None:
     """``expensive.json``: which samples got the expensive methods and metrics, and why (for the report)."""
     reasons: dict[str, Any] = rundir.read_json(EXPENSIVE)["reasons"] if rundir.has(EXPENSIVE) else {}
-    first = table.drop_duplicates("row")
+    first = one_row_per_sample(table)
     rows = first[spec.expensive[first["row"].astype(int).to_numpy()]]
     rundir.write_json(
         EXPENSIVE,

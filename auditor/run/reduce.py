@@ -30,7 +30,7 @@ from auditor.run import aggregate, sanity
 from auditor.run.deepdive import run_deepdive
 from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
-from auditor.run.rundir import FLAGS, SUMMARY, RunDir
+from auditor.run.rundir import FLAGS, SUMMARY, RunDir, one_row_per_sample
 from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
 from auditor.shortcuts.findings import group_findings
@@ -228,7 +228,7 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
 
     ``seconds`` collects stage timings (``analyses``, ``deep_dive``); the caller adds them to the summary.
     """
-    first = aggregate.first_rows(table)
+    first = one_row_per_sample(table)
     columns = metric_columns(spec.metrics)
     summary = _header(plan, spec)
     summary["dataset"] = aggregate.dataset_info(

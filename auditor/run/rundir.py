@@ -383,6 +383,17 @@ def _parquet(frame: pd.DataFrame) -> bytes:
     return buf
 
 
+def one_row_per_sample(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per audited sample, whatever the methods: each sample's first row in the table's order, by row.
+
+    An expensive method has rows only for the expensive subset, so no one method's rows are the population
+    (``methods: [occlusion, grad_cam]`` once made occlusion's subset the population of accuracy,
+    ``dataset.n``, ``dataset.id`` and the analyses). The columns a sample's rows share (label, prediction,
+    probes, metadata) are equal in each of its rows.
+    """
+    return table.drop_duplicates("row", keep="first").sort_values("row", kind="stable")
+
+
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -390,7 +401,7 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def _replace_rows(table: pd.DataFrame, redo: pd.DataFrame, keep: tuple[str, ...]) -> pd.DataFrame:
     """``table`` with the samples of ``redo`` replaced, keeping ``table``'s columns with a prefix in ``keep``."""
-    main = table.drop_duplicates("row").set_index("row")
+    main = one_row_per_sample(table).set_index("row")
     for col in [c for c in table.columns if keep and c.startswith(keep)]:
         redo[col] = redo["row"].map(main[col]).to_numpy()
     return pd.concat([table[~table["row"].isin(redo["row"])], redo], ignore_index=True)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from auditor.io.sources import sample_key
 from auditor.registry import Registry
-from auditor.run.rundir import RunDir
+from auditor.run.rundir import RunDir, one_row_per_sample
 from auditor.shortcuts.flags import Flag, order_flags
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.thresholds import Thresholds
@@ -119,8 +119,9 @@ class AnalysisInputs:
 
     @cached_property
     def first(self) -> pd.DataFrame:
-        """One row per sample (the first method's rows)."""
-        return self.table[self.table["method"] == self.table["method"].iloc[0]]
+        """One row per audited sample, whatever the methods (not the first method's rows: an expensive
+        method has rows only for its subset)."""
+        return one_row_per_sample(self.table)
 
     @cached_property
     def grids(self) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:

@@ -75,6 +75,19 @@ def test_run_writes_every_output(dataset_dir: Path, tmp_path: Path) -> None:
     assert "grad_cam" in resolved and "window: 8" in resolved
 
 
+def test_the_population_is_every_sample_whatever_the_first_method(dataset_dir: Path, tmp_path: Path) -> None:
+    # occlusion (expensive: 3 images a class) listed first once made its 6-image subset the audited population
+    ids = {}
+    for name, methods in (("mixed", ["occlusion", "grad_cam"]), ("cheap", ["grad_cam"])):
+        (tmp_path / name).mkdir()
+        assert _run(make_config(dataset_dir, tmp_path / name, methods=methods), tmp_path / name / "run") == 0
+        summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
+        assert summary["dataset"]["n"] == 24 and summary["accuracy"]["*"]["n"] == 24, name
+        assert summary["dataset"]["per_class"] == {"disc": 12, "square": 12}
+        ids[name] = summary["dataset"]["id"]
+    assert ids["mixed"] == ids["cheap"]  # the baseline key names the same data
+
+
 def test_finished_run_is_not_overwritten_without_force(dataset_dir: Path, tmp_path: Path) -> None:
     cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"])
     out = tmp_path / "run"
@@ -124,6 +137,7 @@ def test_resume_after_interruption_gives_identical_results(
     _interrupt_then_resume(cfg, tmp_path, monkeypatch, at_call=3, parts=("part", 2))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(dataset_dir: Path, tmp_path: Path) -> None:
     cfg = make_config(dataset_dir, tmp_path, batch_size=2)
     args = [sys.executable, "-m", "auditor", "run", str(cfg), "--no-progress"]
