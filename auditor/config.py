@@ -27,7 +27,7 @@ from auditor.errors import ConfigError
 from auditor.io.images import DEFAULT_MAX_PIXELS
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.thresholds import Thresholds
-from auditor.validation import format_validation_error
+from auditor.validation import format_validation_error, load_yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -309,10 +309,7 @@ def load_config(path: str | Path) -> AuditConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
     return parse_config(raw, base=path.resolve().parent, source=str(path))
 
 

@@ -1,4 +1,5 @@
-"""Readable pydantic validation errors: one line per problem with the key path and a close match (no torch)."""
+"""Readable config errors (no torch): pydantic validation errors, one line per problem with the key path and a
+close match; YAML read strictly (a key given twice in one mapping is an error, not the last one winning)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import types
 import typing
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
+from auditor.errors import ConfigError
 from auditor.registry import did_you_mean
 
 _ALIASES = {"class_": "class"}
@@ -59,3 +62,33 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
         shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
         lines.append(f"{source}: {path}: {msg}{shown}")
     return "\n".join(dict.fromkeys(lines))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML read from ``source``; invalid YAML or a duplicate key is a ``ConfigError`` naming it."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None

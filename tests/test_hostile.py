@@ -427,6 +427,28 @@ def test_gate_rules_with_a_misspelled_kind_are_config_errors(data: Path, tmp_pat
     assert "did you mean 'background_reliance'" in capsys.readouterr().err
 
 
+def test_a_key_given_twice_is_a_config_error_naming_it(data: Path, tmp_path: Path, capsys: Any) -> None:
+    # plain YAML keeps the last 'methods:' and the first is lost without a word
+    cfg = _config(data, tmp_path)
+    cfg.write_text(cfg.read_text() + "methods: [hires_cam]\n")
+    assert _run(cfg, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "key 'methods' is given twice" in err and str(cfg) in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {flags: {kind: '*', severity: high}, max: 0, max: 1}\n")
+    assert main(["gate", str(tmp_path), "--rules", str(rules)]) == 2
+    assert "key 'max' is given twice (lines 2 and 2)" in capsys.readouterr().err
+
+
+def test_a_misspelled_top_level_key_of_a_rules_file_is_named(data: Path, tmp_path: Path, capsys: Any) -> None:
+    assert _run(_config(data, tmp_path), tmp_path / "r") == 0
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"rulez": [{"flags": {"kind": "*", "severity": "high"}, "max": 0}]}))
+    assert main(["gate", str(tmp_path / "r"), "--rules", str(rules)]) == 2
+    assert "unknown key 'rulez'; did you mean 'rules'?" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ exit-code contract
 
 

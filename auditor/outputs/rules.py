@@ -21,13 +21,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from auditor.errors import ConfigError
 from auditor.registry import did_you_mean
 from auditor.shortcuts.flags import SEVERITY_RANK
-from auditor.validation import format_validation_error
+from auditor.validation import format_validation_error, load_yaml
 
 
 class FlagFilter(BaseModel):
@@ -132,12 +131,12 @@ def load_rules(path: Path | None) -> tuple[list[Rule], str]:
         if not path.is_file():
             raise ConfigError(f"rules file not found: {path}")
         text, source = path.read_text(encoding="utf-8"), str(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    if isinstance(raw, dict) and "rules" in raw:
-        raw = raw["rules"]
+    raw = load_yaml(text, source)
+    if isinstance(raw, dict):
+        for key in raw:
+            if key != "rules":
+                raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(str(key), ['rules'])}")
+        raw = raw.get("rules")
     if not isinstance(raw, list):
         raise ConfigError(f"{source}: expected a list of rules (or a mapping with 'rules:')")
     rules = []
