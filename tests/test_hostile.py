@@ -441,6 +441,31 @@ def test_a_key_given_twice_is_a_config_error_naming_it(data: Path, tmp_path: Pat
     assert "key 'max' is given twice (lines 2 and 2)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("thresholds", "says"),
+    [
+        ({"attribute_high": 0.1}, "attribute_gap <= attribute_medium <= attribute_high must hold"),
+        ({"counterfactual_medium": 0.6}, "counterfactual_gap <= counterfactual_medium <= counterfactual_high"),
+        ({"background_medium": 0.4}, "background_high <= background_medium <= background_ratio"),
+        ({"property_high": 0.2}, "property_effect <= property_high"),
+        ({"cue_images": 3}, "cue_images must be 0 (the scan off) or at least 4; got 3"),
+        ({"attribute_high": 1.5}, "thresholds.attribute_high"),
+    ],
+)
+def test_thresholds_out_of_range_or_order_are_config_errors(
+    data: Path, tmp_path: Path, capsys: Any, thresholds: dict[str, Any], says: str
+) -> None:
+    assert _run(_config(data, tmp_path, thresholds=thresholds), tmp_path / "r") == 2
+    assert says in capsys.readouterr().err
+
+
+def test_thresholds_at_their_limits_are_accepted() -> None:
+    from auditor.shortcuts.thresholds import Thresholds
+
+    Thresholds(cue_images=0)  # off
+    Thresholds(cue_images=4, attribute_gap=0.3, attribute_medium=0.3, attribute_high=0.3)  # equal levels
+
+
 def test_a_misspelled_top_level_key_of_a_rules_file_is_named(data: Path, tmp_path: Path, capsys: Any) -> None:
     assert _run(_config(data, tmp_path), tmp_path / "r") == 0
     rules = tmp_path / "rules.yaml"

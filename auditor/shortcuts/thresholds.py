@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from itertools import pairwise
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 
 class Thresholds(BaseModel):
@@ -17,8 +20,8 @@ class Thresholds(BaseModel):
         gt=0,
         description="flag when the CI of the median mass-on-object / chance ratio lies below this (1 = a uniform map)",
     )
-    background_medium: float = 0.8
-    background_high: float = 0.5
+    background_medium: float = Field(0.8, gt=0, description="medium at or below this ratio")
+    background_high: float = Field(0.5, gt=0, description="high at or below this ratio")
     hotspot_lift: float = Field(2.0, gt=1, description="class mass in the region / other classes' mass there")
     hotspot_concentration: float = Field(
         2.0, gt=1, description="class mass in the region / the region's share of the image (uniform map: 1)"
@@ -51,14 +54,35 @@ class Thresholds(BaseModel):
         le=1,
         description="least share of images that follow a colour shift beyond the opposite shift (global_cue)",
     )
-    property_high: float = 0.5
+    property_high: float = Field(0.5, gt=0, le=1, description="high when the whole-image effect reaches this")
     attribute_gap: float = Field(0.15, gt=0, le=1, description="least accuracy gap of a (class, value) group")
-    attribute_medium: float = 0.25
-    attribute_high: float = 0.4
+    attribute_medium: float = Field(0.25, gt=0, le=1, description="medium from this accuracy gap")
+    attribute_high: float = Field(0.4, gt=0, le=1, description="high from this accuracy gap")
     counterfactual_gap: float = Field(0.15, gt=0, le=1, description="least bg-only self - other call-rate gap")
-    counterfactual_medium: float = 0.3
-    counterfactual_high: float = 0.5
+    counterfactual_medium: float = Field(0.3, gt=0, le=1, description="medium from this gap")
+    counterfactual_high: float = Field(0.5, gt=0, le=1, description="high from this gap")
     cluster_min_share: float = Field(0.1, gt=0, le=1)
     cluster_effect: float = Field(
         0.3, gt=0, description="least gap between a cluster's object share (x chance) and its class's"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Severity levels in order (a medium level above the high one made high unreachable) and a scan that
+        can call a place common to a class's images (under 4 images it was silently off)."""
+        problems = []
+        if 0 < self.cue_images < 4:
+            problems.append(f"cue_images must be 0 (the scan off) or at least 4; got {self.cue_images}")
+        for chain in (
+            ("background_high", "background_medium", "background_ratio"),  # ratios: lower is worse
+            ("property_effect", "property_high"),
+            ("attribute_gap", "attribute_medium", "attribute_high"),
+            ("counterfactual_gap", "counterfactual_medium", "counterfactual_high"),
+        ):
+            values = [getattr(self, k) for k in chain]
+            if any(a > b for a, b in pairwise(values)):
+                got = ", ".join(f"{k}={v}" for k, v in zip(chain, values, strict=True))
+                problems.append(f"{' <= '.join(chain)} must hold; got {got}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
