@@ -285,6 +285,14 @@ def sample_key(sample_id: str, seed: int, salt: str) -> int:
     return int(hashlib.sha1(f"{salt}\0{seed}\0{sample_id}".encode()).hexdigest()[:16], 16)
 
 
+def keyed_order(ids: Sequence[str], seed: int, salt: str) -> np.ndarray:
+    """Positions of ``ids`` in the order of their keys (:func:`sample_key`): the first ``k`` of it are a draw of
+    ``k`` samples in which a sample is chosen or not by its own key alone, so adding or removing another
+    sample, reordering or sharding the list moves no other sample's draw (it can only take one place)."""
+    keys = [sample_key(str(i), seed, salt) for i in ids]
+    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+
 def background_partners(samples: Sequence[SampleSpec], probe: np.ndarray, seed: int) -> np.ndarray:
     """For every probed sample with an annotation, another probed, annotated sample of another class.
 
@@ -315,15 +323,18 @@ def _annotated(s: SampleSpec) -> bool:
     return s.mask is not None or bool(s.boxes) or bool(s.polygons) or bool(s.rle)
 
 
-def stratified_subset(labels: Sequence[int], per_class: int, seed: int) -> np.ndarray:
-    """Bool mask over samples: up to ``per_class`` seeded picks from every class."""
+def stratified_subset(
+    ids: Sequence[str], labels: Sequence[int], per_class: int, seed: int, salt: str = "stratified"
+) -> np.ndarray:
+    """Bool mask over samples: up to ``per_class`` picks from every class, keyed by sample id (:func:`keyed_order`)."""
     labels_arr = np.asarray(labels)
+    if len(ids) != len(labels_arr):
+        raise ValueError(f"{len(ids)} sample ids for {len(labels_arr)} labels")
     keep = np.zeros(len(labels_arr), dtype=bool)
-    rng = np.random.default_rng(seed + 1)
     for c in np.unique(labels_arr):
         members = np.flatnonzero(labels_arr == c)
-        pick = members if len(members) <= per_class else rng.choice(members, per_class, replace=False)
-        keep[pick] = True
+        order = keyed_order([ids[int(i)] for i in members], seed, salt)
+        keep[members[order[:per_class]]] = True
     return keep
 
 

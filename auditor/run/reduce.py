@@ -24,6 +24,7 @@ from auditor.cams import CAMS
 from auditor.cams.core import model_state
 from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.config import dump_resolved
+from auditor.io.sources import sample_key
 from auditor.metrics.registry import metric_columns
 from auditor.ops import from_pixels, to_pixels
 from auditor.run import aggregate, sanity
@@ -87,7 +88,7 @@ def intervener(plan: Plan) -> Intervener:
             region,
             to_pixels=lambda x: to_pixels(x, mean, std),
             from_pixels=lambda x: from_pixels(x, mean, std),
-            seed=seed,
+            noise_keys=[sample_key(plan.samples[r].id, seed, "impute") for r in own_rows],
         )
 
     def scan(rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:

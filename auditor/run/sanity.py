@@ -30,7 +30,8 @@ def run_mprt(plan: Plan, first: pd.DataFrame) -> dict[str, Any]:
     methods = [m for m in cfg.methods if CAMS[m].needs != "nothing" or m in BLACK_BOX]
     labels = first["row"].map(lambda r: plan.samples[int(r)].label).to_numpy()
     per_class = max(1, math.ceil(cfg.n_images / len(plan.classes)))
-    keep = stratified_subset(labels, per_class, plan.cfg.seed + 7)
+    ids = [plan.samples[int(r)].id for r in first["row"]]
+    keep = stratified_subset(ids, labels, per_class, plan.cfg.seed, "mprt")
     chosen = first["row"].to_numpy()[keep][: cfg.n_images]
     items = [it for it in (plan.dataset.load(int(r)) for r in chosen) if it["ok"]]  # no partner needed
     images = torch.stack([it["image"] for it in items]).to(plan.device)

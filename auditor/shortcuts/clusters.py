@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from auditor.io.sources import keyed_order
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 
-CLUSTER_CAP = 400  # maps per class clustered (seeded choice); the eigen-decomposition is O(n^3)
+CLUSTER_CAP = 400  # maps per class clustered (keyed by sample id); the eigen-decomposition is O(n^3)
 
 
 def spectral_clusters(maps: np.ndarray, k_neighbors: int = 10, max_k: int = 10, seed: int = 0) -> dict[str, Any]:
@@ -124,7 +125,6 @@ def class_clusters(
 ) -> dict[str, Any]:
     """Per class (at least 6 finite maps; at most ``CLUSTER_CAP``, a seeded choice): its clusters of maps."""
     out: dict[str, Any] = {}
-    rng = np.random.default_rng(seed)
     ok = np.isfinite(grids).all(axis=(1, 2))
     ratio = _ratio(sub)
     for cls in classes:
@@ -132,7 +132,7 @@ def class_clusters(
         if len(idx) < 6:
             continue
         if len(idx) > CLUSTER_CAP:
-            idx = np.sort(rng.choice(idx, CLUSTER_CAP, replace=False))
+            idx = np.sort(idx[keyed_order(sub["id"].to_numpy()[idx].tolist(), seed, "cluster")[:CLUSTER_CAP]])
         res = spectral_clusters(grids[idx], seed=seed)
         out[cls] = {
             "method": method,

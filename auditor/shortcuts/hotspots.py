@@ -16,7 +16,14 @@ from scipy import ndimage, stats
 
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import GRID, describe_location, object_overlap
-from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.registry import (
+    Analysis,
+    AnalysisInputs,
+    FlagContext,
+    Measurement,
+    keyed_rows,
+    register_analysis,
+)
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
 
@@ -119,14 +126,11 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Remove / paste each candidate region on seeded draws of the class's and other classes' images."""
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
-    rng = np.random.default_rng(inputs.seed)
     out: dict[str, Any] = {}
     for cls, support in candidates(measured["hotspots"], inputs.thresholds).items():
         region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
-        own = first[first["label"] == cls]["row"].to_numpy()
-        other = first[first["label"] != cls]["row"].to_numpy()
-        own = np.sort(rng.choice(own, min(n, len(own)), replace=False))
-        other = np.sort(rng.choice(other, min(n, len(other)), replace=False))
+        own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
+        other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))
         result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, inputs.seed)
         out[cls] = {"region": region, **result}
     return {"interventions": out}

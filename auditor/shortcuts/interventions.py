@@ -43,7 +43,7 @@ def hotspot_intervention(
     *,
     to_pixels: Callable[[Tensor], Tensor],
     from_pixels: Callable[[Tensor], Tensor],
-    seed: int = 0,
+    noise_keys: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Remove the region from ``own_rows`` images and paste it into ``other_rows`` images.
 
@@ -55,7 +55,8 @@ def hotspot_intervention(
         cls: the class index.
         region: normalized box.
         to_pixels / from_pixels: normalization inverse / forward.
-        seed: imputation noise seed.
+        noise_keys: one key per ``own_rows`` image seeding its imputation noise (keyed by sample, so the
+            noise of one image does not depend on which others were drawn); default: the row numbers.
 
     Returns:
         ``{n_removed, removal_drop, removal_p, n_pasted, paste_gain, paste_p, paste_flips}``: mean drop of
@@ -66,9 +67,14 @@ def hotspot_intervention(
     other = load(other_rows)
     size = own.shape[-1]
     mask = region_mask(region, size).to(own.device)
-    rng = np.random.default_rng(seed)
+    keys = list(own_rows) if noise_keys is None else list(noise_keys)
+    if len(keys) != len(own_rows):
+        raise ValueError(f"{len(keys)} noise keys for {len(own_rows)} images")
     pix = to_pixels(own).detach().double().cpu().numpy()
-    imputed = np.stack([noisy_linear_impute(p, mask.cpu().numpy(), 0.01, rng) for p in pix])
+    hole = mask.cpu().numpy()
+    imputed = np.stack(
+        [noisy_linear_impute(p, hole, 0.01, np.random.default_rng(k)) for p, k in zip(pix, keys, strict=True)]
+    )
     removed = from_pixels(torch.tensor(imputed, dtype=own.dtype, device=own.device))
     donors = own[torch.arange(other.shape[0], device=own.device) % own.shape[0]]
     pasted = torch.where(mask[None, None], donors, other)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from auditor.io.sources import sample_key
+from auditor.io.sources import keyed_order
 from auditor.registry import Registry
 from auditor.run.rundir import RunDir, one_row_per_sample
 from auditor.shortcuts.flags import Flag, order_flags
@@ -83,9 +83,9 @@ class Intervener:
 def keyed_rows(frame: pd.DataFrame, n: int, seed: int, salt: str, first: pd.Series | None = None) -> np.ndarray:
     """``row`` values of ``n`` rows of ``frame`` in an order keyed by sample id, seed and ``salt`` (rows where
     ``first`` is True come first): a draw that no batch size, order or shard can move."""
-    prefer = first.to_numpy() if first is not None else np.ones(len(frame), dtype=bool)
-    keys = [(not bool(p), sample_key(str(i), seed, salt)) for i, p in zip(frame["id"], prefer, strict=True)]
-    order = sorted(range(len(frame)), key=lambda k: keys[k])
+    order = keyed_order(frame["id"].tolist(), seed, salt)
+    if first is not None:
+        order = order[np.argsort(~first.to_numpy()[order], kind="stable")]
     return frame["row"].to_numpy()[order][:n]
 
 
