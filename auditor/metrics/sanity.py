@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,6 +130,7 @@ def mprt(
     threshold: float = 0.5,
     seed: int = 0,
     batch_size: int = 32,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> MprtResult:
     """Cascading model-parameter randomization test on a copy of ``model`` (the original is untouched).
 
@@ -143,12 +145,15 @@ def mprt(
             first block below it stays above this value (F.4: 0.5, heuristic).
         seed: randomization seed.
         batch_size: chunk size for perturbation methods.
+        options: per-method options, as the run computes its maps (e.g. LayerCAM's fused layers, occlusion's
+            window): the test must judge the maps the analyses read, not the defaults.
 
     Returns:
         :class:`MprtResult`.
     """
     methods = list(methods)
-    original = compute_cams(model, images, targets, methods=methods, layer=layer, batch_size=batch_size)
+    opts = {m: dict((options or {}).get(m, {})) for m in methods}
+    original = compute_cams(model, images, targets, methods=methods, layer=layer, batch_size=batch_size, options=opts)
     randomized = copy.deepcopy(model)
     blocks = cascade_blocks(randomized, n_blocks)
     modules = dict(randomized.named_modules())
@@ -157,7 +162,9 @@ def mprt(
     with model_state(randomized):
         for step, name in enumerate(blocks):
             reinitialize(modules[name], seed + step)
-            now = compute_cams(randomized, images, targets, methods=methods, layer=layer, batch_size=batch_size)
+            now = compute_cams(
+                randomized, images, targets, methods=methods, layer=layer, batch_size=batch_size, options=opts
+            )
             for m in methods:
                 a, b = original[m].maps, now[m].maps
                 assert a is not None and b is not None

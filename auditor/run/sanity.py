@@ -45,6 +45,7 @@ def run_mprt(plan: Plan, first: pd.DataFrame) -> dict[str, Any]:
         n_blocks=cfg.n_blocks,
         seed=plan.cfg.seed,
         batch_size=plan.chunk,
+        options={m: plan.cfg.method_options.get(m, {}) for m in methods},
     )
     return {
         "n_images": len(items),

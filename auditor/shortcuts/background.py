@@ -122,8 +122,6 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
                 _message(c, r0, ratio),
                 evidence,
                 methods,
-                None,
-                ctx.unreliable,
             )
         )
     return flags

@@ -190,7 +190,6 @@ def concept_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
                         msg,
                         evidence,
                         [info["method"]],
-                        unreliable=ctx.unreliable,
                     )
                 )
     return flags

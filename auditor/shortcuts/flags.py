@@ -80,13 +80,9 @@ def make_flag(
     evidence: dict[str, Any],
     methods: Sequence[str] = (),
     region: Sequence[float] | None = None,
-    unreliable: set[str] | None = None,
 ) -> Flag:
-    """A flag; downgraded one level when every supporting method is in ``unreliable``."""
+    """A flag (the unreliable-method downgrade is applied to every flag by :func:`downgrade_unreliable`)."""
     methods = list(methods)
-    if methods and unreliable and all(m in unreliable for m in methods):
-        severity = downgrade(severity)
-        evidence = {**evidence, "downgraded": "only methods that failed the randomization test support it"}
     return {
         "id": f"{kind}/{cls or '*'}/{attribute or '*'}",
         "kind": kind,
@@ -104,3 +100,15 @@ def make_flag(
 def order_flags(flags: list[Flag]) -> list[Flag]:
     """Most severe first, then by score."""
     return sorted(flags, key=lambda f: (-SEVERITY_RANK[f["severity"]], -f["score"], f["id"]))
+
+
+def downgrade_unreliable(flag: Flag, unreliable: set[str]) -> Flag:
+    """``flag`` one level down when every method that supports it failed the randomization test.
+
+    Applied by the analysis registry to every flag of every kind that names methods, so no analysis can
+    forget it (``cluster`` flags once were never downgraded)."""
+    methods = flag["methods"]
+    if flag["kind"] == "unreliable_method" or not methods or not all(m in unreliable for m in methods):
+        return flag
+    why = "only methods that failed the randomization test support it"
+    return {**flag, "severity": downgrade(flag["severity"]), "evidence": {**flag["evidence"], "downgraded": why}}

@@ -181,9 +181,7 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         score = min(1.0, r0["persistence"] * (1 - 1 / r0["lift"]))
         methods = [m for m, _ in support]
         msg = _message(c, r0, test, confirmed)
-        flags.append(
-            make_flag("spatial_hotspot", c, None, sev, score, msg, evidence, methods, r0["region"], ctx.unreliable)
-        )
+        flags.append(make_flag("spatial_hotspot", c, None, sev, score, msg, evidence, methods, r0["region"]))
     return flags
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from auditor.io.sources import keyed_order
 from auditor.registry import Registry
 from auditor.run.rundir import RunDir, one_row_per_sample
-from auditor.shortcuts.flags import Flag, order_flags
+from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.thresholds import Thresholds
 
@@ -231,6 +231,6 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
         measured = analysis.measure(inputs)
         if analysis.intervene is not None:
             measured |= analysis.intervene(measured, inputs) if interventions and inputs.intervener else {}
-        flags += analysis.flag(measured, ctx)
+        flags += [downgrade_unreliable(f, ctx.unreliable) for f in analysis.flag(measured, ctx)]
         analyses |= measured
     return analyses, order_flags(flags)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torchvision
@@ -54,3 +56,24 @@ def test_method_agreement_pairs() -> None:
     np.testing.assert_allclose(agree[("a", "b")], 1.0)
     assert (agree[("a", "c")] < -0.9).all()
     assert set(agree) == {("a", "b"), ("a", "c"), ("b", "c")}
+
+
+def test_mprt_judges_the_maps_the_run_computes(small_cnn: SmallCNN, monkeypatch: Any) -> None:
+    """The randomization test must see the run's method options (LayerCAM's fused layers, occlusion's window),
+    not the defaults: it once judged single-layer LayerCAM while the analyses read the fused map."""
+    import auditor.metrics.sanity as sanity
+
+    seen = []
+    real = sanity.compute_cams
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sanity, "compute_cams", spy)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    fused = {"layer_cam": {"layers": ["block1", "block2"]}}
+    res = mprt(small_cnn, x, t, ["layer_cam"], layer="block2", n_blocks=1, options=fused)
+    assert seen and all(o == {"layer_cam": {"layers": ["block1", "block2"]}} for o in seen)
+    plain = mprt(small_cnn, x, t, ["layer_cam"], layer="block2", n_blocks=1)
+    assert res.spearman["layer_cam"] != plain.spearman["layer_cam"]  # other maps, another verdict's basis

@@ -13,7 +13,7 @@ from auditor.shortcuts.attributes import attribute_leakage, property_bins
 from auditor.shortcuts.background import background_reliance
 from auditor.shortcuts.clusters import spectral_clusters
 from auditor.shortcuts.counterfactual import counterfactual_summary
-from auditor.shortcuts.flags import change, order_flags
+from auditor.shortcuts.flags import change, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import describe_location, grid_maps
 from auditor.shortcuts.hotspots import class_hotspots
 from auditor.shortcuts.interventions import hotspot_intervention, region_mask
@@ -78,8 +78,12 @@ def test_background_reliance_ratio_to_chance_and_flag() -> None:
     flags = background.background_flags(confirmed, CTX)
     assert [(f["kind"], f["class"], f["severity"]) for f in flags] == [("background_reliance", "tank", "high")]
     assert flags[0]["id"] == "background_reliance/tank/*" and 0 <= flags[0]["score"] <= 1
-    # supported only by a method that failed the randomization test: downgraded one level
-    downgraded = background.background_flags(confirmed, FlagContext(T, {"grad_cam"}))
+    # supported only by a method that failed the randomization test: downgraded one level (by the registry,
+    # for every kind: test_the_unreliable_method_downgrade_applies_to_every_kind)
+    downgraded = [
+        downgrade_unreliable(f, {"grad_cam"})
+        for f in background.background_flags(confirmed, FlagContext(T, {"grad_cam"}))
+    ]
     assert downgraded[0]["severity"] == "medium"
     # the maps alone (no counterfactual forwards): at most medium
     alone = background.background_flags({"background": {"grad_cam": res}}, CTX)
@@ -177,8 +181,10 @@ def test_property_bins_and_property_flags_keep_the_strongest() -> None:
     attrs = attribute_leakage(first, [], ["a", "b"])
     assert {a["kind"] for a in attrs.values()} == {"property"}
     flags = attribute_flags(attrs, T)
-    assert len({f["class"] for f in flags}) == len(flags)  # one property flag per class
-    assert all(f["attribute"] in ("brightness", "red") for f in flags)
+    # one property flag per class (not an empty list: the prediction follows brightness in both classes),
+    # and the one kept is the strongest: brightness itself, not red (brightness plus noise)
+    assert sorted(f["class"] for f in flags) == ["a", "b"]
+    assert all(f["attribute"] == "brightness" for f in flags)
 
 
 def test_counterfactual_summary() -> None:
@@ -346,3 +352,31 @@ def test_hotspot_intervention_wording_reads_the_sign_of_thechange() -> None:
     assert change(-0.3, "p(tank)") == "lowers p(tank) by 0.30"
     assert change(0.12, "it") == "raises it by 0.12"
     assert change(-0.001, "it") == "leaves it unchanged"  # no "lowers it by -0.00"
+
+
+def test_the_unreliable_method_downgrade_applies_to_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Central, in the registry: a flag of any kind (a ``cluster`` one here, which no analysis downgraded
+    itself) resting only on methods that failed the randomization test goes down one level."""
+    from auditor.shortcuts import registry
+    from auditor.shortcuts.flags import make_flag
+
+    def flags(measured: dict, ctx: FlagContext) -> list:  # type: ignore[type-arg]
+        return [
+            make_flag("cluster", "a", None, "high", 0.9, "only grad_cam", {}, ["grad_cam"]),
+            make_flag("cluster", "b", None, "high", 0.9, "grad_cam and layer_cam", {}, ["grad_cam", "layer_cam"]),
+            make_flag("region_cue", "c", None, "high", 0.9, "no methods", {}, []),
+            make_flag("unreliable_method", None, "grad_cam", "medium", 0.9, "the judge itself", {}, ["grad_cam"]),
+        ]
+
+    fake = registry.Analysis("fake", ("cluster",), frozenset(), lambda inputs: {}, flags)
+    monkeypatch.setattr(registry, "registered", lambda: [fake])
+    mprt = {"methods": {"grad_cam": {"unreliable": True}, "layer_cam": {"unreliable": False}}}
+    inputs = registry.AnalysisInputs(pd.DataFrame(), "label", [], ["a"], [], None, T, mprt=mprt)  # type: ignore[arg-type]
+    _, out = registry.run_analyses(inputs)
+    got = {f["id"]: (f["severity"], "downgraded" in f["evidence"]) for f in out}
+    assert got == {
+        "cluster/a/*": ("medium", True),
+        "cluster/b/*": ("high", False),  # a reliable method supports it too
+        "region_cue/c/*": ("high", False),  # found by intervention alone
+        "unreliable_method/*/grad_cam": ("medium", False),
+    }
