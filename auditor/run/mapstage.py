@@ -24,6 +24,7 @@ from auditor.config import AuditConfig
 from auditor.io.dataset import drop
 from auditor.io.sources import SampleSpec, sample_key
 from auditor.metrics import METRICS, MetricInputs
+from auditor.metrics.registry import metric_columns
 from auditor.ops import to_pixels
 from auditor.run.rundir import RunStore, map_key
 from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, mask_grid
@@ -312,13 +313,20 @@ class _Pending:
 
 
 def _finish(spec: MapSpec, out: BatchOutput, pending: list[_Pending]) -> None:
-    """The host side of a batch: host metrics, then the frame (columns in registry order, as always)."""
+    """The host side of a batch: host metrics, then the frame.
+
+    Every frame has every configured metric column, in the registry's order, NaN where the metric did not run
+    (an expensive metric on a batch without an expensive sample): otherwise the parts' columns, and so the
+    order of ``samples.parquet``'s columns, depended on which batch held the first expensive sample.
+    """
     start = time.perf_counter()
     frames = []
     for p in pending:
         parts = {**p.device_cols, **p.host_cols()}
         cols = {col: arr for name in spec.metrics for col, arr in parts.get(name, [])}
-        frames.append(pd.DataFrame({**p.data, **cols, **p.tail}))
+        n = len(p.data["row"])
+        every = {col: cols.get(col, np.full(n, np.nan)) for col in metric_columns(spec.metrics)}
+        frames.append(pd.DataFrame({**p.data, **every, **cols, **p.tail}))  # (cols: the same keys, in place)
     out.frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out.tick("host", start)
 
