@@ -16,6 +16,7 @@ import pytest
 from auditor.cli import main
 from auditor.run.setup import shard_of
 from tests.pipeline.conftest import kill_after_parts, make_config
+from tests.pipeline.test_golden import _round, assert_close
 
 
 def _run(*args: str) -> int:
@@ -44,6 +45,13 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert [(f["id"], f["severity"]) for f in fa] == [(f["id"], f["severity"]) for f in fb]
     sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
     assert sa["dataset"] == sb["dataset"] and sa["accuracy"] == sb["accuracy"]
+    # the aggregates and every dataset-level number, not only the flags' ids (README: "rows, maps, aggregates
+    # and flags"); float rounding only
+    for key in ("aggregates", "groups", "analyses", "sanity"):
+        assert_close(_round(sb[key]), _round(sa[key]), key)
+    ga = json.loads((a / "flags.json").read_text())["findings"]
+    gb = json.loads((b / "flags.json").read_text())["findings"]
+    assert [(g["id"], g["severity"], g["flags"]) for g in ga] == [(g["id"], g["severity"], g["flags"]) for g in gb]
 
 
 @pytest.mark.parametrize("subset", ["stratified", "flagged"])

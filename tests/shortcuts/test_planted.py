@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
@@ -111,6 +112,7 @@ def test_clean_control_gets_no_high_severity_flag(tmp_path: Path) -> None:
     print("control flags:", [(f["kind"], f["class"], f["severity"]) for f in flags])
 
 
+@pytest.mark.slow
 def test_flags_do_not_depend_on_the_faithfulness_defaults(tmp_path: Path) -> None:
     """The default set computes faithfulness on the expensive subset, for grad_cam, at step 0.02; the old
     defaults (every sample, every method, step 0.01) give the same flags: flags stand on localization,

@@ -1,0 +1,50 @@
+"""The cost figures the README quotes are counted from the code, so they cannot drift from it again (it said
+3 counterfactual forwards per image while the code ran 6, and 640 colour-shift forwards per class for 320)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from auditor.shortcuts.interventions import shift_intervention
+from auditor.shortcuts.probes import VERSIONS
+from auditor.shortcuts.thresholds import Thresholds
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def _quoted(pattern: str) -> int:
+    found = re.search(pattern, README.replace("\n", " "))
+    assert found, f"the README no longer says {pattern!r}"
+    return int(found.group(1))
+
+
+def test_counterfactual_forwards_per_image() -> None:
+    assert _quoted(r"Counterfactual probes \((\d+) forwards per image") == len(VERSIONS)
+
+
+def test_colour_shift_forwards_per_class() -> None:
+    n = Thresholds().intervention_images
+    seen = []
+
+    class Counting(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    images = torch.rand(2 * n, 3, 8, 8)
+    shift_intervention(
+        Counting(),
+        lambda rows: images[list(rows)],
+        range(n),
+        range(n, 2 * n),
+        0,
+        [0.1, 0.1, 0.1],
+        to_pixels=lambda x: x,
+        from_pixels=lambda x: x,
+        keep=lambda rows: torch.zeros(len(rows), 8, 8, dtype=torch.bool),
+    )
+    assert _quoted(r"and (\d+) for the colour shifts") == sum(seen)
