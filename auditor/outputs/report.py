@@ -34,7 +34,37 @@ HEADLINES = {
     "fail": "Shortcut evidence found",
     "warn": "Possible shortcuts: review the findings",
     "pass": "No shortcut found",
+    "inconclusive": "Inconclusive",
 }
+
+
+def inconclusive_reasons(summary: dict[str, Any]) -> list[str]:
+    """Why a run that no rule fails still cannot say "no shortcut": the model does not beat guessing, or no
+    analysis that confirms a shortcut by intervening on the images (the region scan, the colour shifts, the
+    counterfactual with masks, a hotspot's removal) ran. Empty when the run can speak."""
+    reasons = []
+    counts = [int(v) for v in ((summary.get("dataset") or {}).get("per_class") or {}).values()]
+    acc = (summary.get("accuracy") or {}).get("*") or {}
+    if sum(counts) and acc.get("ci_low") is not None:
+        guess = max(counts) / sum(counts)
+        if acc["ci_low"] <= guess:
+            reasons.append(
+                f"the model's accuracy ({acc['accuracy']:.3f}, 95% CI from {acc['ci_low']:.3f}) does not beat always "
+                f"answering the most common class ({guess:.3f}): a model that learned nothing has no shortcut to find"
+            )
+    an = summary.get("analyses") or {}
+    tested = (
+        bool(an.get("cues"))
+        or any(isinstance(r, dict) and r.get("test") for r in (an.get("global") or {}).values())
+        or any(isinstance(r, dict) and r.get("n") for r in (an.get("counterfactual") or {}).values())
+        or bool(an.get("interventions"))
+    )
+    if not tested:
+        reasons.append(
+            "no analysis that tests a shortcut by intervening on the images ran (no masks for the counterfactual, "
+            "the region scan off or too few images a class, no colour shift)"
+        )
+    return reasons
 
 
 def _verdict(summary: dict[str, Any], flags: list[dict[str, Any]]) -> tuple[str, str, list[str]]:
@@ -57,6 +87,9 @@ def _verdict(summary: dict[str, Any], flags: list[dict[str, Any]]) -> tuple[str,
     headline = HEADLINES[status]
     if status == "fail" and not any(c.status in ("FAIL", "ERROR") and c.rule in flag_rules for c in deciding):
         headline = "The gate fails"
+    why = inconclusive_reasons(summary) if status == "pass" else []
+    if why:  # "No shortcut found" in green would claim what the run could not test
+        return "inconclusive", f"{HEADLINES['inconclusive']}: {'; '.join(why)}", []
     return status, headline, list(dict.fromkeys(f"{c.status}: {c.rule}" for c in deciding))
 
 

@@ -75,3 +75,38 @@ def test_gate_report_and_compare_run_without_torch(dataset_dir: Path, tmp_path: 
     codes = json.loads(done.stdout.strip().splitlines()[-1])
     assert codes[1:] == [0, 0] and codes[0] in (0, 1)  # the gate may fail: this model learned the sky
     assert (run / "c.html").exists() and (run / "report.html").read_text() == before  # re-rendered identically
+
+
+def _summary(accuracy: float, ci_low: float, per_class: dict[str, int], analyses: dict) -> dict:  # type: ignore[type-arg]
+    return {
+        "config": {},
+        "dataset": {"per_class": per_class, "id": "x"},
+        "accuracy": {"*": {"accuracy": accuracy, "ci_low": ci_low, "ci_high": accuracy, "n": sum(per_class.values())}},
+        "aggregates": {},
+        "analyses": analyses,
+    }
+
+
+TESTED = {"cues": {"a": {"effect": 0.0}}}  # the region scan ran
+
+
+def test_a_model_at_chance_or_an_untested_run_is_inconclusive_not_clean() -> None:
+    from auditor.outputs.report import _verdict
+
+    hundred = {f"c{i}": 10 for i in range(100)}
+    # a 100-class model at 1.1% (chance: 1%) once read "No shortcut found" in green
+    status, headline, _ = _verdict(_summary(0.011, 0.005, hundred, TESTED), [])
+    assert status == "inconclusive" and "does not beat always answering the most common class (0.010)" in headline
+    # a working model whose run could intervene: the gate's own verdict
+    assert _verdict(_summary(0.9, 0.85, hundred, TESTED), [])[:2] == ("pass", "No shortcut found")
+    # a working model, but nothing that confirms a shortcut by intervention ran
+    status, headline, _ = _verdict(_summary(0.9, 0.85, hundred, {"global": {"a": {"delta": [0, 0, 0]}}}), [])
+    assert status == "inconclusive" and "no analysis that tests a shortcut by intervening" in headline
+    # the counterfactual (masks) counts as an intervention; a failing rule is never softened
+    cf = {"counterfactual": {"a": {"n": 3}}}
+    assert _verdict(_summary(0.9, 0.85, {"a": 5, "b": 5}, cf), [])[0] == "pass"
+    high = [
+        {"id": "region_cue/a/*", "kind": "region_cue", "class": "a", "attribute": None, "severity": "high"}
+        | {"methods": [], "message": "m", "score": 1.0, "region": None, "evidence": {}}
+    ]
+    assert _verdict(_summary(0.011, 0.005, hundred, {}), high)[0] == "fail"
