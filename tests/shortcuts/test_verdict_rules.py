@@ -1,0 +1,139 @@
+"""Every guard of the intervention verdicts on hand-made measurements, each triggered both ways.
+
+The end-to-end scenarios saturate every threshold (the cue predicts 100%), so they never reach the guards;
+these tests set each measured number just past and just short of its rule.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from auditor.shortcuts.cues import confirmation, control_box, cue_flags
+from auditor.shortcuts.properties import global_flags
+from auditor.shortcuts.registry import FlagContext
+from auditor.shortcuts.thresholds import Thresholds
+
+T = Thresholds()
+CTX = FlagContext(T)
+CORNER = [0.0625, 0.75, 0.1875, 0.875]  # bottom-left, off the centre
+CENTRE = [0.4, 0.4, 0.6, 0.6]
+
+
+def _test(removal: float, paste: float, p: float = 0.001) -> dict[str, Any]:
+    return {"removal_drop": removal, "removal_p": p, "paste_gain": paste, "paste_p": p, "paste_flips": 0.5}
+
+
+def _cue(region: list[float] | None = CORNER, overlap: float = float("nan"), **over: Any) -> dict[str, Any]:
+    r = {
+        "n": 12,
+        "peak": 0.9,
+        "baseline": 0.0,
+        "effect": 0.9,
+        "consistency": 1.0,
+        "region": region,
+        "location": "somewhere",
+        "area": 0.02,
+        "object_overlap": overlap,
+        "ids": ["a"],
+        "test": _test(0.8, 0.8),
+        "control": {"region": control_box(region or CORNER), **_test(0.0, 0.0, 0.9)},
+    }
+    return r | over
+
+
+def _severity(r: dict[str, Any]) -> str | None:
+    flags = cue_flags({"cues": {"tagged": r}}, CTX)
+    return flags[0]["severity"] if flags else None
+
+
+def test_region_cue_high_needs_removal_and_paste_beyond_the_control() -> None:
+    assert _severity(_cue()) == "high"
+    assert _severity(_cue(test=_test(0.8, 0.0))) == "medium"  # removal without paste
+    assert _severity(_cue(test=_test(0.0, 0.8))) is None  # paste without removal: a combination, not the region
+    # the control box moves as much: the effect over it is what counts
+    ctrl = {"region": control_box(CORNER), **_test(0.78, 0.0, 0.001)}
+    assert _severity(_cue(control=ctrl)) is None
+    assert confirmation(_cue(control=ctrl), T)["removal_effect"] == pytest.approx(0.02)
+    # just past and just short of intervention_effect; a p-value alone never confirms
+    e = T.intervention_effect
+    assert _severity(_cue(test=_test(e + 0.01, e + 0.01))) == "high"
+    assert _severity(_cue(test=_test(e - 0.01, e + 0.01))) is None
+    assert _severity(_cue(test=_test(0.8, 0.8, p=0.2))) is None
+
+
+def test_region_cue_scan_effect_and_image_count_guards() -> None:
+    assert _severity(_cue(effect=T.cue_drop - 0.01)) is None  # the scan's peak does not beat the baseline
+    assert _severity(_cue(n=3)) is None  # too few images to call a place common to a class
+    assert _severity(_cue(region=None)) is None  # the scan localized nothing
+
+
+def test_region_cue_on_the_object_and_central_guards() -> None:
+    # with masks: a region mostly on the objects is the object, not a cue
+    assert _severity(_cue(overlap=T.hotspot_object_overlap + 0.1)) is None
+    assert _severity(_cue(overlap=T.hotspot_object_overlap - 0.1)) == "high"
+    # without masks a central region may be the object itself: capped at medium, and said so
+    assert _severity(_cue(region=CENTRE)) == "medium"
+    msg = cue_flags({"cues": {"tagged": _cue(region=CENTRE)}}, CTX)[0]["message"]
+    assert "without masks it may be the object itself" in msg
+    # with masks showing it off the objects, a central region keeps its severity
+    assert _severity(_cue(region=CENTRE, overlap=0.1)) == "high"
+
+
+def test_the_control_box_is_the_mirror_image_or_the_far_corner() -> None:
+    assert control_box([0.0, 0.75, 0.25, 1.0]) == [0.75, 0.0, 1.0, 0.25]
+    far = control_box([0.4, 0.45, 0.6, 0.65])  # its mirror would overlap it: the corner away from its centre
+    assert far == pytest.approx([0.0, 0.0, 0.2, 0.2])
+
+
+def _shift(leave: float, flip: float, n: int = 30, p: float = 0.001) -> dict[str, Any]:
+    return {
+        "n_own": n,
+        "n_other": n,
+        "leave": leave,
+        "leave_control": 0.0,
+        "leave_p": p,
+        "flip": flip,
+        "flip_control": 0.0,
+        "flip_p": p,
+        "kept": 0.2,
+    }
+
+
+def _global(whole: dict[str, Any], outside: dict[str, Any] | None, gap: float | None = None) -> dict[str, Any]:
+    test = {"whole": whole, "outside": outside}
+    r = {"delta": [0.2, 0.0, -0.2], "n": 30, "property": "colour", "size": 0.2, "test": test}
+    m: dict[str, Any] = {"global": {"dusk": r}}
+    if gap is not None:
+        m["global_removed_gap"] = {"dusk": gap}
+    return m
+
+
+def _gsev(m: dict[str, Any]) -> str | None:
+    flags = global_flags(copy.deepcopy(m), CTX)
+    return flags[0]["severity"] if flags else None
+
+
+def test_global_cue_severity_follows_the_whole_image_effect() -> None:
+    assert _gsev(_global(_shift(0.9, 0.9), _shift(0.6, 0.6))) == "high"
+    assert _gsev(_global(_shift(0.4, 0.9), _shift(0.4, 0.4))) == "medium"  # min(leave, flip) < property_high
+    assert _gsev(_global(_shift(0.2, 0.9), _shift(0.6, 0.6))) is None  # under property_effect
+
+
+def test_global_cue_needs_the_shift_sparing_the_objects() -> None:
+    # a model that reads the object's own colour follows the whole-image shift, not the spared one
+    assert _gsev(_global(_shift(0.9, 0.9), _shift(0.9, 0.1))) is None
+    assert _gsev(_global(_shift(0.9, 0.9), _shift(0.3, 0.3))) == "high"
+
+
+def test_global_cue_with_masks_needs_the_class_to_survive_the_objects_removal() -> None:
+    # masks: where the class goes with its object removed, the model is sensitive to colour, not led by it
+    assert _gsev(_global(_shift(0.9, 0.9), _shift(0.6, 0.6), gap=T.counterfactual_gap - 0.05)) is None
+    assert _gsev(_global(_shift(0.9, 0.9), _shift(0.6, 0.6), gap=T.counterfactual_gap + 0.05)) == "high"
+
+
+def test_global_cue_needs_enough_images_and_significance() -> None:
+    assert _gsev(_global(_shift(0.9, 0.9, n=T.min_group - 1), _shift(0.6, 0.6))) is None
+    assert _gsev(_global(_shift(0.9, 0.9, p=0.2), _shift(0.6, 0.6, p=0.2))) is None
