@@ -1,7 +1,7 @@
 """``attribute_leak``: a (class, attribute value) group much less accurate than the rest of its class.
 
-Attributes are the metadata columns; without metadata, the image properties measured in the map stage
-(``prop_*``: brightness, contrast, mean colour, sharpness, binned in quartiles).
+Attributes are the metadata columns and the image properties measured in the map stage (``prop_*``:
+brightness, contrast, mean colour, sharpness, binned in quartiles), whether or not metadata is given.
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ def property_bins(values: np.ndarray) -> np.ndarray:
 
 
 def _columns(first: pd.DataFrame, attributes: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
+    """The metadata columns, then the image properties: both, always (a metadata column, however irrelevant,
+    once switched the property tests off without a word); a property named like a metadata column yields."""
     cols = [(a, "metadata", first[a].astype(str).to_numpy()) for a in attributes if a in first.columns]
-    if cols:
-        return cols
-    return [
+    taken = {a for a, _, _ in cols}
+    return cols + [
         (p, "property", property_bins(first[f"prop_{p}"].to_numpy(np.float64)))
         for p in PROPERTIES
-        if f"prop_{p}" in first.columns and first[f"prop_{p}"].notna().all()
+        if p not in taken and f"prop_{p}" in first.columns and first[f"prop_{p}"].notna().all()
     ]
 
 
@@ -106,7 +107,7 @@ def attribute_leakage(
 
     Args:
         first: one row per sample (one method, ``label`` target) with ``label``, ``pred``, ``correct``.
-        attributes: metadata column names (none: the image properties are used).
+        attributes: metadata column names (the image properties are tested beside them).
         classes: class names.
         min_group: smallest (class, value) group that is tested.
 
@@ -152,14 +153,18 @@ def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str,
             key = (a, x["class"])
             if key not in best or x["gap"] > best[key][0]["gap"]:
                 best[key] = (x, float(qv))
-    # Image properties (used when there is no metadata) are strongly correlated with each other (a brighter
-    # image is also redder, greener, bluer): keep the strongest property per class, cite the others.
+    # Image properties are strongly correlated with each other (a brighter image is also redder, greener,
+    # bluer) and with the metadata that describes the scene (sunny skies are brighter): per class, keep the
+    # strongest metadata attribute's flag, else the strongest property's, and cite the properties under it.
     props = [(a, c) for (a, c) in best if attrs[a]["kind"] == "property"]
+    meta = [(a, c) for (a, c) in best if attrs[a]["kind"] == "metadata"]
     also: dict[tuple[str, str], list[str]] = {}
     for c in {c for _, c in props}:
         ranked = sorted((a for a, cc in props if cc == c), key=lambda a: -best[(a, c)][0]["gap"])
-        also[(ranked[0], c)] = ranked[1:]
-        for a in ranked[1:]:
+        named = sorted((a for a, cc in meta if cc == c), key=lambda a: -best[(a, c)][0]["gap"])
+        lead, cited = (named[0], ranked) if named else (ranked[0], ranked[1:])
+        also[(lead, c)] = cited
+        for a in cited:
             del best[(a, c)]
     return best, also
 

@@ -20,6 +20,7 @@ stage, which has the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
@@ -95,11 +96,23 @@ def _merge_regions(groups: list[list[Flag]], same_class: bool) -> list[list[Flag
     return merged
 
 
-def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[float]) -> str:
+def _verb(severity: str) -> str:
+    """A low finding never says the model *recognises* a class by something: the evidence is too weak."""
+    return "recognises" if SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"] else "may partly use"
+
+
+def _off_object(flags: list[Flag]) -> bool:
+    """Masks measured the region against the objects (a region mostly on them is never flagged)."""
+    return any(isinstance(v, float) and math.isfinite(v) for f in flags for v in [f["evidence"].get("object_overlap")])
+
+
+def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[float], severity: str) -> str:
     names = " and ".join(classes)
     where = describe_location(region)
     box = ", ".join(f"{v:.2f}" for v in region)
-    s = f"The model recognises {names} by {where} (x0, y0, x1, y1 = {box}), not by the object"
+    # "not by the object" only where masks showed the region off the objects; without them it may be the object
+    s = f"The model {_verb(severity)} {names} by {where} (x0, y0, x1, y1 = {box})"
+    s += ", not by the object" if _off_object(flags) else " (no masks: whether the objects lie there is not known)"
     cue = next((f for f in flags if f["kind"] == "region_cue" and f["evidence"].get("test")), None)
     if cue is not None:
         t, c = cue["evidence"]["test"], cue["class"]
@@ -114,15 +127,19 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
     return s + "."
 
 
-def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None) -> str:
+def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None, severity: str) -> str:
     best = _best(flags, cause)
     names = " and ".join(classes)
     if cause == "background":
-        return f"The model recognises {names} from the background rather than the object. {best['message']}"
+        if any(f["kind"] == "counterfactual_background" for f in flags):  # the object removed: an intervention
+            return f"The model {_verb(severity)} {names} from the background: {best['message']}"
+        # maps and activations alone say where the model looks, not what it uses
+        weak = "" if SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"] else " (weak evidence)"
+        return f"The maps of {names} point to the background rather than the object{weak}. {best['message']}"
     if cause == "attribute":
         return f"The model's predictions for {names} follow the metadata attribute {key!r}. {best['message']}"
     if cause == "property":
-        return f"The model recognises {names} by the image's overall {key}, not the object. {best['message']}"
+        return f"The model {_verb(severity)} {names} by the image's overall {key}. {best['message']}"
     if cause == "cluster":
         return f"A group of {names} images is explained differently from the rest. {best['message']}"
     return best["message"]
@@ -133,7 +150,12 @@ def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
     worst = min(flags, key=lambda f: -SEVERITY_RANK[f["severity"]])
     classes = sorted({f["class"] for f in flags if f["class"] is not None})
     region = best["region"] if cause == "region" else None
-    sentence = _region_sentence(flags, classes, region) if region is not None else _sentence(cause, flags, classes, key)
+    sev = worst["severity"]
+    sentence = (
+        _region_sentence(flags, classes, region, sev)
+        if region is not None
+        else _sentence(cause, flags, classes, key, sev)
+    )
     ident = f"{cause}/{'+'.join(classes) or '*'}/{key or '*'}"
     return {
         "id": ident,

@@ -380,3 +380,27 @@ def test_the_unreliable_method_downgrade_applies_to_every_kind(monkeypatch: pyte
         "region_cue/c/*": ("high", False),  # found by intervention alone
         "unreliable_method/*/grad_cam": ("medium", False),
     }
+
+
+def _props_table(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    bright = rng.random(n)
+    label = np.array(["a", "b"] * (n // 2))
+    pred = np.where(bright > 0.5, "a", "b")
+    cols = {f"prop_{p}": rng.random(n) for p in ("red", "green", "blue", "contrast", "sharpness")}
+    return pd.DataFrame(
+        {"id": [str(i) for i in range(n)], "label": label, "pred": pred, "correct": pred == label}
+        | cols
+        | {"prop_brightness": bright, "site": rng.choice(["x", "y"], n), "sky": np.where(bright > 0.5, "sun", "rain")}
+    )
+
+
+def test_metadata_does_not_switch_the_property_tests_off() -> None:
+    first = _props_table()
+    # an irrelevant metadata column: the brightness cue is still tested and flagged
+    flags = attribute_flags(attribute_leakage(first, ["site"], ["a", "b"]), T)
+    assert sorted((f["class"], f["attribute"]) for f in flags) == [("a", "brightness"), ("b", "brightness")]
+    # metadata that names the cause: one flag per class, on it, the property cited under it
+    flags = attribute_flags(attribute_leakage(first, ["site", "sky"], ["a", "b"]), T)
+    assert sorted((f["class"], f["attribute"]) for f in flags) == [("a", "sky"), ("b", "sky")]
+    assert all("brightness" in f["evidence"]["correlated_properties"] for f in flags)

@@ -233,3 +233,28 @@ def test_a_model_that_calls_everything_one_class_gets_no_background_flag() -> No
     res = counterfactual_summary(pd.DataFrame(rows), ["a", "b"])
     assert res["a"]["versions"]["bg_margin"]["null"] == "label" and res["a"]["gap"] == 0.0
     assert counterfactual_flags({"counterfactual": res}, FlagContext(T)) == []
+
+
+def _sentence_of(*flags: dict) -> str:  # type: ignore[type-arg]
+    (finding,) = group_findings(list(flags))  # type: ignore[arg-type]
+    return str(finding["sentence"])
+
+
+def test_a_finding_says_no_more_than_its_evidence() -> None:
+    box = [0.05, 0.75, 0.2, 0.9]
+    masked = make_flag("region_cue", "tagged", None, "high", 1.0, "m", {"object_overlap": 0.05}, (), box)
+    unmasked = make_flag("region_cue", "tagged", None, "high", 1.0, "m", {"object_overlap": float("nan")}, (), box)
+    weak = make_flag("region_cue", "tagged", None, "low", 0.2, "m", {"object_overlap": 0.05}, (), box)
+    # "not by the object" only where masks measured the region off the objects
+    assert "recognises tagged by" in _sentence_of(masked) and "not by the object" in _sentence_of(masked)
+    assert "not by the object" not in _sentence_of(unmasked) and "no masks" in _sentence_of(unmasked)
+    # a low finding never says the model recognises the class by it
+    assert "recognises" not in _sentence_of(weak) and "may partly use" in _sentence_of(weak)
+    # maps alone say where the maps point, never what the model uses
+    maps_only = _sentence_of(_flag("background_reliance", "disc", "medium"))
+    assert maps_only.startswith("The maps of disc point to the background") and "recognises" not in maps_only
+    low = _sentence_of(_flag("concept", "disc", "low", attr="concept 1"), _flag("background_reliance", "disc", "low"))
+    assert "weak evidence" in low and "recognises" not in low
+    # the object removed and the class still called: an intervention, and the sentence may say so
+    assert "recognises square from the background" in _sentence_of(_flag("counterfactual_background", "square", "high"))
+    assert "recognises" not in _sentence_of(_flag("global_cue", "dusk", "low", attr="colour"))
