@@ -13,7 +13,13 @@ class Thresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate (Benjamini-Hochberg) of every test")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Benjamini-Hochberg false discovery rate within each analysis's tests; the region and hotspot "
+        "interventions' Wilcoxon p-values are compared with it unadjusted",
+    )
     min_group: StrictInt = Field(5, ge=2, description="smallest group or class tested")
     background_ratio: float = Field(
         1.0,
