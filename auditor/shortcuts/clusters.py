@@ -123,7 +123,7 @@ def _cluster_entries(
 def class_clusters(
     sub: pd.DataFrame, grids: np.ndarray, classes: Sequence[str], method: str, seed: int
 ) -> dict[str, Any]:
-    """Per class (at least 6 finite maps; at most ``CLUSTER_CAP``, a seeded choice): its clusters of maps."""
+    """Per class (at least 6 finite maps; at most ``CLUSTER_CAP``, keyed by sample id): its clusters of maps."""
     out: dict[str, Any] = {}
     ok = np.isfinite(grids).all(axis=(1, 2))
     ratio = _ratio(sub)

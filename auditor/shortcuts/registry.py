@@ -85,7 +85,7 @@ def keyed_rows(frame: pd.DataFrame, n: int, seed: int, salt: str, first: pd.Seri
     ``first`` is True come first): a draw that no batch size, order or shard can move."""
     order = keyed_order(frame["id"].tolist(), seed, salt)
     if first is not None:
-        order = order[np.argsort(~first.to_numpy()[order], kind="stable")]
+        order = order[np.argsort(~first.to_numpy(dtype=bool)[order], kind="stable")]
     return frame["row"].to_numpy()[order][:n]
 
 
