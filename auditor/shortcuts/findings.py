@@ -96,9 +96,11 @@ def _merge_regions(groups: list[list[Flag]], same_class: bool) -> list[list[Flag
     return merged
 
 
-def _verb(severity: str) -> str:
+def _subject(severity: str, names: str) -> str:
     """A low finding never says the model *recognises* a class by something: the evidence is too weak."""
-    return "recognises" if SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"] else "may partly use"
+    if SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"]:
+        return f"The model recognises {names}"
+    return f"Weak evidence: the model may tell {names} apart"
 
 
 def _off_object(flags: list[Flag]) -> bool:
@@ -111,7 +113,7 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
     where = describe_location(region)
     box = ", ".join(f"{v:.2f}" for v in region)
     # "not by the object" only where masks showed the region off the objects; without them it may be the object
-    s = f"The model {_verb(severity)} {names} by {where} (x0, y0, x1, y1 = {box})"
+    s = f"{_subject(severity, names)} by {where} (x0, y0, x1, y1 = {box})"
     s += ", not by the object" if _off_object(flags) else " (no masks: whether the objects lie there is not known)"
     cue = next((f for f in flags if f["kind"] == "region_cue" and f["evidence"].get("test")), None)
     if cue is not None:
@@ -132,14 +134,15 @@ def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None
     names = " and ".join(classes)
     if cause == "background":
         if any(f["kind"] == "counterfactual_background" for f in flags):  # the object removed: an intervention
-            return f"The model {_verb(severity)} {names} from the background: {best['message']}"
+            return f"{_subject(severity, names)} from the background: {best['message']}"
         # maps and activations alone say where the model looks, not what it uses
         weak = "" if SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"] else " (weak evidence)"
         return f"The maps of {names} point to the background rather than the object{weak}. {best['message']}"
     if cause == "attribute":
-        return f"The model's predictions for {names} follow the metadata attribute {key!r}. {best['message']}"
+        what = "image property" if best["evidence"].get("kind") == "property" else "metadata attribute"
+        return f"The model's predictions for {names} follow the {what} {key!r}. {best['message']}"
     if cause == "property":
-        return f"The model {_verb(severity)} {names} by the image's overall {key}. {best['message']}"
+        return f"{_subject(severity, names)} by the image's overall {key}. {best['message']}"
     if cause == "cluster":
         return f"A group of {names} images is explained differently from the rest. {best['message']}"
     return best["message"]

@@ -249,7 +249,8 @@ def test_a_finding_says_no_more_than_its_evidence() -> None:
     assert "recognises tagged by" in _sentence_of(masked) and "not by the object" in _sentence_of(masked)
     assert "not by the object" not in _sentence_of(unmasked) and "no masks" in _sentence_of(unmasked)
     # a low finding never says the model recognises the class by it
-    assert "recognises" not in _sentence_of(weak) and "may partly use" in _sentence_of(weak)
+    assert "recognises" not in _sentence_of(weak)
+    assert _sentence_of(weak).startswith("Weak evidence: the model may tell tagged apart by the bottom-left")
     # maps alone say where the maps point, never what the model uses
     maps_only = _sentence_of(_flag("background_reliance", "disc", "medium"))
     assert maps_only.startswith("The maps of disc point to the background") and "recognises" not in maps_only
@@ -258,3 +259,8 @@ def test_a_finding_says_no_more_than_its_evidence() -> None:
     # the object removed and the class still called: an intervention, and the sentence may say so
     assert "recognises square from the background" in _sentence_of(_flag("counterfactual_background", "square", "high"))
     assert "recognises" not in _sentence_of(_flag("global_cue", "dusk", "low", attr="colour"))
+    # an attribute finding says what kind of attribute leads it
+    prop = make_flag("attribute_leak", "a", "brightness", "high", 0.5, "m", {"kind": "property"})
+    meta = make_flag("attribute_leak", "a", "sky", "high", 0.5, "m", {"kind": "metadata"})
+    assert "follow the image property 'brightness'" in _sentence_of(prop)
+    assert "follow the metadata attribute 'sky'" in _sentence_of(meta)
