@@ -85,7 +85,7 @@ def changed_explanations(
     dir_a, dir_b = RunDir(run_a), RunDir(run_b)
     common = [
         m
-        for m in a["method"].unique()
+        for m in a["method"].dropna().unique()
         if m in set(b["method"]) and dir_a.has_maps(m, "label") and dir_b.has_maps(m, "label")
     ]
     if not common:

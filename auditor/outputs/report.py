@@ -136,7 +136,7 @@ def _deep_dive(run: RunDir, table: pd.DataFrame, target: str, objects: np.ndarra
     meta = run.read_json(DEEPDIVE)
     arrays = np.load(run.deepdive_arrays_path)
     first = one_row_per_sample(table).set_index("id")
-    methods = sorted(str(m) for m in table["method"].unique())
+    methods = sorted(str(m) for m in table["method"].dropna().unique())
     out = []
     for i, (sid, row) in enumerate(zip(meta["ids"], meta["rows"], strict=True)):
         info = first.loc[sid]
@@ -356,7 +356,8 @@ def build_context(root: Path) -> dict[str, Any]:
     table = run.read_table()
     analyses = summary.get("analyses") or {}
     target = analyses.get("target", "label")
-    primary = (analyses.get("methods") or [str(table["method"].iloc[0])])[0]
+    named = table["method"].dropna()
+    primary = (analyses.get("methods") or [str(m) for m in named.iloc[:1]] or [""])[0]
     rows = table[(table["method"] == primary) & (table["target"] == target)].set_index("id", drop=False)
     maps, objects = run.load_maps(primary, target), run.load_objects()
     status, headline, deciding = _verdict(summary, flags)
@@ -412,7 +413,7 @@ def _coverage(run: RunDir, table: pd.DataFrame, deep: list[dict[str, Any]]) -> d
     metric_cols = [c for c in info["metrics"] if c in table.columns]
     rows = [
         {"name": m, "what": "method", "n": int(per_method.get(m, 0)), "subset": m in info["methods"]}
-        for m in dict.fromkeys(table["method"])
+        for m in dict.fromkeys(table["method"].dropna())
     ]
     rows += [
         {"name": c, "what": "metric", "n": int(table.loc[table[c].notna(), "row"].nunique()), "subset": True}

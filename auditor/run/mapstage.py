@@ -240,7 +240,7 @@ def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
     out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
     masks = b.raw["mask"].to(spec.device)
     usable = b.raw["has_mask"].to(spec.device) & masks.flatten(1).any(1)
-    # Counterfactual forwards (3 per image) run on a stratified subset: per-class rates need tens of images.
+    # Counterfactual forwards (6 per image) run on a stratified subset: per-class rates need tens of images.
     in_subset = torch.from_numpy(spec.probe[b.rows]).to(spec.device)
     if bool(usable.any()):
         keep = usable.cpu().numpy()
@@ -366,14 +366,19 @@ def _plans(spec: MapSpec, labels: Tensor, preds: Tensor) -> list[tuple[str, Tens
     return plans
 
 
+def _tail(spec: MapSpec, b: _Batch, sel: Tensor, per_sample: dict) -> dict[str, Any]:
+    """The per-sample probe columns, then the metadata columns, of the positions ``sel``."""
+    specs = [spec.samples[i] for i in b.rows[sel.numpy()].tolist()]
+    meta = {k: [sp.metadata.get(k, "") for sp in specs] for k in sorted({k for sp in specs for k in sp.metadata})}
+    return {k: v[sel.numpy()] for k, v in per_sample.items()} | meta
+
+
 def _explain(
     spec: MapSpec, b: _Batch, e: _Explained, methods: list[str], sel: Tensor, res: CamResult, per_sample: dict
 ) -> list[_Pending]:
     """Maps and device-side metric columns of ``methods`` for the positions ``sel``; the host side waits."""
     # Under autocast the metrics' forwards are low precision: their base probability must be too.
     base = None if spec.cfg.mixed_precision else e.probs[sel].gather(1, e.targets[sel, None])[:, 0]
-    specs = [spec.samples[i] for i in b.rows[sel.numpy()].tolist()]
-    meta = {k: [sp.metadata.get(k, "") for sp in specs] for k in sorted({k for sp in specs for k in sp.metadata})}
     pending = []
     for m in methods:
         out = res[m]
@@ -385,9 +390,27 @@ def _explain(
         def host_cols(maps: Tensor = host_maps, targets: Tensor = host_targets, method: str = m) -> Columns:
             return _metric_columns(spec, b, maps, sel, targets, method, e.target, None, host=True)
 
-        tail = {k: v[sel.numpy()] for k, v in per_sample.items()} | meta
+        tail = _tail(spec, b, sel, per_sample)
         pending.append(_Pending(_rows(spec, b, e, sel, m, out.valid), device_cols, host_cols, tail))
     return pending
+
+
+def _prediction_rows(
+    spec: MapSpec, b: _Batch, probs: Tensor, preds: Tensor, per_sample: dict, explained: Tensor
+) -> list[_Pending]:
+    """One row per sample outside the expensive subset when every method is expensive (a TorchScript model).
+
+    The row holds the sample's forward (``pred``, ``prob``, ``correct``), probes and metadata, with ``method``
+    and ``target`` null and no map (``map_valid`` false, metrics NaN): accuracy, ``dataset.n``, ``dataset.id``
+    and the model-only analyses count every sample, while the expensive methods' maps stay on the subset.
+    """
+    sel = (~explained).nonzero().flatten()
+    if sel.numel() == 0:
+        return []
+    e = _Explained(probs, preds, "", preds, sel)
+    data = _rows(spec, b, e, sel, "", torch.zeros(sel.numel(), dtype=torch.bool))
+    data.update(method=None, target=None, target_class=None, target_prob=np.nan)
+    return [_Pending(data, {}, lambda: {}, _tail(spec, b, sel, per_sample))]
 
 
 def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
@@ -425,6 +448,8 @@ def map_batch(spec: MapSpec, batch: dict[str, Any]) -> BatchOutput:
             reuse = first is not None and tname == "label" and methods is cheap
             res = first if reuse and first is not None else _cams(spec, b, methods, rows_sel, tvec)
             pending += _explain(spec, b, e, methods, rows_sel, res, per_sample)
+    if not cheap:  # every sample is in the population: the ones no method explained get a prediction row
+        pending += _prediction_rows(spec, b, probs, preds, per_sample, exp_rows)
     out.finish = lambda: _finish(spec, out, pending)
     if not spec.overlap:
         out.complete()

@@ -169,10 +169,15 @@ def map_methods(methods: Sequence[str], rundir: RunDir, target: str = "label") -
 
 
 def analysis_inputs(plan: Plan, table: pd.DataFrame, methods: Sequence[str], mprt: dict | None) -> AnalysisInputs:
-    """What the analyses read; the explained target is the label unless the run only explained predictions."""
-    target = "label" if (table["target"] == "label").any() else str(table["target"].iloc[0])
+    """What the analyses read; the explained target is the label unless the run only explained predictions.
+
+    The table keeps the prediction rows (null target) of the samples no method explained, so that the
+    population is every sample.
+    """
+    explained = table["target"].dropna()
+    target = "label" if explained.empty or (explained == "label").any() else str(explained.iloc[0])
     return AnalysisInputs(
-        table=table[table["target"] == target],
+        table=table[(table["target"] == target) | table["target"].isna()],
         target=target,
         methods=map_methods(methods, plan.store, target),
         classes=plan.classes,

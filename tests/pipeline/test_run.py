@@ -428,3 +428,36 @@ def test_rows_do_not_depend_on_the_batch_size(dataset_dir: Path, tmp_path: Path,
             np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-6, err_msg=col)
         else:
             assert a[col].tolist() == b[col].tolist(), col
+
+
+def test_an_audit_of_expensive_methods_only_counts_every_sample(dataset_dir: Path, tmp_path: Path) -> None:
+    # a TorchScript model runs only black-box methods, all expensive: the samples outside the expensive subset
+    # once got no row, so accuracy, dataset.n and dataset.id counted the 6-image subset of a 24-image set
+    out = tmp_path / "run"
+    cfg = make_config(dataset_dir, tmp_path, methods=["occlusion"], metrics=["energy_in_mask", "average_drop"])
+    assert _run(cfg, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"]["n"] == 24 and summary["accuracy"]["*"]["n"] == 24
+    assert summary["dataset"]["per_class"] == {"disc": 12, "square": 12}
+    assert summary["aggregates"]["occlusion"]["label"]["*"]["average_drop"]["n"] == 6  # maps stay on the subset
+    assert list(summary["aggregates"]) == ["occlusion"]
+    table = pd.read_parquet(out / "samples.parquet")
+    occ, rest = table[table["method"] == "occlusion"], table[table["method"].isna()]
+    assert len(occ) == 6 and len(rest) == 18 and rest["target"].isna().all()
+    assert set(occ["row"]).isdisjoint(rest["row"]) and not rest["map_valid"].any()
+    assert rest["average_drop"].isna().all() and rest["pred"].notna().all() and rest["prob"].between(0, 1).all()
+    cheap = tmp_path / "cheap"
+    cheap.mkdir()
+    assert _run(make_config(dataset_dir, cheap, methods=["grad_cam"]), cheap / "run") == 0
+    assert json.loads((cheap / "run" / "summary.json").read_text())["dataset"]["id"] == summary["dataset"]["id"]
+    assert "report.html" in {p.name for p in out.iterdir()}
+
+
+def test_flagged_subset_with_black_box_methods_only_runs(dataset_dir: Path, tmp_path: Path) -> None:
+    # with only expensive methods, `subset: flagged` left the main pass without a row: "every sample was skipped"
+    cfg = make_config(dataset_dir, tmp_path, methods=["occlusion"], expensive={"subset": "flagged", "per_class": 3})
+    s = run_audit(load_config(cfg), tmp_path / "run", progress=False)
+    assert s["dataset"]["n"] == 24 and s["accuracy"]["*"]["n"] == 24
+    table = pd.read_parquet(tmp_path / "run" / "samples.parquet")
+    assert table["row"].nunique() == 24 and table.groupby("row").size().max() == 1
+    assert (tmp_path / "run" / "report.html").stat().st_size > 0
