@@ -53,10 +53,11 @@ def inconclusive_reasons(summary: dict[str, Any]) -> list[str]:
                 f"answering the most common class ({guess:.3f}): a model that learned nothing has no shortcut to find"
             )
     an = summary.get("analyses") or {}
+    counterfactual = an.get("counterfactual") or {}  # a class whose removals leave too little image was not tested
     tested = (
         bool(an.get("cues"))
         or any(isinstance(r, dict) and r.get("test") for r in (an.get("global") or {}).values())
-        or any(isinstance(r, dict) and r.get("n") for r in (an.get("counterfactual") or {}).values())
+        or any(isinstance(r, dict) and r.get("n") and r.get("measurable", True) for r in counterfactual.values())
         or bool(an.get("interventions"))
     )
     if not tested:

@@ -46,7 +46,14 @@ def _rates(rows: pd.DataFrame, cls: str, version: str) -> dict[str, Any]:
     }
 
 
-def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
+def _kept(own: pd.DataFrame, version: str) -> float:
+    """The median share of the image a removal version leaves among the class's images (1 for runs that
+    predate the ``cf_<version>_kept`` columns)."""
+    col = f"cf_{version}_kept"
+    return float(own[col].median()) if col in own.columns and own[col].notna().any() else 1.0
+
+
+def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str], min_kept: float = 0.25) -> dict[str, Any]:
     """Per class: predictions on foreground-only, background-only and background-swapped images.
 
     For each background-only version (object removed by exact mask ``bg``, with a margin ``bg_margin``, as
@@ -64,10 +71,17 @@ def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str]) -> dict[
     ``mixed_accuracy`` = the class's objects on another class's background, recognised; ``bg_gap`` =
     original accuracy minus that.
 
+    A removal of a large object can take nearly the whole image (the margin's box of an object covering 40%
+    of the frame covers ~all of it): nothing is left to inpaint from or to carry a cue, and the class
+    "vanishes" whatever the model uses. A version that leaves under ``min_kept`` of the image (median over
+    the class's images) is not used; a class with no usable margin version is ``measurable: False`` and
+    neither flags nor vetoes another analysis.
+
     Returns:
-        ``{class: {n, accuracy, fg_only_accuracy, versions: {version: {self, other, gap, p_value}}, weakest,
-        bg_only_self, bg_only_other, gap, p_value, mixed_accuracy, mixed_follows_bg, bg_gap, ids}}`` where the
-        top-level ``bg_only_*``, ``gap`` and ``p_value`` are the weakest version's.
+        ``{class: {n, accuracy, fg_only_accuracy, versions: {version: {self, other, gap, p_value}}, kept:
+        {version: median share left}, usable, measurable, weakest, bg_only_self, bg_only_other, gap, p_value,
+        mixed_accuracy, mixed_follows_bg, bg_gap, ids}}`` where the top-level ``bg_only_*``, ``gap`` and
+        ``p_value`` are the weakest usable version's (absent when not measurable).
     """
     if "cf_bg_pred" not in first.columns:
         return {}
@@ -81,16 +95,27 @@ def counterfactual_summary(first: pd.DataFrame, classes: Sequence[str]) -> dict[
         if recognised < 3 or len(other) < 3:
             continue
         rates = {v: _rates(rows, cls, v) for v in versions}
-        weakest = min(margins, key=lambda v: (rates[v]["gap"], -rates[v]["p_value"]))
-        mixed = own[own["cf_mix_pred"] != ""]
+        kept = {v: _kept(own, v) for v in versions}
+        usable = [v for v in margins if kept[v] >= min_kept]
         acc = float(own["correct"].mean())
-        mixed_acc = float((mixed["cf_mix_pred"] == cls).mean()) if len(mixed) else NAN
-        still = own[own[f"cf_{weakest}_pred"] == cls]
-        out[cls] = {
+        head = {
             "n": recognised,
             "accuracy": acc,
             "fg_only_accuracy": float((own["cf_fg_pred"] == cls).mean()),
             "versions": rates,
+            "kept": kept,
+            "usable": usable,
+            "measurable": bool(usable),
+        }
+        if not usable:
+            out[cls] = head
+            continue
+        weakest = min(usable, key=lambda v: (rates[v]["gap"], -rates[v]["p_value"]))
+        mixed = own[own["cf_mix_pred"] != ""]
+        mixed_acc = float((mixed["cf_mix_pred"] == cls).mean()) if len(mixed) else NAN
+        still = own[own[f"cf_{weakest}_pred"] == cls]
+        out[cls] = {
+            **head,
             "weakest": weakest,
             "bg_only_self": rates[weakest]["self"],
             "bg_only_other": rates[weakest]["other"],
@@ -111,8 +136,9 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 
 def removed_gaps(inputs: AnalysisInputs) -> dict[str, float]:
     """Per class, the counterfactual's weakest-version gap: does the rest of the image, object removed with
-    a margin, still carry the class? (empty without masks)."""
-    return {c: r["gap"] for c, r in inputs.counterfactual.items()}
+    a margin, still carry the class? (empty without masks; a class whose removals leave too little of the
+    image is absent: it vetoes nothing)."""
+    return {c: r["gap"] for c, r in inputs.counterfactual.items() if r["measurable"]}
 
 
 def _message(c: str, r: dict[str, Any]) -> str:
@@ -134,7 +160,7 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``counterfactual_background``: the class's own background, object removed with a margin every way,
     still calls the class more often than other classes' backgrounds do (by ``counterfactual_gap``)."""
     t = ctx.thresholds
-    items = list(measured["counterfactual"].items())
+    items = [(c, r) for c, r in measured["counterfactual"].items() if r["measurable"]]
     q = bh_adjust([r["p_value"] for _, r in items])
     flags = []
     for (c, r), qv in zip(items, q, strict=True):

@@ -168,8 +168,9 @@ def counterfactuals(
 
     Returns:
         ``cf_<version>_pred`` and ``cf_<version>_prob`` for each of :data:`VERSIONS`, and
-        ``cf_mix_bg_label``, ``[B]`` each (prob = probability of the image's own label; NaN / -1 where not
-        usable).
+        ``cf_mix_bg_label``, and ``cf_<version>_kept`` for the four background-only versions (the share of
+        the image each leaves: a removal of a large object can leave nothing to inpaint from), ``[B]`` each
+        (prob = probability of the image's own label; NaN / -1 where not usable).
     """
     b = images.shape[0]
     nan = torch.full((b,), float("nan"))
@@ -207,4 +208,8 @@ def counterfactuals(
                 prob[ok] = probs.gather(1, labels[sel, None])[:, 0].cpu()
             out[f"cf_{key}_pred"], out[f"cf_{key}_prob"] = pred, prob
     out["cf_mix_bg_label"] = torch.where(has_partner, partners.labels.cpu(), none) if partners is not None else none
+    removed = {"bg": masks, "bg_margin": grown, "bg_box": box_masks(grown), "bg_flat": grown}
+    for key, holes in removed.items():  # how much image each removal leaves to inpaint from and to carry a cue
+        kept = 1 - holes.flatten(1).float().mean(1).cpu()
+        out[f"cf_{key}_kept"] = torch.where(usable.cpu(), kept, nan)
     return out

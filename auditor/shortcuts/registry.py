@@ -144,7 +144,7 @@ class AnalysisInputs:
         map or colour evidence against it."""
         from auditor.shortcuts.counterfactual import counterfactual_summary
 
-        return counterfactual_summary(self.first, self.classes)
+        return counterfactual_summary(self.first, self.classes, self.thresholds.counterfactual_min_kept)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,13 @@ class Thresholds(BaseModel):
     counterfactual_gap: float = Field(0.15, gt=0, le=1, description="least bg-only self - other call-rate gap")
     counterfactual_medium: float = Field(0.3, gt=0, le=1, description="medium from this gap")
     counterfactual_high: float = Field(0.5, gt=0, le=1, description="high from this gap")
+    counterfactual_min_kept: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="least share of the image an object removal must leave to be used (large objects' box "
+        "removals take nearly all of it); a class with no such removal is not measured and vetoes nothing",
+    )
     cluster_min_share: float = Field(0.1, gt=0, le=1)
     cluster_effect: float = Field(
         0.3, gt=0, description="least gap between a cluster's object share (x chance) and its class's"

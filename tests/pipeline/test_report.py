@@ -105,6 +105,9 @@ def test_a_model_at_chance_or_an_untested_run_is_inconclusive_not_clean() -> Non
     # the counterfactual (masks) counts as an intervention; a failing rule is never softened
     cf = {"counterfactual": {"a": {"n": 3}}}
     assert _verdict(_summary(0.9, 0.85, {"a": 5, "b": 5}, cf), [])[0] == "pass"
+    # ... unless its removals left too little of the image (large objects): then nothing was tested
+    cf = {"counterfactual": {"a": {"n": 3, "measurable": False}}}
+    assert _verdict(_summary(0.9, 0.85, {"a": 5, "b": 5}, cf), [])[0] == "inconclusive"
     high = [
         {"id": "region_cue/a/*", "kind": "region_cue", "class": "a", "attribute": None, "severity": "high"}
         | {"methods": [], "message": "m", "score": 1.0, "region": None, "evidence": {}}

@@ -21,14 +21,23 @@ _TEXTURES = {"grass": data.grass(), "gravel": data.gravel(), "brick": data.brick
 
 
 def _scene(
-    rng: np.random.Generator, shape: str, texture: str, colour: tuple[float, float, float] = (200.0, 60.0, 60.0)
+    rng: np.random.Generator,
+    shape: str,
+    texture: str,
+    colour: tuple[float, float, float] = (200.0, 60.0, 60.0),
+    area: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """A disc or square on a texture; ``area``: the object's share of the frame (default: 8-15%, r 5-7 px)."""
     tex = _TEXTURES[texture]
     y, x = rng.integers(0, tex.shape[0] - SIZE * 4, 2)
     ground = tex[y : y + SIZE * 4 : 4, x : x + SIZE * 4 : 4].astype(np.float32)
     img = np.repeat(ground[:, :, None], 3, axis=2) * np.array([0.8, 0.9, 0.7])
-    r = rng.uniform(5, 7)
-    cy, cx = rng.uniform(r + 1, SIZE - r - 1, 2)
+    if area is None:
+        r = rng.uniform(5, 7)
+    else:  # a disc of radius r covers pi r^2, a square of half-side 0.85 r covers 2.89 r^2
+        r = float(np.sqrt(area * SIZE**2 / (np.pi if shape == "disc" else 2.89))) * rng.uniform(0.95, 1.05)
+    lo, hi = min(r + 1, SIZE / 2), max(SIZE - r - 1, SIZE / 2)  # a large object may touch the border
+    cy, cx = rng.uniform(lo, hi, 2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     mask = (
         (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
@@ -67,8 +76,11 @@ def brighten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 Scenario = dict[str, object]
 
 
-def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0)) -> list[dict[str, object]]:
-    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both.
+def make(
+    kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0), area: float | None = None
+) -> list[dict[str, object]]:
+    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both; ``area``: the
+    objects' share of the frame (default: small objects, 8-15%).
 
     For the planted kinds the object is uninformative (random shape, same colour) and class a carries the
     cue with probability ``cue_rate[0]``, class b with ``cue_rate[1]``. In the control only the object tells
@@ -95,7 +107,7 @@ def make(kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0
             if kind == "both":  # the object and the background both tell the classes apart
                 texture = "grass" if cls == "a" else "brick"
             colour = (200.0, 60.0, 60.0) if kind not in ("control", "both") or cls == "a" else (60.0, 80.0, 220.0)
-            img, mask = _scene(rng, shape, texture, colour)
+            img, mask = _scene(rng, shape, texture, colour, area)
             if kind in cues and has_cue:
                 img = cues[kind](img, rng)
             out.append(

@@ -7,11 +7,16 @@ these tests set each measured number just past and just short of its rule.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import pytest
+import torch
 
+from auditor.shortcuts.counterfactual import counterfactual_flags, counterfactual_summary, removed_gaps
 from auditor.shortcuts.cues import confirmation, control_box, cue_flags
+from auditor.shortcuts.probes import counterfactuals
 from auditor.shortcuts.properties import global_flags
 from auditor.shortcuts.registry import FlagContext
 from auditor.shortcuts.thresholds import Thresholds
@@ -137,3 +142,71 @@ def test_global_cue_with_masks_needs_the_class_to_survive_the_objects_removal() 
 def test_global_cue_needs_enough_images_and_significance() -> None:
     assert _gsev(_global(_shift(0.9, 0.9, n=T.min_group - 1), _shift(0.6, 0.6))) is None
     assert _gsev(_global(_shift(0.9, 0.9, p=0.2), _shift(0.6, 0.6, p=0.2))) is None
+
+
+def _cf_rows(kept: dict[str, float], survives: tuple[str, ...]) -> pd.DataFrame:
+    """10 images of class a and 10 of b, all recognised; a's images keep class a under the removal versions in
+    ``survives`` (b's never become a); every version leaves the share ``kept[version]`` of the image."""
+    rows = []
+    for i in range(20):
+        label = "a" if i < 10 else "b"
+        row: dict[str, Any] = {"id": str(i), "label": label, "pred": label, "correct": True, "cf_fg_pred": label}
+        for v in ("bg", "bg_margin", "bg_box", "bg_flat"):
+            row[f"cf_{v}_pred"] = label if (label == "b" or v in survives) else "b"
+            row[f"cf_{v}_kept"] = kept[v]
+        row |= {"cf_mix_pred": label, "cf_mix_bg_label": "b" if label == "a" else "a"}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SMALL = {"bg": 0.9, "bg_margin": 0.8, "bg_box": 0.7, "bg_flat": 0.8}
+LARGE = {"bg": 0.5, "bg_margin": 0.3, "bg_box": 0.01, "bg_flat": 0.3}  # an object covering ~half the frame
+HUGE = {"bg": 0.2, "bg_margin": 0.05, "bg_box": 0.0, "bg_flat": 0.05}  # ~80% of the frame
+
+
+def _cf_flags(rows: pd.DataFrame) -> list[str]:
+    """The classes flagged, of those whose background is tested (a; b's images always keep b)."""
+    flags = counterfactual_flags({"counterfactual": counterfactual_summary(rows, ["a", "b"])}, CTX)
+    return [f["class"] for f in flags if f["class"] == "a"]
+
+
+def test_a_removal_that_leaves_too_little_image_does_not_decide() -> None:
+    # the background carries class a: the class survives every removal that leaves image to carry it
+    every = ("bg", "bg_margin", "bg_box", "bg_flat")
+    assert _cf_flags(_cf_rows(SMALL, every)) == ["a"]
+    # a large object's box removal takes ~all of the image: the class goes with it, whatever the model uses;
+    # it once decided (the weakest version) and the cue went unflagged because masks were given
+    summary = counterfactual_summary(_cf_rows(LARGE, ("bg", "bg_margin", "bg_flat")), ["a", "b"])["a"]
+    assert summary["usable"] == ["bg_margin", "bg_flat"] and summary["weakest"] in ("bg_margin", "bg_flat")
+    assert _cf_flags(_cf_rows(LARGE, ("bg", "bg_margin", "bg_flat"))) == ["a"]
+    # the guard is no free pass: a usable removal under which the class goes still clears the class
+    assert _cf_flags(_cf_rows(LARGE, ("bg", "bg_margin"))) == []
+    # with a small object the box is usable and decides as before
+    assert _cf_flags(_cf_rows(SMALL, ("bg", "bg_margin", "bg_flat"))) == []
+
+
+def test_a_class_whose_removals_all_leave_too_little_is_not_measured_and_vetoes_nothing() -> None:
+    rows = _cf_rows(HUGE, ())  # every removal "removes the class": the image is gone, not the cue
+    summary = counterfactual_summary(rows, ["a", "b"])
+    assert summary["a"]["measurable"] is False and summary["a"]["usable"] == []
+    assert _cf_flags(rows) == []
+    inputs = SimpleNamespace(counterfactual=summary)
+    assert removed_gaps(inputs) == {}  # type: ignore[arg-type]
+    # so a colour cue found by the shifts stands (with a measurable removal that loses the class it would not)
+    m = _global(_shift(0.9, 0.9), _shift(0.6, 0.6))
+    m["global_removed_gap"] = removed_gaps(inputs)  # type: ignore[arg-type]
+    assert _gsev(m) == "high"
+    measurable = SimpleNamespace(counterfactual=counterfactual_summary(_cf_rows(SMALL, ()), ["a", "b"]))
+    m["global"] = {"a": m["global"].pop("dusk")}
+    m["global_removed_gap"] = removed_gaps(measurable)  # type: ignore[arg-type]
+    assert _gsev(m) is None
+
+
+def test_the_counterfactual_probes_measure_what_each_removal_leaves() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 20 * 20, 2)).eval()
+    masks = torch.zeros(2, 20, 20, dtype=torch.bool)
+    masks[0, 2:18, 2:18] = True  # 64% of the frame
+    masks[1, 8:12, 8:12] = True  # 4%
+    out = counterfactuals(model, torch.randn(2, 3, 20, 20), masks, torch.tensor([0, 1]), torch.tensor([True, True]), None)
+    assert out["cf_bg_kept"].tolist() == pytest.approx([1 - 0.64, 1 - 0.04])
+    assert out["cf_bg_box_kept"][0] == 0.0 and 0 < out["cf_bg_margin_kept"][1] < 0.96  # the margin's box: the whole frame
