@@ -36,7 +36,7 @@ from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
 from auditor.shortcuts.findings import group_findings
 from auditor.shortcuts.flags import Flag, flags_file
-from auditor.shortcuts.interventions import hotspot_intervention, occlusion_scan, shift_intervention
+from auditor.shortcuts.interventions import occlusion_scan, region_intervention, shift_intervention
 from auditor.shortcuts.probes import margin_masks
 from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
 from auditor.version import __version__
@@ -77,15 +77,21 @@ def intervener(plan: Plan) -> Intervener:
     load = loader(plan)
 
     def region_test(
-        own_rows: Sequence[int], other_rows: Sequence[int], cls: int, region: Sequence[float], seed: int
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        region: Sequence[float],
+        control: Sequence[float],
+        seed: int,
     ) -> dict[str, Any]:
-        return hotspot_intervention(
+        return region_intervention(
             plan.loaded.module,
             load,
             own_rows,
             other_rows,
             cls,
             region,
+            control,
             to_pixels=lambda x: to_pixels(x, mean, std),
             from_pixels=lambda x: from_pixels(x, mean, std),
             noise_keys=[sample_key(plan.samples[r].id, seed, "impute") for r in own_rows],

@@ -15,7 +15,7 @@ from scipy import stats
 
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
-from auditor.stats import NAN, bh_adjust
+from auditor.stats import NAN
 
 PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
 
@@ -142,13 +142,22 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     return {"attributes": attribute_leakage(inputs.first, inputs.metadata, inputs.classes, inputs.thresholds.min_group)}
 
 
+def _test_name(attribute: str, x: dict[str, Any]) -> str:
+    return f"{attribute}/{x['class']}/{x['value']}"
+
+
+def tests(measured: Measurement) -> dict[str, float]:
+    """``{"<attribute>/<class>/<value>": p}``: the Fisher test of each (class, value) group's accuracy."""
+    return {_test_name(a, x): x["p_value"] for a, info in measured["attributes"].items() for x in info["tests"]}
+
+
 def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str, str], tuple[dict, float]], dict]:
     """The largest significant gap per (attribute, class); correlated image properties keep only the strongest."""
     t = ctx.thresholds
-    tests = [(a, x) for a, info in attrs.items() for x in info["tests"]]
-    q = bh_adjust([x["p_value"] for _, x in tests])
+    q = ctx.q_values("attributes", tests({"attributes": attrs}))
     best: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
-    for (a, x), qv in zip(tests, q, strict=True):
+    for a, x in [(a, x) for a, info in attrs.items() for x in info["tests"]]:
+        qv = q[_test_name(a, x)]
         if x["gap"] >= t.attribute_gap and qv < t.alpha:
             key = (a, x["class"])
             if key not in best or x["gap"] > best[key][0]["gap"]:
@@ -203,5 +212,6 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=attribute_flags,
         evidence_ids=("error_ids",),
+        tests=tests,
     )
 )

@@ -12,7 +12,7 @@ from scipy import stats
 from auditor.shortcuts.counterfactual import removed_gaps
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
-from auditor.stats import NAN, bh_adjust, median_ci
+from auditor.stats import NAN, median_ci
 
 
 def background_reliance(table: pd.DataFrame, classes: Sequence[str], seed: int = 0, worst: int = 6) -> dict[str, Any]:
@@ -77,6 +77,11 @@ def _message(cls: str, r0: dict[str, Any], ratio: float) -> str:
     )
 
 
+def tests(measured: Measurement) -> dict[str, float]:
+    """``{"<method>/<class>": p}``: the Wilcoxon test of the mass-on-object ratio below 1."""
+    return {f"{m}/{c}": r["p_value"] for m, per_class in measured["background"].items() for c, r in per_class.items()}
+
+
 def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``background_reliance`` per class, merged over the methods that support it.
 
@@ -86,12 +91,12 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """
     t = ctx.thresholds
     per_method: dict[str, dict[str, Any]] = measured["background"]
-    tests = [(m, c, r) for m, per_class in per_method.items() for c, r in per_class.items()]
-    q = bh_adjust([r["p_value"] for _, _, r in tests])
+    q = ctx.q_values("background", tests(measured))
     hits: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for (m, c, r), qv in zip(tests, q, strict=True):
-        if r["n"] >= t.min_group and r["ci_high"] < t.background_ratio and qv < t.alpha:
-            hits.setdefault(c, []).append((m, r))
+    for m, per_class in per_method.items():
+        for c, r in per_class.items():
+            if r["n"] >= t.min_group and r["ci_high"] < t.background_ratio and q[f"{m}/{c}"] < t.alpha:
+                hits.setdefault(c, []).append((m, r))
     removed: dict[str, float] = measured.get("background_removed_gap", {})
     flags = []
     for c, support in hits.items():
@@ -135,5 +140,6 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=background_flags,
         evidence_ids=("worst_ids",),
+        tests=tests,
     )
 )

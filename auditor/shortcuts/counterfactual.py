@@ -14,7 +14,7 @@ from scipy import stats
 
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
-from auditor.stats import NAN, bh_adjust
+from auditor.stats import NAN
 
 REMOVALS = ("bg_margin", "bg_box", "bg_flat")  # the versions a flag must survive (``bg`` = exact mask: evidence)
 
@@ -156,14 +156,21 @@ def _message(c: str, r: dict[str, Any]) -> str:
     )
 
 
+def tests(measured: Measurement) -> dict[str, float]:
+    """``{class: p}``: the Fisher test of the weakest usable removal, per measurable class."""
+    return {c: r["p_value"] for c, r in measured["counterfactual"].items() if r["measurable"]}
+
+
 def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``counterfactual_background``: the class's own background, object removed with a margin every way,
     still calls the class more often than other classes' backgrounds do (by ``counterfactual_gap``)."""
     t = ctx.thresholds
-    items = [(c, r) for c, r in measured["counterfactual"].items() if r["measurable"]]
-    q = bh_adjust([r["p_value"] for _, r in items])
+    q = ctx.q_values("counterfactual", tests(measured))
     flags = []
-    for (c, r), qv in zip(items, q, strict=True):
+    for c, r in measured["counterfactual"].items():
+        if not r["measurable"]:
+            continue
+        qv = q[c]
         gap = r["bg_only_self"] - r["bg_only_other"]
         if r["n"] < t.min_group or r.get("n_null", t.min_group) < t.min_group:
             continue
@@ -184,5 +191,6 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=counterfactual_flags,
         evidence_ids=("ids",),
+        tests=tests,
     )
 )

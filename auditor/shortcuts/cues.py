@@ -11,8 +11,9 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
    set of pixels whose mean drop (over the windows covering them) is within half of the peak's.
 3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
    imputation) and paste it into other classes' images at the same place, and do the same with a
-   control box of the same size at the mirrored place. The removal and the transplant must each beat
-   the control by ``intervention_effect`` and be significant.
+   control box of the same size at the mirrored place, on the same images. Per image, the region's
+   change minus the control's is the effect: its mean must reach ``intervention_effect`` and its paired
+   Wilcoxon test be significant in the run's BH family, for the removal and for the transplant.
 
 With masks (or boxes), a region mostly on the objects is the object, not a cue, and is not flagged.
 Without them, a region at the centre could be the object itself when objects always sit there; such a
@@ -28,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import box_cells, describe_location, object_overlap
+from auditor.shortcuts.grids import box_cells, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -81,19 +82,6 @@ def locate(imp: np.ndarray, level: float = 0.5) -> list[float]:
     ys, xs = np.nonzero(labels == labels[peak])
     side = imp.shape[0]
     return [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side]
-
-
-def control_box(region: Sequence[float]) -> list[float]:
-    """A box of the region's size at the place mirrored through the image centre; when that overlaps the
-    region (a central region), the corner farthest from it."""
-    w, h = region[2] - region[0], region[3] - region[1]
-    box = [1 - region[2], 1 - region[3], 1 - region[0], 1 - region[1]]
-    if box[0] < region[2] and region[0] < box[2] and box[1] < region[3] and region[1] < box[3]:
-        cx, cy = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2
-        x0 = 0.0 if cx >= 0.5 else 1 - w
-        y0 = 0.0 if cy >= 0.5 else 1 - h
-        box = [x0, y0, x0 + w, y0 + h]
-    return [float(v) for v in box]
 
 
 def scan_summary(drops: np.ndarray, boxes: Sequence[Sequence[float]], min_drop: float) -> dict[str, Any]:
@@ -172,12 +160,21 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
             continue
         own = np.sort(keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "cue-test"))
         other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
-        idx = inputs.classes.index(cls)
-        test = inputs.intervener.region_test(own.tolist(), other.tolist(), idx, found["region"], inputs.seed)
-        ctrl_box = control_box(found["region"])
-        ctrl = inputs.intervener.region_test(own.tolist(), other.tolist(), idx, ctrl_box, inputs.seed)
-        found["test"], found["control"] = test, {"region": ctrl_box, **ctrl}
+        idx, region = inputs.classes.index(cls), found["region"]
+        test = inputs.intervener.region_test(
+            own.tolist(), other.tolist(), idx, region, control_box(region), inputs.seed
+        )
+        found["test"] = test
     return {"cues": cues}
+
+
+def tests(measured: Measurement) -> dict[str, float]:
+    """The paired removal and transplant tests (region minus control box) of every class intervened on."""
+    out: dict[str, float] = {}
+    for c, r in measured["cues"].items():
+        if r.get("test"):
+            out |= {f"removal/{c}": r["test"]["removal_p"], f"paste/{c}": r["test"]["paste_p"]}
+    return out
 
 
 def _central(region: Sequence[float]) -> bool:
@@ -185,18 +182,20 @@ def _central(region: Sequence[float]) -> bool:
     return region[0] < 2 / 3 and region[2] > 1 / 3 and region[1] < 2 / 3 and region[3] > 1 / 3
 
 
-def confirmation(r: dict[str, Any], t: Thresholds) -> dict[str, Any]:
-    """Removal and transplant effects over the control box, and whether each is confirmed."""
-    test, ctrl = r.get("test"), r.get("control")
-    if not test or not ctrl:
+def confirmation(c: str, r: dict[str, Any], t: Thresholds, q: dict[str, float]) -> dict[str, Any]:
+    """Removal and transplant effects over the control box (paired, per image), and whether each is confirmed:
+    at least ``intervention_effect`` and significant (``q``: the run's q-values of :func:`tests`)."""
+    test = r.get("test")
+    if not test:
         return {"removal_effect": float("nan"), "paste_effect": float("nan"), "removal": False, "paste": False}
-    removal = test["removal_drop"] - max(ctrl["removal_drop"], 0.0)
-    paste = test["paste_gain"] - max(ctrl["paste_gain"], 0.0)
+    qr, qp = q[f"removal/{c}"], q[f"paste/{c}"]
     return {
-        "removal_effect": float(removal),
-        "paste_effect": float(paste),
-        "removal": bool(removal >= t.intervention_effect and test["removal_p"] < t.alpha),
-        "paste": bool(paste >= t.intervention_effect and test["paste_p"] < t.alpha),
+        "removal_effect": float(test["removal_effect"]),
+        "paste_effect": float(test["paste_effect"]),
+        "removal_q": qr,
+        "paste_q": qp,
+        "removal": bool(test["removal_effect"] >= t.intervention_effect and qr < t.alpha),
+        "paste": bool(test["paste_effect"] >= t.intervention_effect and qp < t.alpha),
     }
 
 
@@ -207,10 +206,12 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
     )
     test = r.get("test")
     if test:
+        ctrl = test["control"]
         msg += (
             f"; removing that region from {c} images {change(-test['removal_drop'], f'p({c})')} and pasting it "
             f"into other classes' images {change(test['paste_gain'], 'it')}, turning {pct(test['paste_flips'])} "
-            f"of them into {c} (a control region: {change(r['control']['paste_gain'], 'it')})"
+            f"of them into {c} (the same for a control box of the same size: {change(-ctrl['removal_drop'], 'it')} "
+            f"and {change(ctrl['paste_gain'], 'it')})"
         )
     if not masked and _central(r["region"]):
         msg += "; the region is central, so without masks it may be the object itself"
@@ -220,6 +221,7 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
 def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``region_cue`` per class: high when removal and transplant both beat the control box."""
     t = ctx.thresholds
+    q = ctx.q_values("cues", tests(measured))
     flags = []
     for c, r in measured["cues"].items():
         if r.get("region") is None or r["effect"] < t.cue_drop or r["n"] < 4:
@@ -228,7 +230,7 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         masked = bool(np.isfinite(overlap))
         if masked and overlap > t.hotspot_object_overlap:
             continue  # the object itself
-        conf = confirmation(r, t)
+        conf = confirmation(c, r, t, q)
         if not conf["removal"]:
             continue  # the region alone does not carry the class: the scan found a combination
         sev = "high" if conf["paste"] else "medium"
@@ -237,7 +239,7 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         evidence = {
             k: r[k] for k in ("n", "peak", "baseline", "effect", "consistency", "area", "object_overlap", "ids")
         }
-        evidence |= {"test": r.get("test"), "control": r.get("control"), **conf}
+        evidence |= {"test": r.get("test"), **conf}
         score = min(1.0, r["effect"])
         msg = _message(c, r, conf, masked)
         flags.append(make_flag("region_cue", c, None, sev, score, msg, evidence, (), r["region"]))
@@ -253,5 +255,6 @@ ANALYSIS = register_analysis(
         flag=cue_flags,
         evidence_ids=("ids",),
         intervene=intervene,
+        tests=tests,
     )
 )

@@ -57,3 +57,16 @@ def object_overlap(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarr
     obj = np.asarray(objects[rows], dtype=np.float32)
     has = np.isfinite(obj).all(axis=(1, 2))
     return float(obj[has][:, cells].mean()) if has.any() else float("nan")
+
+
+def control_box(region: Sequence[float]) -> list[float]:
+    """A box of the region's size at the place mirrored through the image centre; when that overlaps the
+    region (a central region), the corner farthest from it."""
+    w, h = region[2] - region[0], region[3] - region[1]
+    box = [1 - region[2], 1 - region[3], 1 - region[0], 1 - region[1]]
+    if box[0] < region[2] and region[0] < box[2] and box[1] < region[3] and region[1] < box[3]:
+        cx, cy = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2
+        x0 = 0.0 if cx >= 0.5 else 1 - w
+        y0 = 0.0 if cy >= 0.5 else 1 - h
+        box = [x0, y0, x0 + w, y0 + h]
+    return [float(v) for v in box]

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import GRID, describe_location, object_overlap
+from auditor.shortcuts.grids import GRID, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -99,22 +99,44 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     return {"hotspots": hotspots, "interventions": {}}
 
 
-def candidates(per_method: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """Per class, the methods whose region passes every measurement criterion (a measurement, no verdict)."""
-    tests = [(m, c, r) for m, per_class in per_method.items() for c, r in per_class.items()]
-    q = bh_adjust([r["p_value"] for _, _, r in tests])
+def map_tests(per_method: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{"map/<method>/<class>": Mann-Whitney p}``: the maps' test of each class's region."""
+    return {f"map/{m}/{c}": r["p_value"] for m, per_class in per_method.items() for c, r in per_class.items()}
+
+
+def tests(measured: Measurement) -> dict[str, float]:
+    """Every test that can raise a ``spatial_hotspot``: the maps' test per method and class, and the paired
+    removal and transplant tests (region minus control box) per class intervened on."""
+    out = map_tests(measured["hotspots"])
+    for c, iv in measured.get("interventions", {}).items():
+        out |= {f"removal/{c}": iv["removal_p"], f"paste/{c}": iv["paste_p"]}
+    return out
+
+
+def candidates(
+    per_method: dict[str, dict[str, Any]], t: Thresholds, q: dict[str, float] | None = None
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Per class, the methods whose region passes every measurement criterion (a measurement, no verdict).
+
+    Args:
+        q: q-values of :func:`map_tests` (the run's family); None: adjusted within the maps' tests, the
+            screening that picks where to intervene before the run's family exists.
+    """
+    p = map_tests(per_method)
+    q = q if q is not None else dict(zip(p, bh_adjust(list(p.values())), strict=True))
     hits: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for (m, c, r), qv in zip(tests, q, strict=True):
-        on_object = np.isfinite(r["object_overlap"]) and r["object_overlap"] > t.hotspot_object_overlap
-        if (
-            r["lift"] >= t.hotspot_lift
-            and r["area"] <= t.hotspot_max_area
-            and r["concentration"] >= t.hotspot_concentration
-            and r["persistence"] >= t.hotspot_persistence
-            and qv < t.alpha
-            and not on_object
-        ):
-            hits.setdefault(c, []).append((m, r))
+    for m, per_class in per_method.items():
+        for c, r in per_class.items():
+            on_object = np.isfinite(r["object_overlap"]) and r["object_overlap"] > t.hotspot_object_overlap
+            if (
+                r["lift"] >= t.hotspot_lift
+                and r["area"] <= t.hotspot_max_area
+                and r["concentration"] >= t.hotspot_concentration
+                and r["persistence"] >= t.hotspot_persistence
+                and q[f"map/{m}/{c}"] < t.alpha
+                and not on_object
+            ):
+                hits.setdefault(c, []).append((m, r))
     return hits
 
 
@@ -123,7 +145,8 @@ def _strongest(support: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Remove / paste each candidate region on seeded draws of the class's and other classes' images."""
+    """Remove / paste each candidate region and its control box on keyed draws of the class's and other
+    classes' images."""
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
     out: dict[str, Any] = {}
@@ -131,17 +154,19 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
         own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
         other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))
-        result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, inputs.seed)
+        ctrl = control_box(region)
+        result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, ctrl, inputs.seed)
         out[cls] = {"region": region, **result}
     return {"interventions": out}
 
 
-def _confirmed(test: dict[str, Any] | None, t: Thresholds) -> tuple[bool, bool]:
-    """(removal confirmed, transplant confirmed): each effect at least ``intervention_effect`` and significant."""
+def _confirmed(c: str, test: dict[str, Any] | None, t: Thresholds, q: dict[str, float]) -> tuple[bool, bool]:
+    """(removal confirmed, transplant confirmed): each effect over the control box at least
+    ``intervention_effect`` and significant (the run's q-value)."""
     if not test:
         return False, False
-    removal = test["removal_drop"] >= t.intervention_effect and test["removal_p"] < t.alpha
-    paste = test["paste_gain"] >= t.intervention_effect and test["paste_p"] < t.alpha
+    removal = test["removal_effect"] >= t.intervention_effect and q[f"removal/{c}"] < t.alpha
+    paste = test["paste_effect"] >= t.intervention_effect and q[f"paste/{c}"] < t.alpha
     return bool(removal), bool(paste)
 
 
@@ -152,9 +177,11 @@ def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed:
     )
     if test:
         drop, gain = -test["removal_drop"], test["paste_gain"]
+        ctrl = test["control"]
         msg += (
             f"; removing that region {change(drop, f'p({c})')} and pasting it into other images "
-            f"{change(gain, 'it')}" + ("" if confirmed else " (the transplant is not significant)")
+            f"{change(gain, 'it')} (the same for a control box of the same size: {change(-ctrl['removal_drop'], 'it')} "
+            f"and {change(ctrl['paste_gain'], 'it')})" + ("" if confirmed else "; the transplant does not confirm it")
         )
     return msg + "."
 
@@ -163,11 +190,12 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``spatial_hotspot`` per class; high severity requires a confirming intervention (removal and transplant);
     a region whose removal does not lower p(class) is not flagged (the intervention measured no effect)."""
     t, interventions = ctx.thresholds, measured.get("interventions", {})
+    q = ctx.q_values("hotspots", tests(measured))
     flags = []
-    for c, support in candidates(measured["hotspots"], t).items():
+    for c, support in candidates(measured["hotspots"], t, q).items():
         r0 = _strongest(support)
         test = interventions.get(c)
-        removal, paste = _confirmed(test, t)
+        removal, paste = _confirmed(c, test, t, q)
         confirmed = removal and paste
         if test is not None and not removal:
             continue  # the model does not need the region: where the maps look is not what it uses
@@ -178,6 +206,7 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         evidence = {k: r0[k] for k in ("lift", "concentration", "persistence", "area", "p_value", "object_overlap")}
         evidence["intervention"] = test
         evidence["confirmed"] = confirmed
+        evidence["q_value"] = min(q[f"map/{m}/{c}"] for m, _ in support)
         score = min(1.0, r0["persistence"] * (1 - 1 / r0["lift"]))
         methods = [m for m, _ in support]
         msg = _message(c, r0, test, confirmed)
@@ -194,5 +223,6 @@ ANALYSIS = register_analysis(
         flag=hotspot_flags,
         evidence_ids=(),
         intervene=intervene,
+        tests=tests,
     )
 )

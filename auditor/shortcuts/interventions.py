@@ -1,14 +1,18 @@
-"""Hotspot interventions: does the candidate region itself move the model?
+"""Interventions on the images: does a candidate region, or a global property, itself move the model?
 
-(i) Remove it from the class's images (ROAD noisy linear imputation, so no blank patch is introduced):
-the class probability should drop. (ii) Paste it into other classes' images: the class probability should
-rise (SpRAy's tag-pasting test, ImageNet-W's watermark logic). Both are paired one-sided Wilcoxon tests.
+(i) Remove a region from the class's images (ROAD noisy linear imputation, so no blank patch is
+introduced): the class probability should drop. (ii) Paste it into other classes' images: the class
+probability should rise (SpRAy's tag-pasting test, ImageNet-W's watermark logic). Each is compared, image
+by image, with the same intervention on a control box: paired one-sided Wilcoxon tests of test minus
+control. (iii) Shift the images' colour toward the other classes' and, as a control, away: paired sign
+tests. Every p-value enters the run's one Benjamini-Hochberg family (``registry.run_analyses``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,43 +37,28 @@ def _wilcoxon_greater(v: np.ndarray) -> float:
     return float(stats.wilcoxon(v, alternative="greater").pvalue) if np.any(v != 0) else 1.0
 
 
-def hotspot_intervention(
+@dataclass
+class _Changes:
+    """Per-image changes of p(class) under one region's removal and transplant."""
+
+    drop: np.ndarray  # [n_own] p(cls | image) - p(cls | region removed)
+    gain: np.ndarray  # [n_other] p(cls | region pasted) - p(cls | image)
+    flips: np.ndarray  # [n_other] bool, the prediction becomes the class
+
+
+def _remove_and_paste(
     model: nn.Module,
-    load: Callable[[Sequence[int]], Tensor],
-    own_rows: Sequence[int],
-    other_rows: Sequence[int],
+    own: Tensor,
+    other: Tensor,
     cls: int,
     region: Sequence[float],
-    *,
+    keys: Sequence[int],
     to_pixels: Callable[[Tensor], Tensor],
     from_pixels: Callable[[Tensor], Tensor],
-    noise_keys: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Remove the region from ``own_rows`` images and paste it into ``other_rows`` images.
-
-    Args:
-        model: classifier in eval mode.
-        load: rows -> ``[n, 3, S, S]`` normalized images on the model's device.
-        own_rows: rows of the class's images.
-        other_rows: rows of other classes' images.
-        cls: the class index.
-        region: normalized box.
-        to_pixels / from_pixels: normalization inverse / forward.
-        noise_keys: one key per ``own_rows`` image seeding its imputation noise (keyed by sample, so the
-            noise of one image does not depend on which others were drawn); default: the row numbers.
-
-    Returns:
-        ``{n_removed, removal_drop, removal_p, n_pasted, paste_gain, paste_p, paste_flips}``: mean drop of
-        p(class) after removal, mean gain after pasting, their p-values, and the share of other-class images
-        whose prediction becomes the class.
-    """
-    own = load(own_rows)
-    other = load(other_rows)
-    size = own.shape[-1]
-    mask = region_mask(region, size).to(own.device)
-    keys = list(own_rows) if noise_keys is None else list(noise_keys)
-    if len(keys) != len(own_rows):
-        raise ValueError(f"{len(keys)} noise keys for {len(own_rows)} images")
+) -> _Changes:
+    """Remove ``region`` from ``own`` (ROAD imputation, noise keyed per image) and paste the same place of
+    ``own`` into ``other`` (donor ``j % n_own`` for the ``j``-th image), with the forwards."""
+    mask = region_mask(region, own.shape[-1]).to(own.device)
     pix = to_pixels(own).detach().double().cpu().numpy()
     hole = mask.cpu().numpy()
     imputed = np.stack(
@@ -79,23 +68,83 @@ def hotspot_intervention(
     donors = own[torch.arange(other.shape[0], device=own.device) % own.shape[0]]
     pasted = torch.where(mask[None, None], donors, other)
     with torch.no_grad():
+        p_own, p_removed = _prob(model, own)[:, cls], _prob(model, removed)[:, cls]
+        q_other, q_pasted = _prob(model, other), _prob(model, pasted)
+    return _Changes(
+        drop=(p_own - p_removed).cpu().numpy().astype(np.float64),
+        gain=(q_pasted[:, cls] - q_other[:, cls]).cpu().numpy().astype(np.float64),
+        flips=((q_pasted.argmax(1) == cls) & (q_other.argmax(1) != cls)).cpu().numpy(),
+    )
 
-        def prob(x: Tensor) -> Tensor:
-            return model(x).float().softmax(1)
 
-        p_own, p_removed = prob(own)[:, cls], prob(removed)[:, cls]
-        q_other, q_pasted = prob(other), prob(pasted)
-    drop = (p_own - p_removed).cpu().numpy().astype(np.float64)
-    gain = (q_pasted[:, cls] - q_other[:, cls]).cpu().numpy().astype(np.float64)
-    flips = ((q_pasted.argmax(1) == cls) & (q_other.argmax(1) != cls)).float().mean().item()
+def _prob(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).float().softmax(1)
+
+
+def region_intervention(
+    model: nn.Module,
+    load: Callable[[Sequence[int]], Tensor],
+    own_rows: Sequence[int],
+    other_rows: Sequence[int],
+    cls: int,
+    region: Sequence[float],
+    control: Sequence[float],
+    *,
+    to_pixels: Callable[[Tensor], Tensor],
+    from_pixels: Callable[[Tensor], Tensor],
+    noise_keys: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Remove the region from ``own_rows`` images and paste it into ``other_rows`` images; the same with a
+    control box, on the same images; paired tests of test minus control per image.
+
+    The control box (same size, elsewhere: ``grids.control_box``) is the null: removing or pasting any
+    patch of that size moves p(class) a little (inpainting is not perfect, a pasted patch is new content).
+    Per image, the test's change minus the control's (the control floored at 0: a control that *raises*
+    p(class) earns the region nothing) is the effect; its mean is ``*_effect`` and a one-sided Wilcoxon
+    signed-rank test of those differences gives ``*_p``.
+
+    Args:
+        model: classifier in eval mode.
+        load: rows -> ``[n, 3, S, S]`` normalized images on the model's device.
+        own_rows: rows of the class's images.
+        other_rows: rows of other classes' images.
+        cls: the class index.
+        region: normalized ``[x0, y0, x1, y1]`` box.
+        control: the control box.
+        to_pixels / from_pixels: normalization inverse / forward.
+        noise_keys: one key per ``own_rows`` image seeding its imputation noise (keyed by sample, so the
+            noise of one image does not depend on which others were drawn); default: the row numbers.
+
+    Returns:
+        ``{n_removed, n_pasted, removal_drop, paste_gain, paste_flips, control: {region, removal_drop,
+        paste_gain, paste_flips}, removal_effect, removal_p, paste_effect, paste_p}``: the mean drop of
+        p(class) after removal, the mean gain after pasting and the share of other-class images whose
+        prediction becomes the class, for the region and the control; the paired effects and p-values.
+    """
+    own, other = load(own_rows), load(other_rows)
+    keys = list(own_rows) if noise_keys is None else list(noise_keys)
+    if len(keys) != len(own_rows):
+        raise ValueError(f"{len(keys)} noise keys for {len(own_rows)} images")
+    test = _remove_and_paste(model, own, other, cls, region, keys, to_pixels, from_pixels)
+    ctrl = _remove_and_paste(model, own, other, cls, control, keys, to_pixels, from_pixels)
+    removal = test.drop - np.maximum(ctrl.drop, 0.0)
+    paste = test.gain - np.maximum(ctrl.gain, 0.0)
     return {
         "n_removed": len(own_rows),
-        "removal_drop": float(drop.mean()),
-        "removal_p": _wilcoxon_greater(drop),
         "n_pasted": len(other_rows),
-        "paste_gain": float(gain.mean()),
-        "paste_p": _wilcoxon_greater(gain),
-        "paste_flips": float(flips),
+        "removal_drop": float(test.drop.mean()),
+        "paste_gain": float(test.gain.mean()),
+        "paste_flips": float(test.flips.mean()),
+        "control": {
+            "region": [float(v) for v in control],
+            "removal_drop": float(ctrl.drop.mean()),
+            "paste_gain": float(ctrl.gain.mean()),
+            "paste_flips": float(ctrl.flips.mean()),
+        },
+        "removal_effect": float(removal.mean()),
+        "removal_p": _wilcoxon_greater(removal),
+        "paste_effect": float(paste.mean()),
+        "paste_p": _wilcoxon_greater(paste),
     }
 
 

@@ -31,7 +31,6 @@ from auditor.shortcuts.registry import (
     keyed_rows,
     register_analysis,
 )
-from auditor.stats import bh_adjust
 
 CHANNELS = ("red", "green", "blue")
 
@@ -96,6 +95,21 @@ def effects(test: dict[str, Any]) -> tuple[float, float, float]:
     return float(leave), float(flip), float(min(leave, flip))
 
 
+def _spared(r: dict[str, Any]) -> dict[str, Any]:
+    """The test sparing the objects, the one a flag must pass (the whole image's where none ran)."""
+    return r["test"]["outside"] or r["test"]["whole"]
+
+
+def tests(measured: Measurement) -> dict[str, float]:
+    """``{"shift/<class>": p}`` per class shifted: the larger of the paired sign tests (leave and flip, shift
+    against its opposite control) of the test sparing the objects."""
+    return {
+        f"shift/{c}": max(_spared(r)["leave_p"], _spared(r)["flip_p"])
+        for c, r in measured["global"].items()
+        if "test" in r
+    }
+
+
 def _message(c: str, r: dict[str, Any]) -> str:
     t, out = r["test"]["whole"], r["test"].get("outside")
     shift = ", ".join(f"{ch[0].upper()} {v:+.2f}" for ch, v in zip(CHANNELS, r["delta"], strict=True))
@@ -120,12 +134,12 @@ def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     prediction goes with the object is sensitive to background colour, not led by it, and is not flagged."""
     t = ctx.thresholds
     removed: dict[str, float] = measured.get("global_removed_gap", {})
-    tested = [(c, r) for c, r in measured["global"].items() if "test" in r]
-    tests = [r["test"]["outside"] or r["test"]["whole"] for _, r in tested]
-    q = bh_adjust([max(x["leave_p"], x["flip_p"]) for x in tests])
+    q = ctx.q_values("properties", tests(measured))
     flags = []
-    for (c, r), spared, qv in zip(tested, tests, q, strict=True):
-        whole = r["test"]["whole"]
+    for c, r in measured["global"].items():
+        if "test" not in r:
+            continue
+        whole, spared, qv = r["test"]["whole"], _spared(r), q[f"shift/{c}"]
         if whole["n_own"] < t.min_group or whole["n_other"] < t.min_group:
             continue
         leave, flip, effect = effects(whole)
@@ -156,5 +170,6 @@ ANALYSIS = register_analysis(
         flag=global_flags,
         evidence_ids=(),
         intervene=intervene,
+        tests=tests,
     )
 )

@@ -22,23 +22,32 @@ from auditor.run.rundir import RunDir, one_row_per_sample
 from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.thresholds import Thresholds
+from auditor.stats import bh_adjust
 
 NEEDS = ("maps", "masks", "attributes", "counterfactuals", "model", "mprt")
 
 
 class RegionTest(Protocol):
-    """Remove a region from some images and paste it into others; returns the intervention's numbers.
+    """Remove a region and a control box from some images and paste them into others
+    (``interventions.region_intervention``); returns the paired test-minus-control numbers.
 
     Args:
         own_rows: rows of the class's images (the region is removed from them).
         other_rows: rows of other classes' images (the region is pasted into them).
         cls: the class index.
         region: normalized ``[x0, y0, x1, y1]``.
+        control: the control box, intervened on the same images (``grids.control_box``).
         seed: seed of the imputation noise.
     """
 
     def __call__(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, region: Sequence[float], seed: int
+        self,
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        region: Sequence[float],
+        control: Sequence[float],
+        seed: int,
     ) -> dict[str, Any]: ...
 
 
@@ -149,11 +158,24 @@ class AnalysisInputs:
 
 @dataclass(frozen=True)
 class FlagContext:
-    """What a flag function may read besides its measurement."""
+    """What a flag function may read besides its measurement.
+
+    Attributes:
+        family: the run's q-values, ``{"<analysis>/<test>": q}``: one Benjamini-Hochberg family over every
+            test of every analysis that can raise a flag (:func:`run_analyses`); None when a flag function is
+            called on its own measurement (tests), which then adjusts within its own tests.
+    """
 
     thresholds: Thresholds
     unreliable: set[str] = field(default_factory=set)
     mprt: dict[str, Any] | None = None
+    family: dict[str, float] | None = None
+
+    def q_values(self, analysis: str, tests: dict[str, float]) -> dict[str, float]:
+        """``{test: q}`` for an analysis's ``{test: p}`` (:attr:`Analysis.tests`)."""
+        if self.family is None:
+            return dict(zip(tests, bh_adjust(list(tests.values())), strict=True))
+        return {k: self.family[f"{analysis}/{k}"] for k in tests}
 
 
 Measurement = dict[str, Any]
@@ -172,6 +194,9 @@ class Analysis:
         evidence_ids: evidence keys whose values are lists of sample ids (report galleries, the deep dive
             and the flagged second pass read them).
         intervene: ``intervene(measurement, inputs) -> {summary key: value}``, run only with a model.
+        tests: ``tests(measurement) -> {test name: p-value}``, every test whose p-value can raise a flag;
+            they join the run's one Benjamini-Hochberg family and the flag function reads their q-values
+            with ``ctx.q_values(name, tests(measurement))``.
     """
 
     name: str
@@ -181,6 +206,7 @@ class Analysis:
     flag: Callable[[Measurement, FlagContext], list[Flag]]
     evidence_ids: tuple[str, ...] = ()
     intervene: Callable[[Measurement, AnalysisInputs], Measurement] | None = None
+    tests: Callable[[Measurement], dict[str, float]] | None = None
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")
@@ -219,18 +245,30 @@ def unreliable_methods(mprt: dict[str, Any] | None) -> set[str]:
 
 
 def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
-    """Measure, intervene (where a model is given and ``interventions``), then flag, for every analysis.
+    """Measure and intervene (where a model is given and ``interventions``) for every analysis, adjust every
+    p-value that can raise a flag as one Benjamini-Hochberg family, then flag.
 
     Returns:
-        ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first).
+        ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
+        ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``.
     """
-    ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt)
     analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
-    flags: list[Flag] = []
+    measured: list[tuple[Analysis, Measurement]] = []
     for analysis in registered():
-        measured = analysis.measure(inputs)
+        m = analysis.measure(inputs)
         if analysis.intervene is not None:
-            measured |= analysis.intervene(measured, inputs) if interventions and inputs.intervener else {}
-        flags += [downgrade_unreliable(f, ctx.unreliable) for f in analysis.flag(measured, ctx)]
-        analyses |= measured
+            m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
+        measured.append((analysis, m))
+    p = {f"{a.name}/{k}": float(v) for a, m in measured if a.tests is not None for k, v in a.tests(m).items()}
+    q = dict(zip(p, bh_adjust(list(p.values())), strict=True))
+    ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt, q)
+    flags: list[Flag] = []
+    for analysis, m in measured:
+        flags += [downgrade_unreliable(f, ctx.unreliable) for f in analysis.flag(m, ctx)]
+        analyses |= m
+    analyses["tests"] = {
+        "n": len(p),
+        "alpha": inputs.thresholds.alpha,
+        "family": {k: {"p": p[k], "q": q[k]} for k in p},
+    }
     return analyses, order_flags(flags)

@@ -16,7 +16,7 @@ from auditor.shortcuts.counterfactual import counterfactual_summary
 from auditor.shortcuts.flags import change, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import describe_location, grid_maps
 from auditor.shortcuts.hotspots import class_hotspots
-from auditor.shortcuts.interventions import hotspot_intervention, region_mask
+from auditor.shortcuts.interventions import region_intervention, region_mask
 from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, inpaint
 from auditor.shortcuts.registry import FlagContext
 from auditor.shortcuts.thresholds import Thresholds
@@ -109,17 +109,38 @@ def test_hotspots_find_a_corner_tag() -> None:
     assert r["lift"] > 5 and r["persistence"] == 1.0 and r["p_value"] < 1e-6
     flags = hotspot_flags({"grad_cam": res}, {}, T, set())
     assert [f["class"] for f in flags] == ["horse"] and flags[0]["severity"] == "medium"
-    confirmed = {"horse": {"removal_drop": 0.4, "removal_p": 1e-4, "paste_gain": 0.3, "paste_p": 1e-4}}
+    confirmed = {"horse": _region_test(0.4, 1e-4, 0.3, 1e-4)}
     assert hotspot_flags({"grad_cam": res}, confirmed, T, set())[0]["severity"] == "high"
-    rejected = {"horse": {"removal_drop": 0.0, "removal_p": 0.6, "paste_gain": 0.0, "paste_p": 0.5}}
+    rejected = {"horse": _region_test(0.0, 0.6, 0.0, 0.5)}
     assert hotspot_flags({"grad_cam": res}, rejected, T, set()) == []  # the model does not need the region
-    removal_only = {"horse": {"removal_drop": 0.4, "removal_p": 1e-4, "paste_gain": 0.0, "paste_p": 0.5}}
+    removal_only = {"horse": _region_test(0.4, 1e-4, 0.0, 0.5)}
     assert hotspot_flags({"grad_cam": res}, removal_only, T, set())[0]["severity"] == "medium"
+    # the hotspot's removal once counted against 0: a control box that moves as much now cancels it
+    ctrl = {"horse": _region_test(0.4, 1e-4, 0.3, 1e-4, control=(0.38, 0.28))}
+    assert hotspot_flags({"grad_cam": res}, ctrl, T, set()) == []
     # the same spot, but it is where the objects are: not a shortcut candidate
     objects = np.zeros((40, 32, 32))
     objects[:, 28:32, 0:4] = 1.0
     on_object = class_hotspots(grids, labels, ["dog", "horse"], objects)
     assert hotspot_flags({"grad_cam": on_object}, {}, T, set()) == []
+
+
+def _region_test(
+    removal: float, removal_p: float, paste: float, paste_p: float, control: tuple[float, float] = (0.0, 0.0)
+) -> dict:  # type: ignore[type-arg]
+    """A region intervention's result; the paired effects are the test's means minus the control's."""
+    return {
+        "n_removed": 32,
+        "n_pasted": 32,
+        "removal_drop": removal,
+        "paste_gain": paste,
+        "paste_flips": 0.5,
+        "control": {"region": [0.8, 0.8, 1.0, 1.0], "removal_drop": control[0], "paste_gain": control[1]},
+        "removal_effect": removal - control[0],
+        "removal_p": removal_p,
+        "paste_effect": paste - control[1],
+        "paste_p": paste_p,
+    }
 
 
 def test_grid_maps_and_locations() -> None:
@@ -257,24 +278,39 @@ def test_counterfactuals_and_properties_on_a_toy_model() -> None:
     assert set(props) == {"brightness", "contrast", "red", "green", "blue", "sharpness"}
 
 
-def test_hotspot_intervention_confirms_a_tag() -> None:
-    tagged = torch.zeros(8, 3, 16, 16) + 0.1 * torch.rand(8, 3, 16, 16)
+def _intervene(region: list[float], control: list[float]) -> dict:  # type: ignore[type-arg]
+    tagged = torch.zeros(8, 3, 16, 16) + 0.1 * torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     tagged[:, :, :4, :4] = 1.0
-    plain = 0.1 * torch.rand(8, 3, 16, 16)
+    plain = 0.1 * torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     images = torch.cat([tagged, plain])
-    res = hotspot_intervention(
+    return region_intervention(
         _Corner(),
         lambda rows: images[list(rows)],
         list(range(8)),
         list(range(8, 16)),
         0,
-        [0.0, 0.0, 0.25, 0.25],
+        region,
+        control,
         to_pixels=lambda x: x,
         from_pixels=lambda x: x,
     )
+
+
+def test_region_intervention_confirms_a_tag_against_its_control_box() -> None:
+    res = _intervene([0.0, 0.0, 0.25, 0.25], [0.75, 0.75, 1.0, 1.0])
     assert res["removal_drop"] > 0.3 and res["removal_p"] < 0.01
     assert res["paste_gain"] > 0.3 and res["paste_p"] < 0.01 and res["paste_flips"] == 1.0
+    assert abs(res["control"]["removal_drop"]) < 0.01 and abs(res["control"]["paste_gain"]) < 0.01
+    assert res["removal_effect"] == pytest.approx(res["removal_drop"] - max(res["control"]["removal_drop"], 0))
     assert int(region_mask([0.0, 0.0, 0.25, 0.25], 16).sum()) == 16
+
+
+def test_region_intervention_is_paired_test_minus_control() -> None:
+    # the control box *is* the tag: per image the two changes are equal, so no effect and no significance
+    # (the old test of the raw drop against 0 found p < 0.01 here)
+    same = _intervene([0.0, 0.0, 0.25, 0.25], [0.0, 0.0, 0.25, 0.25])
+    assert same["removal_drop"] > 0.3 and same["removal_effect"] == pytest.approx(0.0, abs=1e-9)
+    assert same["removal_p"] == 1.0 and same["paste_p"] == 1.0
 
 
 def test_unreliable_method_flags_and_ordering() -> None:
@@ -404,3 +440,29 @@ def test_metadata_does_not_switch_the_property_tests_off() -> None:
     flags = attribute_flags(attribute_leakage(first, ["site", "sky"], ["a", "b"]), T)
     assert sorted((f["class"], f["attribute"]) for f in flags) == [("a", "sky"), ("b", "sky")]
     assert all("brightness" in f["evidence"]["correlated_properties"] for f in flags)
+
+
+def test_every_test_that_can_raise_a_flag_is_one_bh_family_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each analysis once adjusted within its own tests (and the interventions not at all): a p-value that
+    passes BH among its analysis's 2 tests need not pass among the run's 10."""
+    from auditor.shortcuts import registry
+    from auditor.shortcuts.flags import make_flag
+
+    def analysis(name: str, p: dict[str, float]) -> registry.Analysis:
+        def flag(measured: dict, ctx: FlagContext) -> list:  # type: ignore[type-arg]
+            q = ctx.q_values(name, measured["p"])
+            return [make_flag("cluster", k, None, "high", 0.9, "m", {"q": q[k]}) for k in q if q[k] < T.alpha]
+
+        return registry.Analysis(name, ("cluster",), frozenset(), lambda inputs: {"p": p}, flag, tests=lambda m: m["p"])
+
+    small = analysis("small", {"a": 0.02, "b": 0.03})
+    large = analysis("large", {f"x{i}": 0.5 for i in range(8)})
+    # alone, each analysis's BH passes both of small's tests (q = 0.03)
+    assert [f["class"] for f in small.flag({"p": small.measure(None)["p"]}, FlagContext(T))] == ["a", "b"]  # type: ignore[arg-type]
+    monkeypatch.setattr(registry, "registered", lambda: [small, large])
+    inputs = registry.AnalysisInputs(pd.DataFrame(), "label", [], ["a"], [], None, T)  # type: ignore[arg-type]
+    analyses, flags = registry.run_analyses(inputs)
+    assert flags == []  # among 10 tests: q = 0.03 * 10 / 2 = 0.15 for both
+    family = analyses["tests"]["family"]
+    assert analyses["tests"]["n"] == 10 and set(family) == {"small/a", "small/b", *(f"large/x{i}" for i in range(8))}
+    assert family["small/a"]["q"] == pytest.approx(0.15) and family["small/a"]["p"] == 0.02

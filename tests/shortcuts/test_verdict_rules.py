@@ -27,8 +27,18 @@ CORNER = [0.0625, 0.75, 0.1875, 0.875]  # bottom-left, off the centre
 CENTRE = [0.4, 0.4, 0.6, 0.6]
 
 
-def _test(removal: float, paste: float, p: float = 0.001) -> dict[str, Any]:
-    return {"removal_drop": removal, "removal_p": p, "paste_gain": paste, "paste_p": p, "paste_flips": 0.5}
+def _test(removal: float, paste: float, p: float = 0.001, control: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """A region test whose paired effects are its means minus the control box's (floored at 0)."""
+    return {
+        "removal_drop": removal,
+        "paste_gain": paste,
+        "paste_flips": 0.5,
+        "control": {"region": control_box(CORNER), "removal_drop": control[0], "paste_gain": control[1]},
+        "removal_effect": removal - max(control[0], 0.0),
+        "removal_p": p,
+        "paste_effect": paste - max(control[1], 0.0),
+        "paste_p": p,
+    }
 
 
 def _cue(region: list[float] | None = CORNER, overlap: float = float("nan"), **over: Any) -> dict[str, Any]:
@@ -44,7 +54,6 @@ def _cue(region: list[float] | None = CORNER, overlap: float = float("nan"), **o
         "object_overlap": overlap,
         "ids": ["a"],
         "test": _test(0.8, 0.8),
-        "control": {"region": control_box(region or CORNER), **_test(0.0, 0.0, 0.9)},
     }
     return r | over
 
@@ -59,9 +68,10 @@ def test_region_cue_high_needs_removal_and_paste_beyond_the_control() -> None:
     assert _severity(_cue(test=_test(0.8, 0.0))) == "medium"  # removal without paste
     assert _severity(_cue(test=_test(0.0, 0.8))) is None  # paste without removal: a combination, not the region
     # the control box moves as much: the effect over it is what counts
-    ctrl = {"region": control_box(CORNER), **_test(0.78, 0.0, 0.001)}
-    assert _severity(_cue(control=ctrl)) is None
-    assert confirmation(_cue(control=ctrl), T)["removal_effect"] == pytest.approx(0.02)
+    ctrl = _cue(test=_test(0.8, 0.8, control=(0.78, 0.0)))
+    assert _severity(ctrl) is None
+    q = {"removal/tagged": 0.001, "paste/tagged": 0.001}
+    assert confirmation("tagged", ctrl, T, q)["removal_effect"] == pytest.approx(0.02)
     # just past and just short of intervention_effect; a p-value alone never confirms
     e = T.intervention_effect
     assert _severity(_cue(test=_test(e + 0.01, e + 0.01))) == "high"
@@ -207,6 +217,10 @@ def test_the_counterfactual_probes_measure_what_each_removal_leaves() -> None:
     masks = torch.zeros(2, 20, 20, dtype=torch.bool)
     masks[0, 2:18, 2:18] = True  # 64% of the frame
     masks[1, 8:12, 8:12] = True  # 4%
-    out = counterfactuals(model, torch.randn(2, 3, 20, 20), masks, torch.tensor([0, 1]), torch.tensor([True, True]), None)
+    out = counterfactuals(
+        model, torch.randn(2, 3, 20, 20), masks, torch.tensor([0, 1]), torch.tensor([True, True]), None
+    )
     assert out["cf_bg_kept"].tolist() == pytest.approx([1 - 0.64, 1 - 0.04])
-    assert out["cf_bg_box_kept"][0] == 0.0 and 0 < out["cf_bg_margin_kept"][1] < 0.96  # the margin's box: the whole frame
+    assert (
+        out["cf_bg_box_kept"][0] == 0.0 and 0 < out["cf_bg_margin_kept"][1] < 0.96
+    )  # the margin's box: the whole frame
