@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from auditor.shortcuts.interventions import shift_intervention
+from auditor.shortcuts.interventions import region_intervention, shift_intervention
 from auditor.shortcuts.probes import VERSIONS
 from auditor.shortcuts.thresholds import Thresholds
 
@@ -48,3 +48,27 @@ def test_colour_shift_forwards_per_class() -> None:
         keep=lambda rows: torch.zeros(len(rows), 8, 8, dtype=torch.bool),
     )
     assert _quoted(r"and (\d+) for the colour shifts") == sum(seen)
+
+
+def test_region_confirmation_forwards() -> None:
+    n = Thresholds().intervention_images
+    seen = []
+
+    class Counting(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    images = torch.rand(2 * n, 3, 8, 8)
+    region_intervention(
+        Counting(),
+        lambda rows: images[list(rows)],
+        range(n),
+        range(n, 2 * n),
+        0,
+        [0.0, 0.0, 0.25, 0.25],
+        [0.75, 0.75, 1.0, 1.0],
+        to_pixels=lambda x: x,
+        from_pixels=lambda x: x,
+    )
+    assert _quoted(r"hotspot candidate adds (\d+) for its confirmation") == sum(seen)

@@ -53,11 +53,13 @@ def _remove_and_paste(
     cls: int,
     region: Sequence[float],
     keys: Sequence[int],
+    base: tuple[Tensor, Tensor],
     to_pixels: Callable[[Tensor], Tensor],
     from_pixels: Callable[[Tensor], Tensor],
 ) -> _Changes:
     """Remove ``region`` from ``own`` (ROAD imputation, noise keyed per image) and paste the same place of
-    ``own`` into ``other`` (donor ``j % n_own`` for the ``j``-th image), with the forwards."""
+    ``own`` into ``other`` (donor ``j % n_own`` for the ``j``-th image), with the forwards; ``base`` = the
+    unchanged images' class probabilities (``[n_own, C]``, ``[n_other, C]``)."""
     mask = region_mask(region, own.shape[-1]).to(own.device)
     pix = to_pixels(own).detach().double().cpu().numpy()
     hole = mask.cpu().numpy()
@@ -68,8 +70,8 @@ def _remove_and_paste(
     donors = own[torch.arange(other.shape[0], device=own.device) % own.shape[0]]
     pasted = torch.where(mask[None, None], donors, other)
     with torch.no_grad():
-        p_own, p_removed = _prob(model, own)[:, cls], _prob(model, removed)[:, cls]
-        q_other, q_pasted = _prob(model, other), _prob(model, pasted)
+        p_own, p_removed = base[0][:, cls], _prob(model, removed)[:, cls]
+        q_other, q_pasted = base[1], _prob(model, pasted)
     return _Changes(
         drop=(p_own - p_removed).cpu().numpy().astype(np.float64),
         gain=(q_pasted[:, cls] - q_other[:, cls]).cpu().numpy().astype(np.float64),
@@ -125,8 +127,10 @@ def region_intervention(
     keys = list(own_rows) if noise_keys is None else list(noise_keys)
     if len(keys) != len(own_rows):
         raise ValueError(f"{len(keys)} noise keys for {len(own_rows)} images")
-    test = _remove_and_paste(model, own, other, cls, region, keys, to_pixels, from_pixels)
-    ctrl = _remove_and_paste(model, own, other, cls, control, keys, to_pixels, from_pixels)
+    with torch.no_grad():
+        base = (_prob(model, own), _prob(model, other))
+    test = _remove_and_paste(model, own, other, cls, region, keys, base, to_pixels, from_pixels)
+    ctrl = _remove_and_paste(model, own, other, cls, control, keys, base, to_pixels, from_pixels)
     removal = test.drop - np.maximum(ctrl.drop, 0.0)
     paste = test.gain - np.maximum(ctrl.gain, 0.0)
     return {

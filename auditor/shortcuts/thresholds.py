@@ -17,8 +17,8 @@ class Thresholds(BaseModel):
         0.05,
         gt=0,
         lt=1,
-        description="Benjamini-Hochberg false discovery rate within each analysis's tests; the region and hotspot "
-        "interventions' Wilcoxon p-values are compared with it unadjusted",
+        description="Benjamini-Hochberg false discovery rate of the run's one family: every test whose p-value can "
+        "raise a flag (summary analyses.tests)",
     )
     min_group: StrictInt = Field(5, ge=2, description="smallest group or class tested")
     background_ratio: float = Field(

@@ -121,13 +121,14 @@ def test_large_objects_do_not_switch_the_background_detectors_off(tmp_path: Path
     object") and vetoed background_reliance, so a background-texture cue went unflagged *because* masks
     were given. The clean model (the object's colour tells the classes apart) stays clean either way."""
     cue = _audit("texture", tmp_path / "cue", masks=True, cue_rate=(1.0, 0.0), area=area)
-    assert any(f["kind"] == "background_reliance" and f["severity"] in ("medium", "high") for f in cue), cue
+    background = {f["class"] for f in cue if f["kind"] == "background_reliance" and f["severity"] != "low"}
+    assert background == {"a", "b"}, [f["message"] for f in cue]  # grass carries a, brick carries b
     summary = json.loads((tmp_path / "cue" / "run" / "summary.json").read_text())
     assert not any(r["measurable"] for r in summary["analyses"]["counterfactual"].values())
     for masks in (True, False):
         clean = _audit("control", tmp_path / f"clean-{masks}", masks=masks, cue_rate=(0.0, 0.0), area=area)
         assert [f for f in clean if f["severity"] != "low"] == [], [f["message"] for f in clean]
-    # without masks a texture under a large object is the known miss of #24 (no region, no colour shift)
+    # without masks a texture cue is a known miss (README): no region to scan, no colour to shift
 
 
 @pytest.mark.slow
