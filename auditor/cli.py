@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from auditor.errors import AuditorError, ConfigError
-from auditor.run.rundir import REPORT, RunDir
+from auditor.store.rundir import REPORT, RunDir
 from auditor.version import __version__
 
 log = logging.getLogger("auditor")

@@ -25,6 +25,7 @@ from pydantic import (
 from auditor.cams import CAMS, FAST_METHODS
 from auditor.errors import ConfigError
 from auditor.io.images import DEFAULT_MAX_PIXELS
+from auditor.io.models import ModelConfig
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.validation import format_validation_error, load_yaml
@@ -35,29 +36,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class ModelConfig(_Strict):
-    """Where the classifier comes from: exactly one of ``arch``, ``torchscript``, ``factory``."""
-
-    arch: str | None = None
-    torchscript: Path | None = None
-    factory: str | None = None
-    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
-    num_classes: StrictInt | None = Field(default=None, ge=1)
-    checkpoint: Path | None = None
-    target_layer: str | list[str] | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        given = [k for k in ("arch", "torchscript", "factory") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of arch, torchscript, factory (got {given or 'none'})")
-        if self.torchscript is not None and self.checkpoint is not None:
-            raise ValueError("a TorchScript file holds its weights; remove 'checkpoint'")
-        if self.factory is not None and ":" not in self.factory:
-            raise ValueError(f"factory must be 'module:function' or 'file.py:function', got {self.factory!r}")
-        return self
 
 
 class NormalizeConfig(_Strict):

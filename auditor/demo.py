@@ -21,7 +21,7 @@ from torch import nn
 
 from auditor.config import load_config
 from auditor.run.local import run_audit
-from auditor.run.schema import Summary
+from auditor.store.schema import Summary
 from auditor.synthetic import write_dataset
 
 log = logging.getLogger(__name__)

@@ -65,7 +65,7 @@ def backends(args: argparse.Namespace) -> None:
 
 
 def _synthetic_run(root: Path, n: int, seed: int = 0) -> None:
-    from auditor.run.rundir import RunStore
+    from auditor.store.rundir import RunStore
 
     rng = np.random.default_rng(seed)
     labels = np.where(np.arange(n) % 2 == 0, "a", "b")
@@ -107,9 +107,10 @@ def _synthetic_run(root: Path, n: int, seed: int = 0) -> None:
 
 def _reduce_child(root: Path) -> None:
     from auditor.run import aggregate
-    from auditor.run.rundir import RunDir, one_row_per_sample
-    from auditor.shortcuts.registry import AnalysisInputs, run_analyses
+    from auditor.shortcuts.catalog import run_analyses
+    from auditor.shortcuts.registry import AnalysisInputs
     from auditor.shortcuts.thresholds import Thresholds
+    from auditor.store.rundir import RunDir, one_row_per_sample
 
     start = time.perf_counter()
     rundir = RunDir(root)

@@ -13,13 +13,40 @@ from typing import Any
 
 import torch
 import torchvision
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from torch import Tensor, nn
 
-from auditor.config import ModelConfig
 from auditor.errors import ModelError
 from auditor.registry import did_you_mean
 
 log = logging.getLogger(__name__)
+
+
+class ModelConfig(BaseModel):
+    """Where the classifier comes from (config key ``model``): exactly one of ``arch``, ``torchscript``,
+    ``factory``. It sits with the loading it configures, so the loaders import nothing from the config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    arch: str | None = None
+    torchscript: Path | None = None
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: StrictInt | None = Field(default=None, ge=1)
+    checkpoint: Path | None = None
+    target_layer: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("arch", "torchscript", "factory") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of arch, torchscript, factory (got {given or 'none'})")
+        if self.torchscript is not None and self.checkpoint is not None:
+            raise ValueError("a TorchScript file holds its weights; remove 'checkpoint'")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory must be 'module:function' or 'file.py:function', got {self.factory!r}")
+        return self
+
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 

@@ -12,9 +12,9 @@ import pandas as pd
 from auditor.errors import ConfigError
 from auditor.outputs.gate import check_compatible, load_run
 from auditor.outputs.render import data_uri, environment, overlay, thumbnail
-from auditor.run.rundir import RunDir, atomic_write_bytes
 from auditor.shortcuts.grids import grid_maps
 from auditor.stats import describe, spearman_rows
+from auditor.store.rundir import RunDir, atomic_write_bytes
 
 
 def _fmt(x: float) -> str:

@@ -19,7 +19,7 @@ from xml.etree import ElementTree as ET
 
 from auditor.errors import ConfigError
 from auditor.outputs.rules import Rule, load_rules, validate_rules
-from auditor.run.rundir import GATE, SUMMARY, RunDir, write_json
+from auditor.store.rundir import GATE, SUMMARY, RunDir, write_json
 
 STATUS_ORDER = ("FAIL", "ERROR", "WARN", "SKIPPED", "PASS")
 OPS: dict[str, Callable[[float, float], bool]] = {

@@ -21,8 +21,8 @@ from auditor.ops import resize_bilinear
 from auditor.outputs.gate import evaluate, load_run, verdict
 from auditor.outputs.render import colour_scale, data_uri, environment, grey, overlay, thumbnail
 from auditor.outputs.rules import load_rules
-from auditor.run.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes, one_row_per_sample
-from auditor.shortcuts.registry import evidence_ids, evidence_keys
+from auditor.shortcuts.catalog import evidence_ids, evidence_keys
+from auditor.store.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes, one_row_per_sample
 
 log = logging.getLogger(__name__)
 

@@ -155,7 +155,7 @@ SUMMARY_METRICS = ("accuracy", "max_box_acc", "map_valid_rate")  # aggregates th
 
 def _known(summary: dict[str, Any]) -> dict[str, list[str]]:
     """The names a rule may use on this run."""
-    from auditor.shortcuts.registry import registered
+    from auditor.shortcuts.catalog import registered
 
     aggregates = summary.get("aggregates", {})
     columns = summary.get("metric_columns")

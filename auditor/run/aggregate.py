@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from auditor.metrics.localization import max_box_acc
-from auditor.run.rundir import RunDir
-from auditor.run.schema import DatasetInfo
 from auditor.stats import NAN, bootstrap_ci, describe
+from auditor.store.rundir import RunDir
+from auditor.store.schema import DatasetInfo
 
 
 def _max_box_acc_stats(curves: np.ndarray, seed: int, resamples: int = 200) -> dict[str, float]:

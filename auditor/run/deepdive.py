@@ -19,9 +19,9 @@ from auditor.cams import compute_cams
 from auditor.cams.core import model_state
 from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.errors import MethodNotApplicableError
-from auditor.run.rundir import DEEPDIVE, RunDir, atomic_write_bytes, one_row_per_sample
+from auditor.shortcuts.catalog import evidence_ids
 from auditor.shortcuts.flags import Flag
-from auditor.shortcuts.registry import evidence_ids
+from auditor.store.rundir import DEEPDIVE, RunDir, atomic_write_bytes, one_row_per_sample
 
 DEEP_DIVE = 6
 CHANNELS = 8

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from auditor.ops import from_pixels, to_pixels
-from auditor.run.rundir import RunDir, atomic_write_bytes
+from auditor.shortcuts.catalog import evidence_ids
 from auditor.shortcuts.findings import Example, Finding
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.interventions import region_mask
 from auditor.shortcuts.probes import inpaint, margin_masks
-from auditor.shortcuts.registry import evidence_ids
+from auditor.store.rundir import RunDir, atomic_write_bytes
 
 MAX_FINDINGS = 6
 PER_FINDING = 3

@@ -17,9 +17,9 @@ import pandas as pd
 from auditor.cams import CAMS
 from auditor.metrics import METRICS
 from auditor.run.mapstage import MapSpec
-from auditor.run.rundir import EXPENSIVE, RunDir, one_row_per_sample
+from auditor.shortcuts.catalog import evidence_ids
 from auditor.shortcuts.flags import Flag
-from auditor.shortcuts.registry import evidence_ids
+from auditor.store.rundir import EXPENSIVE, RunDir, one_row_per_sample
 
 
 def initial_subset(mode: str, stratified: np.ndarray) -> np.ndarray:

@@ -19,14 +19,15 @@ from auditor.cams import CAMS
 from auditor.config import AuditConfig
 from auditor.errors import DataError, ModelError
 from auditor.io.dataset import collate
+from auditor.outputs.report import render_report
 from auditor.run import flagged, mapstage
 from auditor.run.mapstage import MapSpec, map_batch
 from auditor.run.progress import Progress
 from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
-from auditor.run.rundir import DONE, FLAGGED, MAIN, RUN, SHARDS, RunDir
-from auditor.run.schema import Summary
 from auditor.run.setup import Plan, Selection, Shard, plan_run
-from auditor.shortcuts.registry import run_analyses
+from auditor.shortcuts.catalog import run_analyses
+from auditor.store.rundir import DONE, FLAGGED, MAIN, RUN, SHARDS, RunDir
+from auditor.store.schema import Summary
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,8 @@ def write_shard_done(plan: Plan) -> None:
 def finish_run(
     plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None, started: float, processed: int
 ) -> Summary:
-    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce, summary."""
+    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce, summary,
+    report (every driver ends here)."""
     main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
     table = plan.store.consolidate(plan.n_batches, plan.methods)
     if table.empty:
@@ -276,6 +278,7 @@ def finish_run(
         "images_per_s_this_session": round(processed / max(main_pass, 1e-9), 2),
     }
     write_summary(plan, summary)
+    render_report(plan.store.root)  # from the saved files only, as `auditor report` does
     return summary
 
 

@@ -26,8 +26,8 @@ from auditor.io.sources import SampleSpec, sample_key
 from auditor.metrics import METRICS, MetricInputs
 from auditor.metrics.registry import metric_columns
 from auditor.ops import to_pixels
-from auditor.run.rundir import RunStore, map_key
 from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, mask_grid
+from auditor.store.rundir import RunStore, map_key
 
 NONFINITE = "non-finite model output (NaN or inf logits)"
 PIXEL_STORE = 64  # pixel-space maps (occlusion, RISE, guided) are stored average-pooled to at most 64 x 64

@@ -27,9 +27,9 @@ from auditor.io.dataset import collate
 from auditor.run import mapstage
 from auditor.run.local import NonFinite, Timer, commit_batch, finish_run, map_spec
 from auditor.run.progress import Progress
-from auditor.run.rundir import MAIN, RunDir
-from auditor.run.schema import Summary
 from auditor.run.setup import Selection, plan_run
+from auditor.store.rundir import MAIN, RunDir
+from auditor.store.schema import Summary
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # a batch that fails this many times stops the run

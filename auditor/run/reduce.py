@@ -1,5 +1,5 @@
 """The reduce stage: committed parts + the model -> aggregates, sanity, analyses, interventions, flags, the
-summary, the deep dive and the report.
+summary and the deep dive (the driver renders the report from them).
 
 It reads only the run directory and the :class:`~auditor.run.setup.Plan` (for the model and the images
 the interventions and the deep dive reload), so any driver (local, shards, Ray) ends with it.
@@ -31,14 +31,15 @@ from auditor.run import aggregate, sanity
 from auditor.run.deepdive import run_deepdive
 from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
-from auditor.run.rundir import FLAGS, SUMMARY, RunDir, one_row_per_sample
-from auditor.run.schema import SCHEMA_VERSION, Summary
 from auditor.run.setup import Plan
+from auditor.shortcuts.catalog import run_analyses
 from auditor.shortcuts.findings import group_findings
 from auditor.shortcuts.flags import Flag, flags_file
 from auditor.shortcuts.interventions import occlusion_scan, region_intervention, shift_intervention
 from auditor.shortcuts.probes import margin_masks
-from auditor.shortcuts.registry import AnalysisInputs, Intervener, run_analyses
+from auditor.shortcuts.registry import AnalysisInputs, Intervener
+from auditor.store.rundir import FLAGS, SUMMARY, RunDir, one_row_per_sample
+from auditor.store.schema import SCHEMA_VERSION, Summary
 from auditor.version import __version__
 
 
@@ -281,8 +282,5 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
 
 
 def write_summary(plan: Plan, summary: Summary) -> None:
-    """``summary.json``, then the report rendered from the saved files."""
-    from auditor.outputs.report import render_report
-
+    """``summary.json`` (the driver then renders the report from the saved files)."""
     plan.store.write_json(SUMMARY, summary)
-    render_report(plan.store.root)

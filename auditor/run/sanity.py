@@ -13,9 +13,9 @@ import torch
 from auditor.cams import CAMS
 from auditor.io.sources import stratified_subset
 from auditor.metrics.sanity import method_agreement, mprt
-from auditor.run.rundir import RunDir
 from auditor.run.setup import BLACK_BOX, Plan
 from auditor.stats import describe
+from auditor.store.rundir import RunDir
 
 
 def run_mprt(plan: Plan, first: pd.DataFrame) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from auditor.io.dataset import AuditDataset
 from auditor.io.models import LoadedModel, build_model, logits_only, resolve_device
 from auditor.io.sources import SampleSpec, background_partners, load_dataset, select, stratified_subset
 from auditor.run.localize import plan_localization
-from auditor.run.rundir import RESOLVED, RUN, RunDir, RunStore
+from auditor.store.rundir import RESOLVED, RUN, RunDir, RunStore
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import yaml
 from auditor.config import AuditConfig, parse_config
 from auditor.errors import ConfigError
 from auditor.run.local import Timer, finish_run, map_spec
-from auditor.run.rundir import DONE, RESOLVED, RUN, SHARDS, RunDir
-from auditor.run.schema import Summary
 from auditor.run.setup import Plan, Selection, Shard, plan_run, shard_of
+from auditor.store.rundir import DONE, RESOLVED, RUN, SHARDS, RunDir
+from auditor.store.schema import Summary
 
 
 def shard_from_env(num_shards: int | None, shard_id: int | None) -> Shard | None:

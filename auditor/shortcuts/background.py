@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from auditor.shortcuts.counterfactual import removed_gaps
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.removals import removed_gaps
 from auditor.stats import NAN, median_ci
 
 
@@ -65,7 +65,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     }
     # where the counterfactual forwards ran: does the background alone carry the class? (the maps only say
     # where the model looks; removing the object says whether it matters)
-    removed = removed_gaps(inputs)
+    removed = removed_gaps(inputs.counterfactual)
     return {"background": per_method, "background_removed_gap": removed}
 
 

@@ -1,4 +1,14 @@
-"""Every analysis module; importing this registers them all (the order is the order their flags are built)."""
+"""Every analysis, and what runs them: importing this module registers them all (the order of
+:data:`MODULES` is the order their flags are built).
+
+The analyses import :mod:`auditor.shortcuts.registry` (the types) and nothing above it; this catalog sits
+above them, so no import runs in a loop. Readers of flags (the report, the flagged pass, the deep dive)
+and the run stage import from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from auditor.shortcuts import (
     attributes,
@@ -11,5 +21,63 @@ from auditor.shortcuts import (
     properties,
     reliability,
 )
+from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
+from auditor.shortcuts.registry import (
+    ANALYSES,
+    Analysis,
+    AnalysisInputs,
+    FlagContext,
+    Measurement,
+    unreliable_methods,
+)
+from auditor.stats import bh_adjust
 
 MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, concepts, reliability)
+
+
+def registered() -> list[Analysis]:
+    """Every registered analysis, in registration order (this module's imports registered them)."""
+    return ANALYSES.values()
+
+
+def evidence_keys(kind: str) -> tuple[str, ...]:
+    """The evidence keys holding sample ids in flags of ``kind`` (none for an unknown kind)."""
+    return next((a.evidence_ids for a in registered() if kind in a.kinds), ())
+
+
+def evidence_ids(flag: Flag) -> list[str]:
+    """The sample ids a flag's evidence cites, in the order its analysis declares its id keys."""
+    out: list[str] = []
+    for key in evidence_keys(flag["kind"]):
+        out += [v for v in flag["evidence"].get(key) or [] if isinstance(v, str)]
+    return list(dict.fromkeys(out))
+
+
+def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
+    """Measure and intervene (where a model is given and ``interventions``) for every analysis, adjust every
+    p-value that can raise a flag as one Benjamini-Hochberg family, then flag.
+
+    Returns:
+        ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
+        ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``.
+    """
+    analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
+    measured: list[tuple[Analysis, Measurement]] = []
+    for analysis in registered():
+        m = analysis.measure(inputs)
+        if analysis.intervene is not None:
+            m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
+        measured.append((analysis, m))
+    p = {f"{a.name}/{k}": float(v) for a, m in measured if a.tests is not None for k, v in a.tests(m).items()}
+    q = dict(zip(p, bh_adjust(list(p.values())), strict=True))
+    ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt, q)
+    flags: list[Flag] = []
+    for analysis, m in measured:
+        flags += [downgrade_unreliable(f, ctx.unreliable) for f in analysis.flag(m, ctx)]
+        analyses |= m
+    analyses["tests"] = {
+        "n": len(p),
+        "alpha": inputs.thresholds.alpha,
+        "family": {k: {"p": p[k], "q": q[k]} for k in p},
+    }
+    return analyses, order_flags(flags)

@@ -5,7 +5,7 @@ introduced): the class probability should drop. (ii) Paste it into other classes
 probability should rise (SpRAy's tag-pasting test, ImageNet-W's watermark logic). Each is compared, image
 by image, with the same intervention on a control box: paired one-sided Wilcoxon tests of test minus
 control. (iii) Shift the images' colour toward the other classes' and, as a control, away: paired sign
-tests. Every p-value enters the run's one Benjamini-Hochberg family (``registry.run_analyses``).
+tests. Every p-value enters the run's one Benjamini-Hochberg family (``catalog.run_analyses``).
 """
 
 from __future__ import annotations

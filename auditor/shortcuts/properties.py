@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from auditor.shortcuts.counterfactual import removed_gaps
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -31,6 +30,7 @@ from auditor.shortcuts.registry import (
     keyed_rows,
     register_analysis,
 )
+from auditor.shortcuts.removals import removed_gaps
 
 CHANNELS = ("red", "green", "blue")
 
@@ -64,7 +64,7 @@ def colour_shifts(first: Any, classes: list[str], min_group: int) -> dict[str, A
 
 def measure(inputs: AnalysisInputs) -> Measurement:
     # where the counterfactual forwards ran: does the rest of the image, object removed, carry the class?
-    removed = removed_gaps(inputs)
+    removed = removed_gaps(inputs.counterfactual)
     return {
         "global": colour_shifts(inputs.first, inputs.classes, inputs.thresholds.min_group),
         "global_removed_gap": removed,

@@ -18,11 +18,12 @@ import pandas as pd
 
 from auditor.io.sources import keyed_order
 from auditor.registry import Registry
-from auditor.run.rundir import RunDir, one_row_per_sample
-from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
+from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.grids import grid_maps
+from auditor.shortcuts.removals import counterfactual_summary
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
+from auditor.store.rundir import RunDir, one_row_per_sample
 
 NEEDS = ("maps", "masks", "attributes", "counterfactuals", "model", "mprt")
 
@@ -149,10 +150,8 @@ class AnalysisInputs:
 
     @cached_property
     def counterfactual(self) -> dict[str, Any]:
-        """``counterfactual.counterfactual_summary`` of the run, computed once: several analyses check their
-        map or colour evidence against it."""
-        from auditor.shortcuts.counterfactual import counterfactual_summary
-
+        """``removals.counterfactual_summary`` of the run, computed once: several analyses check their map or
+        colour evidence against it."""
         return counterfactual_summary(self.first, self.classes, self.thresholds.counterfactual_min_kept)
 
 
@@ -220,55 +219,5 @@ def register_analysis(analysis: Analysis) -> Analysis:
     return analysis
 
 
-def registered() -> list[Analysis]:
-    """Every registered analysis, in registration order (importing the catalog registers them)."""
-    import auditor.shortcuts.catalog  # noqa: F401
-
-    return ANALYSES.values()
-
-
-def evidence_keys(kind: str) -> tuple[str, ...]:
-    """The evidence keys holding sample ids in flags of ``kind`` (none for an unknown kind)."""
-    return next((a.evidence_ids for a in registered() if kind in a.kinds), ())
-
-
-def evidence_ids(flag: Flag) -> list[str]:
-    """The sample ids a flag's evidence cites, in the order its analysis declares its id keys."""
-    out: list[str] = []
-    for key in evidence_keys(flag["kind"]):
-        out += [v for v in flag["evidence"].get(key) or [] if isinstance(v, str)]
-    return list(dict.fromkeys(out))
-
-
 def unreliable_methods(mprt: dict[str, Any] | None) -> set[str]:
     return {m for m, r in (mprt or {}).get("methods", {}).items() if r["unreliable"]}
-
-
-def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
-    """Measure and intervene (where a model is given and ``interventions``) for every analysis, adjust every
-    p-value that can raise a flag as one Benjamini-Hochberg family, then flag.
-
-    Returns:
-        ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
-        ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``.
-    """
-    analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
-    measured: list[tuple[Analysis, Measurement]] = []
-    for analysis in registered():
-        m = analysis.measure(inputs)
-        if analysis.intervene is not None:
-            m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
-        measured.append((analysis, m))
-    p = {f"{a.name}/{k}": float(v) for a, m in measured if a.tests is not None for k, v in a.tests(m).items()}
-    q = dict(zip(p, bh_adjust(list(p.values())), strict=True))
-    ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt, q)
-    flags: list[Flag] = []
-    for analysis, m in measured:
-        flags += [downgrade_unreliable(f, ctx.unreliable) for f in analysis.flag(m, ctx)]
-        analyses |= m
-    analyses["tests"] = {
-        "n": len(p),
-        "alpha": inputs.thresholds.alpha,
-        "family": {k: {"p": p[k], "q": q[k]} for k in p},
-    }
-    return analyses, order_flags(flags)

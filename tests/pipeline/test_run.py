@@ -269,7 +269,7 @@ def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path,
     chosen = {int(r) for r in info["reasons"]}
     # the cheap pass's flags (no interventions yet) are a superset of the final ones, except the kinds only an
     # analysis with the model can raise (region cues, colour shifts, concepts: they run once, at the end)
-    from auditor.shortcuts.registry import registered
+    from auditor.shortcuts.catalog import registered
 
     with_model = {k for a in registered() if "model" in a.needs for k in a.kinds}
     cheap = {fid for ids in info["reasons"].values() for fid in ids}

@@ -12,13 +12,13 @@ from auditor.shortcuts import attributes, background, clusters, hotspots, reliab
 from auditor.shortcuts.attributes import attribute_leakage, property_bins
 from auditor.shortcuts.background import background_reliance
 from auditor.shortcuts.clusters import spectral_clusters
-from auditor.shortcuts.counterfactual import counterfactual_summary
 from auditor.shortcuts.flags import change, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import describe_location, grid_maps
 from auditor.shortcuts.hotspots import class_hotspots
 from auditor.shortcuts.interventions import region_intervention, region_mask
 from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, inpaint
 from auditor.shortcuts.registry import FlagContext
+from auditor.shortcuts.removals import counterfactual_summary
 from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
 
@@ -393,7 +393,7 @@ def test_hotspot_intervention_wording_reads_the_sign_of_thechange() -> None:
 def test_the_unreliable_method_downgrade_applies_to_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     """Central, in the registry: a flag of any kind (a ``cluster`` one here, which no analysis downgraded
     itself) resting only on methods that failed the randomization test goes down one level."""
-    from auditor.shortcuts import registry
+    from auditor.shortcuts import catalog, registry
     from auditor.shortcuts.flags import make_flag
 
     def flags(measured: dict, ctx: FlagContext) -> list:  # type: ignore[type-arg]
@@ -405,10 +405,10 @@ def test_the_unreliable_method_downgrade_applies_to_every_kind(monkeypatch: pyte
         ]
 
     fake = registry.Analysis("fake", ("cluster",), frozenset(), lambda inputs: {}, flags)
-    monkeypatch.setattr(registry, "registered", lambda: [fake])
+    monkeypatch.setattr(catalog, "registered", lambda: [fake])
     mprt = {"methods": {"grad_cam": {"unreliable": True}, "layer_cam": {"unreliable": False}}}
     inputs = registry.AnalysisInputs(pd.DataFrame(), "label", [], ["a"], [], None, T, mprt=mprt)  # type: ignore[arg-type]
-    _, out = registry.run_analyses(inputs)
+    _, out = catalog.run_analyses(inputs)
     got = {f["id"]: (f["severity"], "downgraded" in f["evidence"]) for f in out}
     assert got == {
         "cluster/a/*": ("medium", True),
@@ -445,7 +445,7 @@ def test_metadata_does_not_switch_the_property_tests_off() -> None:
 def test_every_test_that_can_raise_a_flag_is_one_bh_family_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each analysis once adjusted within its own tests (and the interventions not at all): a p-value that
     passes BH among its analysis's 2 tests need not pass among the run's 10."""
-    from auditor.shortcuts import registry
+    from auditor.shortcuts import catalog, registry
     from auditor.shortcuts.flags import make_flag
 
     def analysis(name: str, p: dict[str, float]) -> registry.Analysis:
@@ -459,9 +459,9 @@ def test_every_test_that_can_raise_a_flag_is_one_bh_family_per_run(monkeypatch: 
     large = analysis("large", {f"x{i}": 0.5 for i in range(8)})
     # alone, each analysis's BH passes both of small's tests (q = 0.03)
     assert [f["class"] for f in small.flag({"p": small.measure(None)["p"]}, FlagContext(T))] == ["a", "b"]  # type: ignore[arg-type]
-    monkeypatch.setattr(registry, "registered", lambda: [small, large])
+    monkeypatch.setattr(catalog, "registered", lambda: [small, large])
     inputs = registry.AnalysisInputs(pd.DataFrame(), "label", [], ["a"], [], None, T)  # type: ignore[arg-type]
-    analyses, flags = registry.run_analyses(inputs)
+    analyses, flags = catalog.run_analyses(inputs)
     assert flags == []  # among 10 tests: q = 0.03 * 10 / 2 = 0.15 for both
     family = analyses["tests"]["family"]
     assert analyses["tests"]["n"] == 10 and set(family) == {"small/a", "small/b", *(f"large/x{i}" for i in range(8))}

@@ -7,18 +7,18 @@ these tests set each measured number just past and just short of its rule.
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
-from auditor.shortcuts.counterfactual import counterfactual_flags, counterfactual_summary, removed_gaps
+from auditor.shortcuts.counterfactual import counterfactual_flags
 from auditor.shortcuts.cues import confirmation, control_box, cue_flags
 from auditor.shortcuts.probes import counterfactuals
 from auditor.shortcuts.properties import global_flags
 from auditor.shortcuts.registry import FlagContext
+from auditor.shortcuts.removals import counterfactual_summary, removed_gaps
 from auditor.shortcuts.thresholds import Thresholds
 
 T = Thresholds()
@@ -200,15 +200,13 @@ def test_a_class_whose_removals_all_leave_too_little_is_not_measured_and_vetoes_
     summary = counterfactual_summary(rows, ["a", "b"])
     assert summary["a"]["measurable"] is False and summary["a"]["usable"] == []
     assert _cf_flags(rows) == []
-    inputs = SimpleNamespace(counterfactual=summary)
-    assert removed_gaps(inputs) == {}  # type: ignore[arg-type]
+    assert removed_gaps(summary) == {}
     # so a colour cue found by the shifts stands (with a measurable removal that loses the class it would not)
     m = _global(_shift(0.9, 0.9), _shift(0.6, 0.6))
-    m["global_removed_gap"] = removed_gaps(inputs)  # type: ignore[arg-type]
+    m["global_removed_gap"] = removed_gaps(summary)
     assert _gsev(m) == "high"
-    measurable = SimpleNamespace(counterfactual=counterfactual_summary(_cf_rows(SMALL, ()), ["a", "b"]))
     m["global"] = {"a": m["global"].pop("dusk")}
-    m["global_removed_gap"] = removed_gaps(measurable)  # type: ignore[arg-type]
+    m["global_removed_gap"] = removed_gaps(counterfactual_summary(_cf_rows(SMALL, ()), ["a", "b"]))
     assert _gsev(m) is None
 
 
