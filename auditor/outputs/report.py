@@ -394,6 +394,7 @@ def build_context(root: Path) -> dict[str, Any]:
         "class_attribute": _class_attribute(table, summary.get("groups") or {}, summary["dataset"]["classes"]),
         "localization": (summary.get("run") or {}).get("localization") or {},
         "skipped_methods": (summary.get("run") or {}).get("skipped_methods") or {},
+        "skipped_analyses": analyses.get("skipped") or {},
         "concepts": _concepts(analyses, rows),
         "versions": summary.get("versions", {}),
         "thumb": THUMB,

@@ -208,7 +208,7 @@ ANALYSIS = register_analysis(
     Analysis(
         name="attributes",
         kinds=("attribute_leak",),
-        needs=frozenset({"attributes"}),
+        needs=frozenset(),  # metadata columns where given, image properties always
         measure=measure,
         flag=attribute_flags,
         evidence_ids=("error_ids",),

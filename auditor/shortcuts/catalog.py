@@ -53,17 +53,43 @@ def evidence_ids(flag: Flag) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def unmet(inputs: AnalysisInputs, needs: set[str], interventions: bool = True) -> dict[str, str]:
+    """``{need: why the run lacks it}`` for each of ``needs`` (from :data:`~auditor.shortcuts.registry.NEEDS`)
+    the run does not meet; each is checked only when asked (reading maps or masks costs)."""
+
+    def has_cf() -> bool:
+        first = inputs.first
+        return "cf_bg_pred" in first.columns and bool((first["cf_bg_pred"].fillna("") != "").any())
+
+    checks = {
+        "maps": (lambda: bool(inputs.grids), "no method whose maps can support a claim has maps in this run"),
+        "masks": (lambda: inputs.objects is not None, "no image has a mask or a box"),
+        "counterfactuals": (has_cf, "no counterfactual forwards ran (they need masks or boxes)"),
+        "model": (lambda: interventions and inputs.intervener is not None, "the model is not available here"),
+        "mprt": (lambda: bool(inputs.mprt), "the randomization test did not run (sanity.mprt)"),
+    }
+    return {need: checks[need][1] for need in sorted(needs) if not checks[need][0]()}
+
+
 def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
-    """Measure and intervene (where a model is given and ``interventions``) for every analysis, adjust every
-    p-value that can raise a flag as one Benjamini-Hochberg family, then flag.
+    """For every analysis whose needs the run meets: measure, intervene (where the model is given and
+    ``interventions``); adjust every p-value that can raise a flag as one Benjamini-Hochberg family; flag.
 
     Returns:
         ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
-        ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``.
+        ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``;
+        ``analyses["skipped"]`` = ``{analysis: reason}`` for the analyses whose needs were not met.
     """
     analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
+    everything = registered()
+    lacks = unmet(inputs, {n for a in everything for n in a.needs}, interventions)
+    skipped: dict[str, str] = {}
     measured: list[tuple[Analysis, Measurement]] = []
-    for analysis in registered():
+    for analysis in everything:
+        missing = sorted(set(analysis.needs) & set(lacks))
+        if missing:
+            skipped[analysis.name] = "; ".join(f"needs {n}: {lacks[n]}" for n in missing)
+            continue
         m = analysis.measure(inputs)
         if analysis.intervene is not None:
             m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
@@ -80,4 +106,5 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
         "alpha": inputs.thresholds.alpha,
         "family": {k: {"p": p[k], "q": q[k]} for k in p},
     }
+    analyses["skipped"] = skipped
     return analyses, order_flags(flags)

@@ -218,7 +218,7 @@ ANALYSIS = register_analysis(
     Analysis(
         name="hotspots",
         kinds=("spatial_hotspot",),
-        needs=frozenset({"maps", "model"}),
+        needs=frozenset({"maps"}),  # the intervention runs where the model is; without it: at most medium
         measure=measure,
         flag=hotspot_flags,
         evidence_ids=(),

@@ -25,7 +25,7 @@ from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
 from auditor.store.rundir import RunDir, one_row_per_sample
 
-NEEDS = ("maps", "masks", "attributes", "counterfactuals", "model", "mprt")
+NEEDS = ("maps", "masks", "counterfactuals", "model", "mprt")
 
 
 class RegionTest(Protocol):
@@ -187,7 +187,9 @@ class Analysis:
     Attributes:
         name: registry key.
         kinds: the flag kinds it emits.
-        needs: what it reads, from :data:`NEEDS`; without it the analysis measures nothing.
+        needs: what it cannot run without, from :data:`NEEDS`; ``run_analyses`` skips an analysis whose needs
+            the run does not meet and records why (``analyses.skipped``). ``intervene`` runs only where the
+            model is available, so an analysis that can judge without it does not list ``model``.
         measure: ``measure(inputs) -> {summary key: value}`` (``summary.json`` ``analyses``).
         flag: ``flag(measurement, ctx) -> flags``.
         evidence_ids: evidence keys whose values are lists of sample ids (report galleries, the deep dive

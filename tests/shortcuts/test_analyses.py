@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -466,3 +469,58 @@ def test_every_test_that_can_raise_a_flag_is_one_bh_family_per_run(monkeypatch: 
     family = analyses["tests"]["family"]
     assert analyses["tests"]["n"] == 10 and set(family) == {"small/a", "small/b", *(f"large/x{i}" for i in range(8))}
     assert family["small/a"]["q"] == pytest.approx(0.15) and family["small/a"]["p"] == 0.02
+
+
+def _no_inputs() -> Any:
+    """A run with two unmasked images, no maps, no counterfactuals, no model and no randomization test."""
+    from auditor.shortcuts import registry
+
+    table = pd.DataFrame(
+        {"row": [0, 1], "id": ["x", "y"], "label": ["a", "b"], "pred": ["a", "b"], "correct": [True, True]}
+        | {"method": [None, None], "target": [None, None]}
+    )
+    run = SimpleNamespace(load_maps=lambda m, t: None, load_objects=lambda: None)
+    return registry.AnalysisInputs(table, "label", [], ["a", "b"], [], run, T)  # type: ignore[arg-type]
+
+
+def test_every_registered_analysis_meets_the_contract() -> None:
+    """Like scikit-learn's check_estimator, over every registered analysis: known needs, kinds and evidence
+    keys; no inputs -> no flag and a recorded reason for each analysis that needs something."""
+    from auditor.shortcuts import catalog
+    from auditor.shortcuts.registry import NEEDS
+
+    analyses = catalog.registered()
+    assert len({a.name for a in analyses}) == len(analyses) == len(catalog.MODULES)
+    kinds = [k for a in analyses for k in a.kinds]
+    assert len(kinds) == len(set(kinds)), "each flag kind belongs to one analysis"
+    for a in analyses:
+        assert set(a.needs) <= set(NEEDS) and a.kinds and callable(a.measure) and callable(a.flag), a.name
+    summary, flags = catalog.run_analyses(_no_inputs())
+    assert flags == []
+    skipped = summary["skipped"]
+    assert set(skipped) == {a.name for a in analyses if a.needs}, skipped
+    assert "needs maps: no method whose maps" in skipped["background"] and "needs masks" in skipped["background"]
+    assert skipped["cues"] == "needs model: the model is not available here"
+    assert summary["tests"]["n"] == 0 or all(0 <= v["q"] <= 1 for v in summary["tests"]["family"].values())
+
+
+def test_an_analysis_whose_needs_are_met_runs_and_one_that_lacks_them_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from auditor.shortcuts import catalog, registry
+    from auditor.shortcuts.flags import make_flag
+
+    ran: list[str] = []
+
+    def analysis(name: str, needs: set[str]) -> registry.Analysis:
+        def measure(inputs: Any) -> dict:  # type: ignore[type-arg]
+            ran.append(name)
+            return {name: 1}
+
+        flag = lambda m, ctx: [make_flag("cluster", name, None, "low", 0.1, "m", {})]  # noqa: E731
+        return registry.Analysis(name, ("cluster",), frozenset(needs), measure, flag)
+
+    monkeypatch.setattr(catalog, "registered", lambda: [analysis("free", set()), analysis("masked", {"masks"})])
+    summary, flags = catalog.run_analyses(_no_inputs())
+    assert ran == ["free"] and [f["class"] for f in flags] == ["free"]
+    assert summary["skipped"] == {"masked": "needs masks: no image has a mask or a box"} and "masked" not in summary
