@@ -32,8 +32,7 @@ from auditor.run.deepdive import run_deepdive
 from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
 from auditor.run.setup import Plan
-from auditor.shortcuts.catalog import run_analyses
-from auditor.shortcuts.findings import group_findings
+from auditor.shortcuts.catalog import group_by_cause, run_analyses
 from auditor.shortcuts.flags import Flag, flags_file
 from auditor.shortcuts.interventions import occlusion_scan, region_intervention, shift_intervention
 from auditor.shortcuts.probes import margin_masks
@@ -264,7 +263,7 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
     seconds["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = finding_examples(
-        group_findings(flags),
+        group_by_cause(flags),
         flags,
         inputs.first,
         plan.loaded.module,

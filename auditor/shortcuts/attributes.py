@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.stats import NAN
@@ -207,7 +208,7 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="attributes",
-        kinds=("attribute_leak",),
+        kinds={"attribute_leak": Cause("attribute")},
         needs=frozenset(),  # metadata columns where given, image properties always
         measure=measure,
         flag=attribute_flags,

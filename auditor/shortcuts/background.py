@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.removals import removed_gaps
@@ -135,7 +136,7 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="background",
-        kinds=("background_reliance",),
+        kinds={"background_reliance": Cause("background")},
         needs=frozenset({"maps", "masks"}),
         measure=measure,
         flag=background_flags,

@@ -21,6 +21,7 @@ from auditor.shortcuts import (
     properties,
     reliability,
 )
+from auditor.shortcuts.findings import Cause, Finding, group_findings
 from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
 from auditor.shortcuts.registry import (
     ANALYSES,
@@ -38,6 +39,16 @@ MODULES = (background, hotspots, cues, properties, attributes, counterfactual, c
 def registered() -> list[Analysis]:
     """Every registered analysis, in registration order (this module's imports registered them)."""
     return ANALYSES.values()
+
+
+def causes() -> dict[str, Cause]:
+    """Flag kind -> the cause its analysis declares."""
+    return {k: c for a in registered() for k, c in a.kinds.items()}
+
+
+def group_by_cause(flags: list[Flag]) -> list[Finding]:
+    """The run's flags grouped by the causes the analyses declare (``findings.group_findings``)."""
+    return group_findings(flags, causes())
 
 
 def evidence_keys(kind: str) -> tuple[str, ...]:

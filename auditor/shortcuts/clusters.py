@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from auditor.io.sources import keyed_order
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 
@@ -184,7 +185,7 @@ def cluster_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="clusters",
-        kinds=("cluster",),
+        kinds={"cluster": Cause("cluster")},
         needs=frozenset({"maps"}),
         measure=measure,
         flag=cluster_flags,

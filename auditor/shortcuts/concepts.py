@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from auditor.ops import factorize, project_concepts, resize_bilinear
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -198,7 +199,7 @@ def concept_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="concepts",
-        kinds=("concept",),
+        kinds={"concept": Cause("background")},
         needs=frozenset({"maps", "model"}),
         measure=measure,
         flag=concept_flags,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 
@@ -61,7 +62,7 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="counterfactual",
-        kinds=("counterfactual_background",),
+        kinds={"counterfactual_background": Cause("background", leads=True)},
         needs=frozenset({"masks", "counterfactuals"}),
         measure=measure,
         flag=counterfactual_flags,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import box_cells, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
@@ -249,7 +250,7 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="cues",
-        kinds=("region_cue",),
+        kinds={"region_cue": Cause("region", leads=True)},
         needs=frozenset({"model"}),
         measure=measure,
         flag=cue_flags,

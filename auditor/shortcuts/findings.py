@@ -21,15 +21,34 @@ stage, which has the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from auditor.shortcuts.flags import SEVERITY_RANK, Flag, pct
 from auditor.shortcuts.grids import describe_location
 
-REGION_KINDS = ("region_cue", "spatial_hotspot")
-BACKGROUND_KINDS = ("counterfactual_background", "background_reliance", "concept")  # off-object evidence
 SHARED_REGION_IOU = 0.3
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What a flag kind is evidence of, declared by its analysis (``Analysis.kinds``).
+
+    Attributes:
+        name: the cause the kind's flags group under: ``region`` (merged by overlapping regions),
+            ``property`` (by property, across classes), ``background`` (joins its class's region or property
+            cause, else one background cause), ``attribute`` (by attribute), ``cluster`` (by class),
+            ``method`` (one cause); any other name groups by kind and class.
+        leads: the kind names its cause's cue (an intervention where there is one); the finding's headline
+            flag is the most severe leading flag.
+    """
+
+    name: str
+    leads: bool = False
+
+
+Causes = Mapping[str, Cause]  # flag kind -> cause (``catalog.causes()``)
 
 
 class Example(TypedDict):
@@ -67,18 +86,11 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-PRIMARY = {  # the kinds that name a cause's cue (the intervention first where there is one)
-    "region": REGION_KINDS,
-    "property": ("global_cue",),
-    "background": ("counterfactual_background",),
-}
-
-
-def _best(flags: list[Flag], cause: str = "") -> Flag:
-    """The flag that names the cause: the most severe of the cause's primary kinds (any kind when it has
-    none), intervention-located regions (``region_cue``) first among equals."""
-    primary = [f for f in flags if f["kind"] in PRIMARY.get(cause, ())] or flags
-    return min(primary, key=lambda f: (-SEVERITY_RANK[f["severity"]], f["kind"] != "region_cue", -f["score"]))
+def _best(flags: list[Flag], causes: Causes, cause: str = "") -> Flag:
+    """The flag that names the cause: the most severe of the cause's leading kinds (any kind when it has
+    none), flags found by intervention (that name no method) first among equals."""
+    lead = [f for f in flags if (c := causes.get(f["kind"])) is not None and c.leads and c.name == cause] or flags
+    return min(lead, key=lambda f: (-SEVERITY_RANK[f["severity"]], bool(f["methods"]), -f["score"]))
 
 
 def _merge_regions(groups: list[list[Flag]], same_class: bool) -> list[list[Flag]]:
@@ -129,8 +141,8 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
     return s + "."
 
 
-def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None, severity: str) -> str:
-    best = _best(flags, cause)
+def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None, severity: str, causes: Causes) -> str:
+    best = _best(flags, causes, cause)
     names = " and ".join(classes)
     if cause == "background":
         if any(f["kind"] == "counterfactual_background" for f in flags):  # the object removed: an intervention
@@ -148,8 +160,8 @@ def _sentence(cause: str, flags: list[Flag], classes: list[str], key: str | None
     return best["message"]
 
 
-def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
-    best = _best(flags, cause)
+def _finding(cause: str, flags: list[Flag], causes: Causes, key: str | None = None) -> Finding:
+    best = _best(flags, causes, cause)
     worst = min(flags, key=lambda f: -SEVERITY_RANK[f["severity"]])
     classes = sorted({f["class"] for f in flags if f["class"] is not None})
     region = best["region"] if cause == "region" else None
@@ -157,7 +169,7 @@ def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
     sentence = (
         _region_sentence(flags, classes, region, sev)
         if region is not None
-        else _sentence(cause, flags, classes, key, sev)
+        else _sentence(cause, flags, classes, key, sev, causes)
     )
     ident = f"{cause}/{'+'.join(classes) or '*'}/{key or '*'}"
     return {
@@ -174,45 +186,56 @@ def _finding(cause: str, flags: list[Flag], key: str | None = None) -> Finding:
     }
 
 
-def _claim(group: list[Flag], flags: list[Flag], claimed: set[str]) -> list[Flag]:
+def _claim(group: list[Flag], flags: list[Flag], claimed: set[str], causes: Causes) -> list[Flag]:
     """``group`` plus the background flags of its classes not claimed yet (the cue explains them)."""
     classes = {f["class"] for f in group}
     group = group + [
-        f for f in flags if f["kind"] in BACKGROUND_KINDS and f["class"] in classes and f["id"] not in claimed
+        f for f in flags if _cause(f, causes) == "background" and f["class"] in classes and f["id"] not in claimed
     ]
     claimed |= {f["id"] for f in group}
     return group
 
 
-def group_findings(flags: list[Flag]) -> list[Finding]:
-    """Group ``flags`` by cause (module docstring); findings most severe first, then by score."""
-    region = [f for f in flags if f["kind"] in REGION_KINDS and f["region"] is not None]
+def _cause(flag: Flag, causes: Causes) -> str:
+    c = causes.get(flag["kind"])
+    return c.name if c is not None else flag["kind"]
+
+
+GROUP_KEY = {  # cause -> the key its leftover flags group by (region and property causes are built first)
+    "background": lambda f: None,
+    "attribute": lambda f: f["attribute"],
+    "cluster": lambda f: f["class"],
+    "method": lambda f: None,
+}
+
+
+def group_findings(flags: list[Flag], causes: Causes) -> list[Finding]:
+    """Group ``flags`` by cause (module docstring); findings most severe first, then by score.
+
+    Args:
+        flags: the run's flags.
+        causes: flag kind -> :class:`Cause`, as the analyses declare them (``catalog.causes()``).
+    """
+    region = [f for f in flags if _cause(f, causes) == "region" and f["region"] is not None]
     out: list[Finding] = []
     claimed: set[str] = set()
     for g in _merge_regions(_merge_regions([[f] for f in region], same_class=True), same_class=False):
-        out.append(_finding("region", _claim(g, flags, claimed)))
+        out.append(_finding("region", _claim(g, flags, claimed, causes), causes))
     by_property: dict[str | None, list[Flag]] = {}
     for f in flags:
-        if f["kind"] == "global_cue":
+        if _cause(f, causes) == "property":
             by_property.setdefault(f["attribute"], []).append(f)
     for prop, g in by_property.items():
-        out.append(_finding("property", _claim(g, flags, claimed), prop))
+        out.append(_finding("property", _claim(g, flags, claimed, causes), causes, prop))
     keyed: dict[tuple[str, str | None], list[Flag]] = {}
     for f in flags:
         if f["id"] in claimed:
             continue
-        if f["kind"] in BACKGROUND_KINDS:
-            keyed.setdefault(("background", None), []).append(f)
-        elif f["kind"] == "attribute_leak":
-            keyed.setdefault(("attribute", f["attribute"]), []).append(f)
-        elif f["kind"] == "cluster":
-            keyed.setdefault(("cluster", f["class"]), []).append(f)
-        elif f["kind"] == "unreliable_method":
-            keyed.setdefault(("method", None), []).append(f)
-        else:
-            keyed.setdefault((f["kind"], f["class"]), []).append(f)
+        cause = _cause(f, causes)
+        key = GROUP_KEY[cause](f) if cause in GROUP_KEY else f["class"]
+        keyed.setdefault((cause, key), []).append(f)
     for (cause, key), group in keyed.items():
-        out.append(_finding(cause, group, key if cause == "attribute" else None))
+        out.append(_finding(cause, group, causes, key if cause == "attribute" else None))
     return sorted(out, key=lambda x: (-SEVERITY_RANK[x["severity"]], -x["score"], x["id"]))
 
 

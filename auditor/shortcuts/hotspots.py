@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import GRID, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
@@ -217,7 +218,7 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="hotspots",
-        kinds=("spatial_hotspot",),
+        kinds={"spatial_hotspot": Cause("region", leads=True)},
         needs=frozenset({"maps"}),  # the intervention runs where the model is; without it: at most medium
         measure=measure,
         flag=hotspot_flags,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -164,7 +165,7 @@ def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="properties",
-        kinds=("global_cue",),
+        kinds={"global_cue": Cause("property", leads=True)},
         needs=frozenset({"model"}),
         measure=measure,
         flag=global_flags,

@@ -8,7 +8,7 @@ in registration order: measure, intervene, then flag. Adding a flag kind = one m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ import pandas as pd
 
 from auditor.io.sources import keyed_order
 from auditor.registry import Registry
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.removals import counterfactual_summary
@@ -186,7 +187,8 @@ class Analysis:
 
     Attributes:
         name: registry key.
-        kinds: the flag kinds it emits.
+        kinds: the flag kinds it emits, each with the cause its flags are evidence of (how findings group
+            them, :class:`~auditor.shortcuts.findings.Cause`).
         needs: what it cannot run without, from :data:`NEEDS`; ``run_analyses`` skips an analysis whose needs
             the run does not meet and records why (``analyses.skipped``). ``intervene`` runs only where the
             model is available, so an analysis that can judge without it does not list ``model``.
@@ -201,7 +203,7 @@ class Analysis:
     """
 
     name: str
-    kinds: tuple[str, ...]
+    kinds: Mapping[str, Cause]
     needs: frozenset[str]
     measure: Callable[[AnalysisInputs], Measurement]
     flag: Callable[[Measurement, FlagContext], list[Flag]]

@@ -7,6 +7,7 @@ such methods alone.
 
 from __future__ import annotations
 
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 
@@ -36,7 +37,7 @@ def unreliable_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="reliability",
-        kinds=("unreliable_method",),
+        kinds={"unreliable_method": Cause("method")},
         needs=frozenset({"mprt"}),
         measure=measure,
         flag=unreliable_flags,

@@ -15,6 +15,7 @@ from auditor.shortcuts import attributes, background, clusters, hotspots, reliab
 from auditor.shortcuts.attributes import attribute_leakage, property_bins
 from auditor.shortcuts.background import background_reliance
 from auditor.shortcuts.clusters import spectral_clusters
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import change, downgrade_unreliable, order_flags
 from auditor.shortcuts.grids import describe_location, grid_maps
 from auditor.shortcuts.hotspots import class_hotspots
@@ -407,7 +408,7 @@ def test_the_unreliable_method_downgrade_applies_to_every_kind(monkeypatch: pyte
             make_flag("unreliable_method", None, "grad_cam", "medium", 0.9, "the judge itself", {}, ["grad_cam"]),
         ]
 
-    fake = registry.Analysis("fake", ("cluster",), frozenset(), lambda inputs: {}, flags)
+    fake = registry.Analysis("fake", {"cluster": Cause("cluster")}, frozenset(), lambda inputs: {}, flags)
     monkeypatch.setattr(catalog, "registered", lambda: [fake])
     mprt = {"methods": {"grad_cam": {"unreliable": True}, "layer_cam": {"unreliable": False}}}
     inputs = registry.AnalysisInputs(pd.DataFrame(), "label", [], ["a"], [], None, T, mprt=mprt)  # type: ignore[arg-type]
@@ -456,7 +457,9 @@ def test_every_test_that_can_raise_a_flag_is_one_bh_family_per_run(monkeypatch: 
             q = ctx.q_values(name, measured["p"])
             return [make_flag("cluster", k, None, "high", 0.9, "m", {"q": q[k]}) for k in q if q[k] < T.alpha]
 
-        return registry.Analysis(name, ("cluster",), frozenset(), lambda inputs: {"p": p}, flag, tests=lambda m: m["p"])
+        return registry.Analysis(
+            name, {"cluster": Cause("cluster")}, frozenset(), lambda inputs: {"p": p}, flag, tests=lambda m: m["p"]
+        )
 
     small = analysis("small", {"a": 0.02, "b": 0.03})
     large = analysis("large", {f"x{i}": 0.5 for i in range(8)})
@@ -487,14 +490,17 @@ def test_every_registered_analysis_meets_the_contract() -> None:
     """Like scikit-learn's check_estimator, over every registered analysis: known needs, kinds and evidence
     keys; no inputs -> no flag and a recorded reason for each analysis that needs something."""
     from auditor.shortcuts import catalog
+    from auditor.shortcuts.findings import GROUP_KEY
     from auditor.shortcuts.registry import NEEDS
 
+    CAUSE_NAMES = {"region", "property", *GROUP_KEY}  # the causes findings group by name
     analyses = catalog.registered()
     assert len({a.name for a in analyses}) == len(analyses) == len(catalog.MODULES)
     kinds = [k for a in analyses for k in a.kinds]
     assert len(kinds) == len(set(kinds)), "each flag kind belongs to one analysis"
     for a in analyses:
         assert set(a.needs) <= set(NEEDS) and a.kinds and callable(a.measure) and callable(a.flag), a.name
+        assert all(isinstance(c, Cause) and c.name in CAUSE_NAMES for c in a.kinds.values()), a.name
     summary, flags = catalog.run_analyses(_no_inputs())
     assert flags == []
     skipped = summary["skipped"]
@@ -518,7 +524,7 @@ def test_an_analysis_whose_needs_are_met_runs_and_one_that_lacks_them_is_skipped
             return {name: 1}
 
         flag = lambda m, ctx: [make_flag("cluster", name, None, "low", 0.1, "m", {})]  # noqa: E731
-        return registry.Analysis(name, ("cluster",), frozenset(needs), measure, flag)
+        return registry.Analysis(name, {"cluster": Cause("cluster")}, frozenset(needs), measure, flag)
 
     monkeypatch.setattr(catalog, "registered", lambda: [analysis("free", set()), analysis("masked", {"masks"})])
     summary, flags = catalog.run_analyses(_no_inputs())
