@@ -27,7 +27,7 @@ from auditor.errors import ConfigError
 from auditor.io.images import DEFAULT_MAX_PIXELS
 from auditor.io.models import ModelConfig
 from auditor.metrics import FAST_METRICS, METRICS
-from auditor.shortcuts.thresholds import Thresholds
+from auditor.shortcuts.catalog import Thresholds
 from auditor.validation import format_validation_error, load_yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

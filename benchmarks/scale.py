@@ -107,9 +107,8 @@ def _synthetic_run(root: Path, n: int, seed: int = 0) -> None:
 
 def _reduce_child(root: Path) -> None:
     from auditor.run import aggregate
-    from auditor.shortcuts.catalog import run_analyses
+    from auditor.shortcuts.catalog import Thresholds, run_analyses
     from auditor.shortcuts.registry import AnalysisInputs
-    from auditor.shortcuts.thresholds import Thresholds
     from auditor.store.rundir import RunDir, one_row_per_sample
 
     start = time.perf_counter()

@@ -172,8 +172,8 @@ def test_multi_valued_and_full_masks_are_counted_warnings(data: Path, tmp_path: 
 
 def test_flag_messages_never_print_nan_percent() -> None:
     from auditor.shortcuts.background import background_flags
+    from auditor.shortcuts.catalog import Thresholds
     from auditor.shortcuts.registry import FlagContext
-    from auditor.shortcuts.thresholds import Thresholds
 
     r = {
         "n": 10,
@@ -460,7 +460,7 @@ def test_thresholds_out_of_range_or_order_are_config_errors(
 
 
 def test_thresholds_at_their_limits_are_accepted() -> None:
-    from auditor.shortcuts.thresholds import Thresholds
+    from auditor.shortcuts.catalog import Thresholds
 
     Thresholds(cue_images=0)  # off
     Thresholds(cue_images=4, attribute_gap=0.3, attribute_medium=0.3, attribute_high=0.3)  # equal levels

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.interventions import region_intervention, shift_intervention
 from auditor.shortcuts.probes import VERSIONS
-from auditor.shortcuts.thresholds import Thresholds
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

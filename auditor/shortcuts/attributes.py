@@ -7,16 +7,32 @@ brightness, contrast, mean colour, sharpness, binned in quartiles), whether or n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 from scipy import stats
 
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
 from auditor.stats import NAN
+
+
+class Params(SharedParams):
+    """``attribute_leak``'s thresholds (config ``thresholds``, flat keys)."""
+
+    attribute_gap: float = Field(0.15, gt=0, le=1, description="least accuracy gap of a (class, value) group")
+    attribute_medium: float = Field(0.25, gt=0, le=1, description="medium from this accuracy gap")
+    attribute_high: float = Field(0.4, gt=0, le=1, description="high from this accuracy gap")
+
+    @model_validator(mode="after")
+    def _attributes_levels_in_order(self) -> Self:  # a unique name: Thresholds inherits every analysis's
+        ordered(self, "attribute_gap", "attribute_medium", "attribute_high")
+        return self
+
 
 PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
 
@@ -154,7 +170,7 @@ def tests(measured: Measurement) -> dict[str, float]:
 
 def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str, str], tuple[dict, float]], dict]:
     """The largest significant gap per (attribute, class); correlated image properties keep only the strongest."""
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     q = ctx.q_values("attributes", tests({"attributes": attrs}))
     best: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
     for a, x in [(a, x) for a, info in attrs.items() for x in info["tests"]]:
@@ -181,7 +197,7 @@ def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str,
 
 def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``attribute_leak`` per (attribute, class) with a significant accuracy gap."""
-    t, attrs = ctx.thresholds, measured["attributes"]
+    t, attrs = params_of(ctx.thresholds, Params), measured["attributes"]
     best, also = _strongest(attrs, ctx)
     flags = []
     for (a, c), (x, qv) in best.items():
@@ -208,6 +224,7 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="attributes",
+        params=Params,
         kinds={"attribute_leak": Cause("attribute")},
         needs=frozenset(),  # metadata columns where given, image properties always
         measure=measure,

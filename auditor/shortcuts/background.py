@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 from scipy import stats
 
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.removals import removed_gaps
+from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
 from auditor.stats import NAN, median_ci
+
+
+class Params(SharedParams):
+    """``background_reliance``'s thresholds (config ``thresholds``, flat keys)."""
+
+    background_ratio: float = Field(
+        1.0,
+        gt=0,
+        description="flag when the CI of the median mass-on-object / chance ratio lies below this (1 = a uniform map)",
+    )
+    background_medium: float = Field(0.8, gt=0, description="medium at or below this ratio")
+    background_high: float = Field(0.5, gt=0, description="high at or below this ratio")
+
+    @model_validator(mode="after")
+    def _background_levels_in_order(self) -> Self:  # a unique name: Thresholds inherits every analysis's
+        ordered(self, "background_high", "background_medium", "background_ratio")
+        return self
 
 
 def background_reliance(table: pd.DataFrame, classes: Sequence[str], seed: int = 0, worst: int = 6) -> dict[str, Any]:
@@ -90,7 +109,7 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     is flagged only if its background alone, object removed with a margin, still calls it
     (``counterfactual_gap`` above the other classes' rate); without them the flag is at most medium.
     """
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     per_method: dict[str, dict[str, Any]] = measured["background"]
     q = ctx.q_values("background", tests(measured))
     hits: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -136,6 +155,7 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="background",
+        params=Params,
         kinds={"background_reliance": Cause("background")},
         needs=frozenset({"maps", "masks"}),
         measure=measure,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ConfigDict
+
 from auditor.shortcuts import (
     attributes,
     background,
@@ -31,14 +33,45 @@ from auditor.shortcuts.registry import (
     Measurement,
     unreliable_methods,
 )
+from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
 
 MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, concepts, reliability)
 
 
+class Thresholds(  # fields in reverse base order: shared, background, hotspots, ..., concepts
+    concepts.Params,
+    clusters.Params,
+    counterfactual.Params,
+    attributes.Params,
+    properties.Params,
+    cues.Params,
+    hotspots.Params,
+    background.Params,
+):
+    """Flag thresholds (config key ``thresholds``): every analysis's ``Params`` and the shared ones, flat.
+    Heuristics, documented in the README (the table is generated from these models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def registered() -> list[Analysis]:
     """Every registered analysis, in registration order (this module's imports registered them)."""
     return ANALYSES.values()
+
+
+def thresholds_table() -> str:
+    """The README's thresholds table (markdown), generated from every analysis's ``Params``: key, default,
+    who reads it, meaning. ``tests/test_readme_tables.py`` fails when the README's copy is stale."""
+    rows = ["| key | default | read by | meaning |", "|---|---|---|---|"]
+    owner = {f: "shared" for f in SharedParams.model_fields}
+    for a in registered():
+        for f in a.params.model_fields:
+            owner.setdefault(f, ", ".join(f"`{k}`" for k in a.kinds))
+    for name, info in Thresholds.model_fields.items():
+        text = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {info.default} | {owner[name]} | {text} |")
+    return "\n".join(rows) + "\n"
 
 
 def causes() -> dict[str, Cause]:

@@ -11,11 +11,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from auditor.io.sources import keyed_order
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.thresholds import SharedParams, params_of
+
+
+class Params(SharedParams):
+    """``cluster``'s thresholds (config ``thresholds``, flat keys)."""
+
+    cluster_min_share: float = Field(0.1, gt=0, le=1, description="least share of its class a flagged cluster holds")
+    cluster_effect: float = Field(
+        0.3, gt=0, description="least gap between a cluster's object share (x chance) and its class's"
+    )
+
 
 CLUSTER_CAP = 400  # maps per class clustered (keyed by sample id); the eigen-decomposition is O(n^3)
 
@@ -159,7 +171,7 @@ def cluster_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     The group's median object share (x chance) must lie below what a random group of the class of the same
     size reaches by chance (``null_low``, 5th percentile) and below the class's median by ``cluster_effect``.
     """
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     flags = []
     for c, info in measured["clusters"].items():
         for k in info.get("clusters", []):
@@ -185,6 +197,7 @@ def cluster_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="clusters",
+        params=Params,
         kinds={"cluster": Cause("cluster")},
         needs=frozenset({"maps"}),
         measure=measure,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import Field, StrictInt
 
 from auditor.ops import factorize, project_concepts, resize_bilinear
 from auditor.shortcuts.findings import Cause
@@ -33,6 +34,23 @@ from auditor.shortcuts.registry import (
     keyed_rows,
     register_analysis,
 )
+from auditor.shortcuts.thresholds import SharedParams, params_of
+
+
+class Params(SharedParams):
+    """``concept``'s thresholds (config ``thresholds``, flat keys)."""
+
+    concept_images: StrictInt = Field(
+        16, ge=0, description="images per class whose activations are factorized into concepts (DFF); 0 = off"
+    )
+    concept_count: StrictInt = Field(4, ge=1, description="concepts fitted per class")
+    concept_share: float = Field(
+        0.25, gt=0, le=1, description="least share of the class's attention a flagged concept carries (medium: 2x)"
+    )
+    concept_on_ratio: float = Field(
+        0.5, ge=0, lt=1, description="most heat a flagged concept puts on the object, as a multiple of chance"
+    )
+
 
 NULL_DRAWS = 200
 
@@ -122,7 +140,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Fit concepts per class on the activations of a keyed draw of its images (with the model)."""
     assert inputs.intervener is not None
-    t, first = inputs.thresholds, inputs.first
+    t, first = params_of(inputs.thresholds, Params), inputs.first
     if inputs.intervener.activations is None or t.concept_images == 0 or not inputs.methods:
         return {}
     method = inputs.methods[0]
@@ -163,7 +181,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
 
 
 def concept_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     flags = []
     for cls, info in (measured.get("concepts") or {}).items():
         for c in info["concepts"]:
@@ -199,6 +217,7 @@ def concept_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="concepts",
+        params=Params,
         kinds={"concept": Cause("background")},
         needs=frozenset({"maps", "model"}),
         measure=measure,

@@ -6,11 +6,27 @@ check their evidence against it); this module judges it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
+
+from pydantic import Field, model_validator
 
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
+
+
+class Params(SharedParams):
+    """``counterfactual_background``'s severity levels (config ``thresholds``, flat keys); its least gap,
+    ``counterfactual_gap``, is shared."""
+
+    counterfactual_medium: float = Field(0.3, gt=0, le=1, description="medium from this gap")
+    counterfactual_high: float = Field(0.5, gt=0, le=1, description="high from this gap")
+
+    @model_validator(mode="after")
+    def _counterfactual_levels_in_order(self) -> Self:  # a unique name: Thresholds inherits every analysis's
+        ordered(self, "counterfactual_gap", "counterfactual_medium", "counterfactual_high")
+        return self
 
 
 def measure(inputs: AnalysisInputs) -> Measurement:
@@ -40,7 +56,7 @@ def tests(measured: Measurement) -> dict[str, float]:
 def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``counterfactual_background``: the class's own background, object removed with a margin every way,
     still calls the class more often than other classes' backgrounds do (by ``counterfactual_gap``)."""
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     q = ctx.q_values("counterfactual", tests(measured))
     flags = []
     for c, r in measured["counterfactual"].items():
@@ -62,6 +78,7 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="counterfactual",
+        params=Params,
         kinds={"counterfactual_background": Cause("background", leads=True)},
         needs=frozenset({"masks", "counterfactuals"}),
         measure=measure,

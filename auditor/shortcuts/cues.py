@@ -23,9 +23,10 @@ finding is capped at medium and says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
+from pydantic import Field, StrictInt, model_validator
 from scipy import ndimage
 
 from auditor.shortcuts.findings import Cause
@@ -39,7 +40,27 @@ from auditor.shortcuts.registry import (
     keyed_rows,
     register_analysis,
 )
-from auditor.shortcuts.thresholds import Thresholds
+from auditor.shortcuts.thresholds import SharedParams, params_of
+
+
+class Params(SharedParams):
+    """``region_cue``'s thresholds (config ``thresholds``, flat keys)."""
+
+    cue_images: StrictInt = Field(
+        12, ge=0, description="images per class scanned for a region cue (mask-free); 0 turns the scan off"
+    )
+    cue_window: float = Field(0.25, gt=0, le=0.5, description="side of the scan's windows (share of the image side)")
+    cue_drop: float = Field(
+        0.15, gt=0, le=1, description="least median p(class) drop at a place, above the class's other places"
+    )
+
+    @model_validator(mode="after")
+    def _cue_scan_can_run(self) -> Self:
+        """A scan must be able to call a place common to a class's images (under 4 images it was silently off)."""
+        if 0 < self.cue_images < 4:
+            raise ValueError(f"cue_images must be 0 (the scan off) or at least 4; got {self.cue_images}")
+        return self
+
 
 FINE = 64  # side of the importance grid the region is read from
 
@@ -121,7 +142,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 
 def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     assert inputs.intervener is not None
-    t, first = inputs.thresholds, inputs.first
+    t, first = params_of(inputs.thresholds, Params), inputs.first
     own = first[first["label"] == cls]
     rows = keyed_rows(own, t.cue_images, inputs.seed, "cue", own["correct"])
     if len(rows) < 4:
@@ -150,7 +171,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Scan every class, then confirm each located region against a control box."""
     assert inputs.intervener is not None
-    t, first = inputs.thresholds, inputs.first
+    t, first = params_of(inputs.thresholds, Params), inputs.first
     cues: dict[str, Any] = {}
     for cls in inputs.classes:
         found = _scan_class(inputs, cls)
@@ -183,7 +204,7 @@ def _central(region: Sequence[float]) -> bool:
     return region[0] < 2 / 3 and region[2] > 1 / 3 and region[1] < 2 / 3 and region[3] > 1 / 3
 
 
-def confirmation(c: str, r: dict[str, Any], t: Thresholds, q: dict[str, float]) -> dict[str, Any]:
+def confirmation(c: str, r: dict[str, Any], t: Params, q: dict[str, float]) -> dict[str, Any]:
     """Removal and transplant effects over the control box (paired, per image), and whether each is confirmed:
     at least ``intervention_effect`` and significant (``q``: the run's q-values of :func:`tests`)."""
     test = r.get("test")
@@ -221,7 +242,7 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
 
 def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``region_cue`` per class: high when removal and transplant both beat the control box."""
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     q = ctx.q_values("cues", tests(measured))
     flags = []
     for c, r in measured["cues"].items():
@@ -250,6 +271,7 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="cues",
+        params=Params,
         kinds={"region_cue": Cause("region", leads=True)},
         needs=frozenset({"model"}),
         measure=measure,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage, stats
 
 from auditor.shortcuts.findings import Cause
@@ -25,8 +26,19 @@ from auditor.shortcuts.registry import (
     keyed_rows,
     register_analysis,
 )
-from auditor.shortcuts.thresholds import Thresholds
+from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.stats import bh_adjust
+
+
+class Params(SharedParams):
+    """``spatial_hotspot``'s thresholds (config ``thresholds``, flat keys)."""
+
+    hotspot_lift: float = Field(2.0, gt=1, description="class mass in the region / other classes' mass there")
+    hotspot_concentration: float = Field(
+        2.0, gt=1, description="class mass in the region / the region's share of the image (uniform map: 1)"
+    )
+    hotspot_max_area: float = Field(0.15, gt=0, le=1, description="largest region (share of the image)")
+    hotspot_persistence: float = Field(0.5, gt=0, le=1, description="share of the class's maps hot in the region")
 
 
 def _region(diff: np.ndarray, level: float) -> np.ndarray:
@@ -115,7 +127,7 @@ def tests(measured: Measurement) -> dict[str, float]:
 
 
 def candidates(
-    per_method: dict[str, dict[str, Any]], t: Thresholds, q: dict[str, float] | None = None
+    per_method: dict[str, dict[str, Any]], t: Params, q: dict[str, float] | None = None
 ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Per class, the methods whose region passes every measurement criterion (a measurement, no verdict).
 
@@ -151,7 +163,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
     out: dict[str, Any] = {}
-    for cls, support in candidates(measured["hotspots"], inputs.thresholds).items():
+    for cls, support in candidates(measured["hotspots"], params_of(inputs.thresholds, Params)).items():
         region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
         own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
         other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))
@@ -161,7 +173,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     return {"interventions": out}
 
 
-def _confirmed(c: str, test: dict[str, Any] | None, t: Thresholds, q: dict[str, float]) -> tuple[bool, bool]:
+def _confirmed(c: str, test: dict[str, Any] | None, t: Params, q: dict[str, float]) -> tuple[bool, bool]:
     """(removal confirmed, transplant confirmed): each effect over the control box at least
     ``intervention_effect`` and significant (the run's q-value)."""
     if not test:
@@ -190,7 +202,7 @@ def _message(c: str, r0: dict[str, Any], test: dict[str, Any] | None, confirmed:
 def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     """``spatial_hotspot`` per class; high severity requires a confirming intervention (removal and transplant);
     a region whose removal does not lower p(class) is not flagged (the intervention measured no effect)."""
-    t, interventions = ctx.thresholds, measured.get("interventions", {})
+    t, interventions = params_of(ctx.thresholds, Params), measured.get("interventions", {})
     q = ctx.q_values("hotspots", tests(measured))
     flags = []
     for c, support in candidates(measured["hotspots"], t, q).items():
@@ -218,6 +230,7 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="hotspots",
+        params=Params,
         kinds={"spatial_hotspot": Cause("region", leads=True)},
         needs=frozenset({"maps"}),  # the intervention runs where the model is; without it: at most medium
         measure=measure,

@@ -17,9 +17,10 @@ exist, the counterfactual (object removed, class still called?) tells such a fra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
@@ -32,6 +33,25 @@ from auditor.shortcuts.registry import (
     register_analysis,
 )
 from auditor.shortcuts.removals import removed_gaps
+from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
+
+
+class Params(SharedParams):
+    """``global_cue``'s thresholds (config ``thresholds``, flat keys)."""
+
+    property_effect: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="least share of images that follow a colour shift beyond the opposite shift (global_cue)",
+    )
+    property_high: float = Field(0.5, gt=0, le=1, description="high when the whole-image effect reaches this")
+
+    @model_validator(mode="after")
+    def _properties_levels_in_order(self) -> Self:  # a unique name: Thresholds inherits every analysis's
+        ordered(self, "property_effect", "property_high")
+        return self
+
 
 CHANNELS = ("red", "green", "blue")
 
@@ -75,7 +95,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Shift each class's images toward the others' colour and back (keyed draws of images)."""
     assert inputs.intervener is not None
-    t, first = inputs.thresholds, inputs.first
+    t, first = params_of(inputs.thresholds, Params), inputs.first
     # where an image has no mask, the finest class-sensitive map's hot places stand in for the object
     method = "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
     out = {}
@@ -133,7 +153,7 @@ def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     on the whole image *and* sparing the objects; the severity follows the whole-image effect. Where the
     counterfactual forwards ran (masks), the class must also survive the object's removal: a model whose
     prediction goes with the object is sensitive to background colour, not led by it, and is not flagged."""
-    t = ctx.thresholds
+    t = params_of(ctx.thresholds, Params)
     removed: dict[str, float] = measured.get("global_removed_gap", {})
     q = ctx.q_values("properties", tests(measured))
     flags = []
@@ -165,6 +185,7 @@ def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
 ANALYSIS = register_analysis(
     Analysis(
         name="properties",
+        params=Params,
         kinds={"global_cue": Cause("property", leads=True)},
         needs=frozenset({"model"}),
         measure=measure,

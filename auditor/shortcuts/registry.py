@@ -22,7 +22,7 @@ from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.grids import grid_maps
 from auditor.shortcuts.removals import counterfactual_summary
-from auditor.shortcuts.thresholds import Thresholds
+from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
 from auditor.store.rundir import RunDir, one_row_per_sample
 
@@ -123,7 +123,7 @@ class AnalysisInputs:
     classes: list[str]
     metadata: list[str]
     rundir: RunDir
-    thresholds: Thresholds
+    thresholds: SharedParams
     seed: int = 0
     mprt: dict[str, Any] | None = None
     intervener: Intervener | None = None
@@ -166,7 +166,7 @@ class FlagContext:
             called on its own measurement (tests), which then adjusts within its own tests.
     """
 
-    thresholds: Thresholds
+    thresholds: SharedParams
     unreliable: set[str] = field(default_factory=set)
     mprt: dict[str, Any] | None = None
     family: dict[str, float] | None = None
@@ -189,6 +189,9 @@ class Analysis:
         name: registry key.
         kinds: the flag kinds it emits, each with the cause its flags are evidence of (how findings group
             them, :class:`~auditor.shortcuts.findings.Cause`).
+        params: its thresholds, a pydantic model extending ``SharedParams`` (flat keys of the config's
+            ``thresholds``, which holds every analysis's: ``catalog.Thresholds``); the analysis reads them with
+            ``params_of(ctx.thresholds, Params)``.
         needs: what it cannot run without, from :data:`NEEDS`; ``run_analyses`` skips an analysis whose needs
             the run does not meet and records why (``analyses.skipped``). ``intervene`` runs only where the
             model is available, so an analysis that can judge without it does not list ``model``.
@@ -210,6 +213,7 @@ class Analysis:
     evidence_ids: tuple[str, ...] = ()
     intervene: Callable[[Measurement, AnalysisInputs], Measurement] | None = None
     tests: Callable[[Measurement], dict[str, float]] | None = None
+    params: type[SharedParams] = SharedParams
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")

@@ -14,6 +14,7 @@ from torch import nn
 from auditor.shortcuts import attributes, background, clusters, hotspots, reliability
 from auditor.shortcuts.attributes import attribute_leakage, property_bins
 from auditor.shortcuts.background import background_reliance
+from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.clusters import spectral_clusters
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import change, downgrade_unreliable, order_flags
@@ -23,7 +24,6 @@ from auditor.shortcuts.interventions import region_intervention, region_mask
 from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, inpaint
 from auditor.shortcuts.registry import FlagContext
 from auditor.shortcuts.removals import counterfactual_summary
-from auditor.shortcuts.thresholds import Thresholds
 from auditor.stats import bh_adjust
 
 T = Thresholds()
@@ -530,3 +530,25 @@ def test_an_analysis_whose_needs_are_met_runs_and_one_that_lacks_them_is_skipped
     summary, flags = catalog.run_analyses(_no_inputs())
     assert ran == ["free"] and [f["class"] for f in flags] == ["free"]
     assert summary["skipped"] == {"masked": "needs masks: no image has a mask or a box"} and "masked" not in summary
+
+
+def test_every_analysis_declares_its_own_thresholds_and_the_config_holds_them_all() -> None:
+    """One file per analysis: its thresholds are its ``Params``; the config's flat ``thresholds`` is their union
+    (``catalog.Thresholds``). A field declared twice would be merged silently, a validator with a name another
+    analysis uses would replace it: neither may happen."""
+    from auditor.shortcuts import catalog
+    from auditor.shortcuts.thresholds import SharedParams
+
+    own = [a.params for a in catalog.registered() if a.params is not SharedParams]
+    assert set(catalog.Thresholds.__bases__) == set(own)
+    shared = set(SharedParams.model_fields)
+    fields = [f for p in own for f in p.model_fields if f not in shared]
+    assert len(fields) == len(set(fields)) and set(catalog.Thresholds.model_fields) == shared | set(fields)
+    validators = [n for p in own for n in p.__pydantic_decorators__.model_validators if n in vars(p)]
+    assert len(validators) == len(set(validators)), validators
+    union = catalog.Thresholds.__pydantic_decorators__.model_validators
+    assert set(validators) <= set(union)  # each analysis's validators still run in the union
+    with pytest.raises(ValueError, match="attribute_gap <= attribute_medium"):
+        catalog.Thresholds(attribute_gap=0.5)
+    with pytest.raises(ValueError, match="property_effect <= property_high"):
+        catalog.Thresholds(property_effect=0.6)

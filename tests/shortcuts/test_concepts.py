@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.concepts import class_concepts, concept_flags
 from auditor.shortcuts.registry import FlagContext
-from auditor.shortcuts.thresholds import Thresholds
 
 
 def _scene(rng: np.random.Generator, n: int, tag: bool) -> tuple[np.ndarray, np.ndarray]:

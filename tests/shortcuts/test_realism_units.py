@@ -13,12 +13,12 @@ from auditor.cams.layers import finer_layer, resolve_layer
 from auditor.outputs.render import overlay
 from auditor.outputs.report import _timing
 from auditor.shortcuts import cues
+from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.catalog import group_by_cause as group_findings
 from auditor.shortcuts.flags import make_flag
 from auditor.shortcuts.interventions import occlusion_scan, shift_intervention
 from auditor.shortcuts.probes import box_masks, counterfactuals, flat_fill, margin_masks
 from auditor.shortcuts.removals import counterfactual_summary
-from auditor.shortcuts.thresholds import Thresholds
 from tests.pipeline.tinynet import DeepNet
 
 T = Thresholds()

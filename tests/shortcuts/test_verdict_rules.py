@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
+from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.counterfactual import counterfactual_flags
 from auditor.shortcuts.cues import confirmation, control_box, cue_flags
 from auditor.shortcuts.probes import counterfactuals
 from auditor.shortcuts.properties import global_flags
 from auditor.shortcuts.registry import FlagContext
 from auditor.shortcuts.removals import counterfactual_summary, removed_gaps
-from auditor.shortcuts.thresholds import Thresholds
 
 T = Thresholds()
 CTX = FlagContext(T)
