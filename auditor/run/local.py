@@ -84,7 +84,6 @@ def map_spec(plan: Plan) -> MapSpec:
     """The main pass's spec: the configured expensive subset; counterfactuals on the stratified subset."""
     mode = plan.cfg.expensive.subset
     expensive = flagged.initial_subset(mode, plan.stratified)
-    mean_std = plan.cfg.data.mean_std()
     return MapSpec(
         cfg=plan.cfg,
         model=plan.loaded.module,
@@ -95,9 +94,9 @@ def map_spec(plan: Plan) -> MapSpec:
         metrics=plan.cfg.metric_names(),
         layer=plan.cfg.model.target_layer,
         expensive=expensive,
-        probe=expensive if mode == "all" else plan.stratified,
-        mean=torch.tensor(mean_std[0], device=plan.device) if mean_std else None,
-        std=torch.tensor(mean_std[1], device=plan.device) if mean_std else None,
+        probe=plan.probe,
+        mean=plan.mean,
+        std=plan.std,
         chunk=plan.chunk,
         faithful=tuple(plan.cfg.faithfulness_methods(plan.methods)),
         overlap=plan.device.type == "cuda" if plan.cfg.overlap == "auto" else plan.cfg.overlap,

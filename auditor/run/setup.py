@@ -68,7 +68,7 @@ def main_batches(samples: Sequence[SampleSpec], batch_size: int, shard: Shard | 
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A validated run, ready for its map stage.
 
@@ -84,9 +84,13 @@ class Plan:
         chunk: images per forward inside methods and metrics.
         memory_format: ``contiguous`` or ``channels_last``.
         selection: ``--limit`` / ``--per-class`` / ``--only-classes``.
-        stratified: ``[n]`` bool, the seeded per-class subset of the expensive work.
+        stratified: ``[n]`` bool, the keyed per-class subset of the expensive work.
+        probe: ``[n]`` bool, the samples that get the counterfactual forwards and background partners: every
+            sample with ``expensive.subset: all``, else the stratified subset (decided here, once).
         batches: the rows of each main-pass batch (this shard's, for a shard).
         shard: this process's shard, or None.
+        mean, std: ``[3, 1, 1]`` normalization tensors on ``device`` (None: the images are not normalized), made
+            once for the map stage and the model access after it.
         localization: ``summary.json`` ``run.localization`` (:func:`~auditor.run.localize.plan_localization`).
         skipped_methods: configured methods this model cannot run, with the reason (:func:`resolve_methods`).
     """
@@ -103,8 +107,11 @@ class Plan:
     memory_format: str
     selection: Selection
     stratified: np.ndarray
+    probe: np.ndarray
     batches: list[list[int]]
     shard: Shard | None = None
+    mean: Tensor | None = None
+    std: Tensor | None = None
     localization: dict[str, Any] = field(default_factory=dict)
     skipped_methods: dict[str, str] = field(default_factory=dict)
 
@@ -315,6 +322,25 @@ def check_layers(cfg: AuditConfig, loaded: LoadedModel, probe: Tensor) -> None:
         raise ConfigError(f"model.target_layer / method_options: {err}") from None
 
 
+def _record(
+    store: RunStore, resolved: AuditConfig, identity: str, memory_format: str, selection: Selection, shard: Shard | None
+) -> RunStore:
+    """``config.resolved.yaml`` and ``run.json`` (what a resumed session must match)."""
+    store.write_bytes(RESOLVED, dump_resolved(resolved).encode())
+    store.write_json(
+        RUN,
+        {
+            "identity": identity,
+            "n": store.n,
+            "batch_size": resolved.batch_size,
+            "memory_format": memory_format,
+            "selection": [selection.limit, selection.per_class, selection.only_classes],
+            "shard": None if shard is None else [shard.index, shard.count],
+        },
+    )
+    return store
+
+
 def plan_run(
     cfg: AuditConfig,
     out: str | Path,
@@ -349,19 +375,7 @@ def plan_run(
     previous = _previous(store_root, identity)
     # a resumed run keeps the first session's choice, so its batches compute exactly like the others
     memory_format = previous.get("memory_format") or _memory_format(cfg, loaded, probe, chunk)
-    store = RunStore(store_root, len(dataset.samples))
-    store.write_bytes(RESOLVED, dump_resolved(resolved).encode())
-    store.write_json(
-        RUN,
-        {
-            "identity": identity,
-            "n": len(dataset.samples),
-            "batch_size": cfg.batch_size,
-            "memory_format": memory_format,
-            "selection": [selection.limit, selection.per_class, selection.only_classes],
-            "shard": None if shard is None else [shard.index, shard.count],
-        },
-    )
+    store = _record(RunStore(store_root, len(dataset.samples)), resolved, identity, memory_format, selection, shard)
     if not loaded.scripted:
         set_memory_format(loaded.module, memory_format)
     labels = [s.label for s in dataset.samples]
@@ -369,21 +383,25 @@ def plan_run(
     probed = np.ones(len(labels), dtype=bool) if cfg.expensive.subset == "all" else stratified
     dataset.partners = background_partners(dataset.samples, probed, cfg.seed)
     layout = batches if batches is not None else main_batches(dataset.samples, cfg.batch_size, shard)
+    norm = [torch.tensor(v, device=device) for v in mean_std] if (mean_std := cfg.data.mean_std()) else None
     return Plan(
-        cfg,
-        store,
-        loaded,
-        device,
-        dataset,
-        classes,
-        metadata,
-        methods,
-        chunk,
-        memory_format,
-        selection,
-        stratified,
-        layout,
-        shard,
-        localization,
-        skipped,
+        cfg=cfg,
+        store=store,
+        loaded=loaded,
+        device=device,
+        dataset=dataset,
+        classes=classes,
+        metadata=metadata,
+        methods=methods,
+        chunk=chunk,
+        memory_format=memory_format,
+        selection=selection,
+        stratified=stratified,
+        probe=probed,
+        batches=layout,
+        shard=shard,
+        mean=norm[0] if norm else None,
+        std=norm[1] if norm else None,
+        localization=localization,
+        skipped_methods=skipped,
     )

@@ -141,7 +141,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Fit concepts per class on the activations of a keyed draw of its images (with the model)."""
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
-    if inputs.intervener.activations is None or t.concept_images == 0 or not inputs.methods:
+    if not inputs.intervener.has_activations or t.concept_images == 0 or not inputs.methods:
         return {}
     method = inputs.methods[0]
     rows_maps = inputs.grids.get(method)

@@ -29,20 +29,11 @@ from auditor.store.rundir import RunDir, one_row_per_sample
 NEEDS = ("maps", "masks", "counterfactuals", "model", "mprt")
 
 
-class RegionTest(Protocol):
-    """Remove a region and a control box from some images and paste them into others
-    (``interventions.region_intervention``); returns the paired test-minus-control numbers.
+class Intervener(Protocol):
+    """What an analysis may ask of the model: one object, built once per run by the run stage
+    (``run.access.ModelAccess``) from the plan. Analyses call it and import no torch."""
 
-    Args:
-        own_rows: rows of the class's images (the region is removed from them).
-        other_rows: rows of other classes' images (the region is pasted into them).
-        cls: the class index.
-        region: normalized ``[x0, y0, x1, y1]``.
-        control: the control box, intervened on the same images (``grids.control_box``).
-        seed: seed of the imputation noise.
-    """
-
-    def __call__(
+    def region_test(
         self,
         own_rows: Sequence[int],
         other_rows: Sequence[int],
@@ -50,45 +41,31 @@ class RegionTest(Protocol):
         region: Sequence[float],
         control: Sequence[float],
         seed: int,
-    ) -> dict[str, Any]: ...
+    ) -> dict[str, Any]:
+        """Remove a region and a control box from ``own_rows`` images and paste both into ``other_rows`` images
+        (``interventions.region_intervention``, imputation noise keyed by sample id and ``seed``); the paired
+        test-minus-control numbers."""
+        ...
 
+    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """``[n, len(boxes)]`` drops of p(``cls``) when each normalized box of each image is filled in."""
+        ...
 
-class Scan(Protocol):
-    """Fill each box in each image from its surroundings; returns ``[n, len(boxes)]`` drops of p(cls).
-
-    Args:
-        rows: rows of the images scanned.
-        cls: the class index.
-        boxes: normalized ``[x0, y0, x1, y1]`` boxes.
-    """
-
-    def __call__(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray: ...
-
-
-class ShiftTest(Protocol):
-    """Shift the images' mean colour by ``+delta`` / ``-delta`` (``interventions.shift_intervention``).
-
-    Args:
-        own_rows: rows of the class's images (shifted toward the other classes' colour).
-        other_rows: rows of other classes' images (shifted toward the class's colour).
-        cls: the class index.
-        delta: other classes' mean colour minus the class's, per channel (pixel space).
-        method: the map method whose hot places stand in for the object where an image has no mask.
-    """
-
-    def __call__(
+    def shift_test(
         self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
-    ) -> dict[str, Any]: ...
+    ) -> dict[str, Any]:
+        """Shift the images' mean colour by ``+delta`` / ``-delta`` (``interventions.shift_intervention``); where an
+        image has no mask, ``method``'s hot places stand in for the object the spared test leaves alone."""
+        ...
 
+    @property
+    def has_activations(self) -> bool:
+        """Whether :meth:`activations` can run (a hookable model with a target layer)."""
+        ...
 
-@dataclass
-class Intervener:
-    """Model access for interventions, injected by the run stage: analyses call it and import no torch."""
-
-    region_test: RegionTest
-    scan: Scan
-    shift_test: ShiftTest
-    activations: Callable[[Sequence[int]], np.ndarray] | None = None  # rows -> [n, K, h, w] at the target layer
+    def activations(self, rows: Sequence[int]) -> np.ndarray:
+        """``[n, K, h, w]`` float32 activations of the run's analysis layer."""
+        ...
 
 
 def keyed_rows(frame: pd.DataFrame, n: int, seed: int, salt: str, first: pd.Series | None = None) -> np.ndarray:
