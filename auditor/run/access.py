@@ -23,7 +23,7 @@ from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.io.sources import sample_key
 from auditor.ops import from_pixels, to_pixels
 from auditor.run.setup import Plan
-from auditor.shortcuts.interventions import occlusion_scan, region_intervention, shift_intervention
+from auditor.shortcuts.interventions import Region, occlusion_scan, region_intervention, shift_intervention
 from auditor.shortcuts.probes import margin_masks
 
 HOT_MASS = 0.5  # without a mask, the spared pixels hold this share of the map's mass ...
@@ -78,8 +78,8 @@ class ModelAccess:
         own_rows: Sequence[int],
         other_rows: Sequence[int],
         cls: int,
-        region: Sequence[float],
-        control: Sequence[float],
+        region: Region,
+        control: Region,
         seed: int,
     ) -> dict[str, Any]:
         keys = [sample_key(self.plan.samples[r].id, seed, "impute") for r in own_rows]

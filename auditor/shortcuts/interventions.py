@@ -23,13 +23,23 @@ from torch import Tensor, nn
 from auditor.metrics.faithfulness import noisy_linear_impute
 from auditor.shortcuts.probes import inpaint
 
+Region = Sequence[float] | Sequence[Sequence[float]]  # one normalized [x0, y0, x1, y1] box, or a union of boxes
 
-def region_mask(region: Sequence[float], size: int) -> Tensor:
-    """``[S, S]`` bool for a normalized ``[x0, y0, x1, y1]`` box."""
-    x0, y0 = math.floor(region[0] * size), math.floor(region[1] * size)
-    x1, y1 = math.ceil(region[2] * size), math.ceil(region[3] * size)
+
+def boxes_of(region: Region) -> list[list[float]]:
+    """The boxes of a region: ``[box]`` for one box, the boxes of a union as given."""
+    if len(region) and isinstance(region[0], Sequence):
+        return [[float(v) for v in box] for box in region]  # type: ignore[union-attr]
+    return [[float(v) for v in region]]  # type: ignore[arg-type]
+
+
+def region_mask(region: Region, size: int) -> Tensor:
+    """``[S, S]`` bool for a normalized ``[x0, y0, x1, y1]`` box or a union of boxes (rounded outwards)."""
     mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[y0:y1, x0:x1] = True
+    for box in boxes_of(region):
+        x0, y0 = math.floor(box[0] * size), math.floor(box[1] * size)
+        x1, y1 = math.ceil(box[2] * size), math.ceil(box[3] * size)
+        mask[y0:y1, x0:x1] = True
     return mask
 
 
@@ -51,7 +61,7 @@ def _remove_and_paste(
     own: Tensor,
     other: Tensor,
     cls: int,
-    region: Sequence[float],
+    region: Region,
     keys: Sequence[int],
     base: tuple[Tensor, Tensor],
     to_pixels: Callable[[Tensor], Tensor],
@@ -89,8 +99,8 @@ def region_intervention(
     own_rows: Sequence[int],
     other_rows: Sequence[int],
     cls: int,
-    region: Sequence[float],
-    control: Sequence[float],
+    region: Region,
+    control: Region,
     *,
     to_pixels: Callable[[Tensor], Tensor],
     from_pixels: Callable[[Tensor], Tensor],
@@ -111,8 +121,8 @@ def region_intervention(
         own_rows: rows of the class's images.
         other_rows: rows of other classes' images.
         cls: the class index.
-        region: normalized ``[x0, y0, x1, y1]`` box.
-        control: the control box.
+        region: normalized ``[x0, y0, x1, y1]`` box, or a union of boxes (a border band).
+        control: the control box (or union of boxes), of about the region's area.
         to_pixels / from_pixels: normalization inverse / forward.
         noise_keys: one key per ``own_rows`` image seeding its imputation noise (keyed by sample, so the
             noise of one image does not depend on which others were drawn); default: the row numbers.
@@ -140,7 +150,7 @@ def region_intervention(
         "paste_gain": float(test.gain.mean()),
         "paste_flips": float(test.flips.mean()),
         "control": {
-            "region": [float(v) for v in control],
+            "region": boxes_of(control)[0] if len(boxes_of(control)) == 1 else boxes_of(control),
             "removal_drop": float(ctrl.drop.mean()),
             "paste_gain": float(ctrl.gain.mean()),
             "paste_flips": float(ctrl.flips.mean()),

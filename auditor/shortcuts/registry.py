@@ -38,13 +38,13 @@ class Intervener(Protocol):
         own_rows: Sequence[int],
         other_rows: Sequence[int],
         cls: int,
-        region: Sequence[float],
-        control: Sequence[float],
+        region: Sequence[float] | Sequence[Sequence[float]],
+        control: Sequence[float] | Sequence[Sequence[float]],
         seed: int,
     ) -> dict[str, Any]:
-        """Remove a region and a control box from ``own_rows`` images and paste both into ``other_rows`` images
-        (``interventions.region_intervention``, imputation noise keyed by sample id and ``seed``); the paired
-        test-minus-control numbers."""
+        """Remove a region (a box or a union of boxes) and a control from ``own_rows`` images and paste both
+        into ``other_rows`` images (``interventions.region_intervention``, imputation noise keyed by sample id
+        and ``seed``); the paired test-minus-control numbers."""
         ...
 
     def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:

@@ -552,3 +552,10 @@ def test_every_analysis_declares_its_own_thresholds_and_the_config_holds_them_al
         catalog.Thresholds(attribute_gap=0.5)
     with pytest.raises(ValueError, match="property_effect <= property_high"):
         catalog.Thresholds(property_effect=0.6)
+
+
+def test_a_region_may_be_a_union_of_boxes() -> None:
+    band = [[0.0, 0.0, 1.0, 0.25], [0.0, 0.75, 1.0, 1.0]]  # the top and bottom quarters
+    mask = region_mask(band, 8)
+    assert mask[:2].all() and mask[6:].all() and not mask[2:6].any()
+    assert torch.equal(region_mask([0.0, 0.0, 1.0, 0.25], 8), region_mask([[0.0, 0.0, 1.0, 0.25]], 8))
