@@ -39,7 +39,7 @@ class Cause:
         name: the cause the kind's flags group under: ``region`` (merged by overlapping regions),
             ``property`` (by property, across classes), ``background`` (joins its class's region or property
             cause, else one background cause), ``attribute`` (by attribute), ``cluster`` (by class),
-            ``method`` (one cause); any other name groups by kind and class.
+            ``method`` (one cause); any other name groups by class, with its flags' own messages.
         leads: the kind names its cause's cue (an intervention where there is one); the finding's headline
             flag is the most severe leading flag.
     """
