@@ -19,6 +19,7 @@ from auditor.shortcuts import (
     concepts,
     counterfactual,
     cues,
+    frame,
     hotspots,
     properties,
     reliability,
@@ -36,7 +37,7 @@ from auditor.shortcuts.registry import (
 from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
 
-MODULES = (background, hotspots, cues, properties, attributes, counterfactual, clusters, concepts, reliability)
+MODULES = (background, hotspots, cues, frame, properties, attributes, counterfactual, clusters, concepts, reliability)
 
 
 class Thresholds(  # fields in reverse base order: shared, background, hotspots, ..., concepts
@@ -45,6 +46,7 @@ class Thresholds(  # fields in reverse base order: shared, background, hotspots,
     counterfactual.Params,
     attributes.Params,
     properties.Params,
+    frame.Params,
     cues.Params,
     hotspots.Params,
     background.Params,
