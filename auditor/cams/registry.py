@@ -47,6 +47,8 @@ class CamMethod:
             the ``layers`` option is not given (None: the target layer alone).
         requires: ``(model, images) -> reason or None``: a cheap check of what the method needs from the model
             (attention modules, biases, activation modules); ``auditor run`` skips the method with the reason.
+        hooks: whether the method needs module hooks (a layer capture, the pixel methods' ReLU rules, LeGrad's
+            attention); the others are black-box and run on a TorchScript model.
     """
 
     name: str
@@ -64,6 +66,7 @@ class CamMethod:
     channel_weighted: bool = False
     default_layers: LayerPicker | None = None
     requires: Requirement | None = None
+    hooks: bool = True
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overlaid with ``given``; an unknown option name raises with close matches."""
@@ -89,6 +92,7 @@ def register_cam(
     channel_weighted: bool = False,
     default_layers: LayerPicker | None = None,
     requires: Requirement | None = None,
+    hooks: bool = True,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering a method function under ``name`` (see :class:`CamMethod`).
 
@@ -118,6 +122,7 @@ def register_cam(
                 channel_weighted=channel_weighted,
                 default_layers=default_layers,
                 requires=requires,
+                hooks=hooks,
             ),
         )
         return fn

@@ -82,6 +82,7 @@ def _causal(inputs: MetricInputs, mode: str, step: float, seed: int) -> MetricRe
 
 @register_metric(
     "deletion_auc",
+    charted=True,
     family="faithfulness",
     direction="lower",
     needs="model",
@@ -99,6 +100,7 @@ def deletion_auc(inputs: MetricInputs, step: float, seed: int) -> MetricResult:
 
 @register_metric(
     "insertion_auc",
+    charted=True,
     family="faithfulness",
     direction="higher",
     needs="model",

@@ -38,6 +38,7 @@ def area_fraction(masks: Tensor) -> Tensor:
 
 @register_metric(
     "energy_in_mask",
+    charted=True,
     family="localization",
     direction="higher",
     needs="mask",
@@ -108,6 +109,7 @@ def disk_reach(masks: Tensor, radius: float) -> Tensor:
 
 @register_metric(
     "pointing_game",
+    charted=True,
     family="localization",
     direction="higher",
     needs="mask",
@@ -163,6 +165,7 @@ def _top_k_overlap(inputs: MetricInputs, masks: Tensor, seed: int) -> tuple[Tens
 
 @register_metric(
     "relevance_rank_accuracy",
+    charted=True,
     family="localization",
     direction="higher",
     needs="mask",

@@ -123,6 +123,7 @@ class Metric:
         curves: the per-sample curves its result carries (``extras`` of shape ``[B, n]``; kept in ``curves/``).
         host: computed on the CPU whatever the device (numpy/numba work): with ``overlap``, the run computes
             it while the device runs the next batch.
+        charted: the report draws it per class (mean, CI, chance) on each class card.
     """
 
     name: str
@@ -138,6 +139,7 @@ class Metric:
     columns: tuple[str, ...] = ()
     curves: tuple[str, ...] = ()
     host: bool = False
+    charted: bool = False
 
     def outputs(self) -> list[str]:
         """Every column and curve name a result of this metric may hold."""
@@ -168,6 +170,7 @@ def register_metric(
     columns: tuple[str, ...] = (),
     curves: tuple[str, ...] = (),
     host: bool = False,
+    charted: bool = False,
 ) -> Callable[[MetricFn], MetricFn]:
     """Decorator registering a metric function (see :class:`Metric`)."""
     if direction not in ("higher", "lower"):
@@ -192,6 +195,7 @@ def register_metric(
                 tuple(columns),
                 tuple(curves),
                 host,
+                charted,
             ),
         )
         return fn
@@ -199,16 +203,16 @@ def register_metric(
     return decorate
 
 
-def metric_columns(names: list[str]) -> dict[str, dict[str, str | None]]:
-    """The ``samples.parquet`` columns of the metrics ``names``: ``{column: {metric, direction}}``.
+def metric_columns(names: list[str]) -> dict[str, dict[str, str | bool | None]]:
+    """The ``samples.parquet`` columns of the metrics ``names``: ``{column: {metric, direction[, charted]}}``.
 
-    A metric's own column carries its direction; its chance level and extra columns carry none (they are
-    context, not scores). Curves are not columns.
+    A metric's own column carries its direction (and ``charted: true`` when the report draws it); its chance
+    level and extra columns carry none (they are context, not scores). Curves are not columns.
     """
-    out: dict[str, dict[str, str | None]] = {}
+    out: dict[str, dict[str, str | bool | None]] = {}
     for name in names:
         metric = METRICS[name]
-        out[name] = {"metric": name, "direction": metric.direction}
+        out[name] = {"metric": name, "direction": metric.direction} | ({"charted": True} if metric.charted else {})
         for col in [*([f"{name}_chance"] if metric.chance else []), *metric.columns]:
             out[col] = {"metric": name, "direction": None}
     return out

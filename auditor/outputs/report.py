@@ -218,9 +218,21 @@ def _flag_cards(
     return shown
 
 
-def _bars(stats: dict[str, Any]) -> list[dict[str, Any]]:
+CHARTED_BEFORE = ("energy_in_mask", "pointing_game", "relevance_rank_accuracy", "insertion_auc", "deletion_auc")
+
+
+def charted(summary: dict[str, Any]) -> list[str]:
+    """The metrics the class cards chart: those the metric registry marks ``charted`` (``summary.metric_columns``);
+    for a run written before the mark, the ones charted then."""
+    columns = summary.get("metric_columns") or {}
+    if any("charted" in info for info in columns.values()):
+        return [c for c, info in columns.items() if info.get("charted")]
+    return list(CHARTED_BEFORE)
+
+
+def _bars(stats: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
     bars = []
-    for metric in ("energy_in_mask", "pointing_game", "relevance_rank_accuracy", "insertion_auc", "deletion_auc"):
+    for metric in metrics:
         s = stats.get(metric)
         if s and s.get("mean") is not None:
             chance = (stats.get(f"{metric}_chance") or {}).get("mean")
@@ -241,6 +253,7 @@ def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, prima
     """Per class: accuracy, metric bars against chance, mean deletion/insertion curves, the hotspot heat map."""
     agg = summary["aggregates"].get(primary, {}).get(target, {})
     hotspots = ((summary.get("analyses") or {}).get("hotspots") or {}).get(primary, {})
+    metrics = charted(summary)
     cards = []
     for cls in summary["dataset"]["classes"]:
         acc = summary["accuracy"].get(cls, {})
@@ -258,7 +271,7 @@ def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, prima
                 "cls": cls,
                 "accuracy": acc.get("accuracy"),
                 "n": acc.get("n", 0),
-                "bars": _bars(agg.get(cls, {})),
+                "bars": _bars(agg.get(cls, {}), metrics),
                 "curves": curves,
                 "heat": _heat(hot["diff"]) if hot else [],
                 "hot": {k: hot[k] for k in ("location", "lift", "persistence")} if hot else None,

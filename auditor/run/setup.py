@@ -33,7 +33,7 @@ from auditor.store.rundir import RESOLVED, RUN, RunDir, RunStore
 
 log = logging.getLogger(__name__)
 
-BLACK_BOX = ("occlusion", "rise")  # the only methods that work without module hooks (TorchScript)
+BLACK_BOX = tuple(name for name, m in CAMS.items() if not m.hooks)  # no module hooks: they run on TorchScript
 
 
 @dataclass

@@ -55,7 +55,7 @@ class Summary(TypedDict, total=False):
     config: dict[str, Any]
     run: RunInfo
     dataset: DatasetInfo
-    metric_columns: dict[str, dict[str, str | None]]
+    metric_columns: dict[str, dict[str, str | bool | None]]
     accuracy: dict[str, dict[str, float]]
     aggregates: dict[str, dict[str, dict[str, dict[str, Stats]]]]
     groups: dict[str, dict[str, Any]]

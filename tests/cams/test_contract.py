@@ -253,3 +253,17 @@ def test_cam_not_applicable_is_a_clear_error() -> None:
     model.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 2)))
     with pytest.raises(MethodNotApplicableError, match="average pooling and one Linear"):
         compute_cam(model, torch.randn(1, 3, 8, 8), [0], method="cam")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_method_declared_hook_free_runs_on_a_torchscript_model(method: str, small_cnn: SmallCNN) -> None:
+    """``hooks=False`` is what lets ``auditor run`` offer a method for a TorchScript model (which cannot be hooked):
+    each such method gives the scripted model the eager model's maps; each method that declares hooks fails."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    scripted = torch.jit.script(small_cnn.eval())
+    if CAMS[method].hooks:
+        assert CAMS[method].needs != "nothing" or CAMS[method].family == "pixel" or CAMS[method].requires is not None
+        return
+    eager = _run(small_cnn, x, [0, 1], method)
+    torch.testing.assert_close(_run(scripted, x, [0, 1], method), eager)

@@ -113,3 +113,15 @@ def test_a_model_at_chance_or_an_untested_run_is_inconclusive_not_clean() -> Non
         | {"methods": [], "message": "m", "score": 1.0, "region": None, "evidence": {}}
     ]
     assert _verdict(_summary(0.011, 0.005, hundred, {}), high)[0] == "fail"
+
+
+def test_the_class_cards_chart_what_the_metric_registry_marks() -> None:
+    from auditor.metrics import METRICS
+    from auditor.metrics.registry import metric_columns
+    from auditor.outputs.report import CHARTED_BEFORE, charted
+
+    marked = [n for n, m in METRICS.items() if m.charted]
+    assert sorted(marked) == sorted(CHARTED_BEFORE)  # the registry took over the report's hand-kept list
+    columns = metric_columns(["energy_in_mask", "mask_iou", "deletion_auc"])
+    assert charted({"metric_columns": columns}) == ["energy_in_mask", "deletion_auc"]
+    assert charted({"metric_columns": {"x": {"metric": "x", "direction": "higher"}}}) == list(CHARTED_BEFORE)
