@@ -1,24 +1,25 @@
 """The intervention images of each finding: the image before and after, with p(class) on both.
 
-The most convincing evidence of a shortcut is the intervention itself: the tag removed and the class
-gone, the tag pasted into another class's image and the class appearing, the object removed and the
-class still called. Computed at the end of a run (it needs the model) for the most severe findings and
-saved to ``maps/findings.npz`` (uint8 pairs), so ``auditor report`` re-renders without the model.
+Which images and which interventions is the leading analysis's choice (its ``examples`` hook,
+:mod:`auditor.shortcuts.examples`); this module carries them out with the model (:class:`Maker`, through the
+run's :class:`~auditor.run.access.ModelAccess`) for the most severe findings and saves the pairs to
+``maps/findings.npz`` (uint8), so ``auditor report`` re-renders without the model.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from auditor.ops import from_pixels, to_pixels
-from auditor.shortcuts.catalog import evidence_ids
+from auditor.run.access import ModelAccess
+from auditor.shortcuts.catalog import causes, evidence_ids, registered
+from auditor.shortcuts.examples import Region
 from auditor.shortcuts.findings import Example, Finding
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.interventions import region_mask
@@ -28,154 +29,118 @@ from auditor.store.rundir import RunDir, atomic_write_bytes
 MAX_FINDINGS = 6
 PER_FINDING = 3
 SIDE = 128  # stored image side (pixels)
-
-Loader = Callable[[int], dict[str, Any]]
-
-
-def _pixels(x: Tensor, mean: Tensor | None, std: Tensor | None) -> np.ndarray:
-    """``[3, S, S]`` normalized -> ``[SIDE, SIDE, 3]`` uint8."""
-    img = to_pixels(x[None], mean, std)[0].clamp(0, 1)
-    img = torch.nn.functional.interpolate(img[None], size=(SIDE, SIDE), mode="bilinear", align_corners=False)[0]
-    return (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+KEY_SUFFIX = {"region removed": "removed", "region pasted": "pasted", "object removed (with a margin)": "object"}
 
 
-def _prob(model: nn.Module, x: Tensor, cls: int) -> float:
-    with torch.no_grad():
-        return float(model(x[None]).float().softmax(1)[0, cls])
+class Maker:
+    """Carries out one finding's example interventions (``shortcuts.examples.ExampleMaker``) and keeps the pairs.
 
+    Args:
+        access: the run's model access.
+        classes: class names in model order.
+        finding_id: prefixes the pairs' keys.
+        ids: ``row -> sample id``.
+        pairs: where the ``[2, SIDE, SIDE, 3]`` uint8 pairs go, by key.
+    """
 
-def _rows(first: pd.DataFrame, cls: str, ids: Sequence[str], own: bool, n: int) -> list[tuple[int, str]]:
-    """``(row, id)`` of the class's (or other classes') samples: correctly predicted first, cited ids first."""
-    sub = first[(first["label"] == cls) == own]
-    cited = sub[sub["id"].isin(ids)]
-    rest = sub[~sub["id"].isin(ids)].sort_values("id")
-    # images the model gets right first (an intervention on a misclassified image shows nothing), cited first
-    both = pd.concat([cited, rest]).sort_values("correct", ascending=False, kind="stable").head(n)
-    return list(zip(both["row"].astype(int), both["id"].astype(str), strict=True))
+    def __init__(
+        self,
+        access: ModelAccess,
+        classes: list[str],
+        finding_id: str,
+        ids: dict[int, str],
+        pairs: dict[str, np.ndarray],
+    ) -> None:
+        self.access, self.classes, self.finding_id, self.ids, self.pairs = access, classes, finding_id, ids, pairs
 
+    def _image(self, row: int) -> Tensor | None:
+        item = self.access.item(row)
+        return item["image"] if item["ok"] else None
 
-def _pair(before: np.ndarray, after: np.ndarray, key: str, pairs: dict[str, np.ndarray]) -> str:
-    pairs[key] = np.stack([before, after])
-    return key
+    def _example(self, row: int, cls: str, before: Tensor, after: Tensor, what: str) -> Example:
+        sid, c = self.ids[row], self.classes.index(cls)
+        key = f"{self.finding_id}|{sid}|{KEY_SUFFIX.get(what, what)}"
+        self.pairs[key] = np.stack([self._pixels(before), self._pixels(after)])
+        with torch.no_grad():
+            p = self.access.model(torch.stack([before, after])).float().softmax(1)[:, c].tolist()
+        return {"key": key, "id": sid, "what": what, "cls": cls, "p_before": p[0], "p_after": p[1]}
 
+    def _pixels(self, x: Tensor) -> np.ndarray:
+        """``[3, S, S]`` normalized -> ``[SIDE, SIDE, 3]`` uint8."""
+        img = to_pixels(x[None], self.access.mean, self.access.std)[0].clamp(0, 1)
+        img = torch.nn.functional.interpolate(img[None], size=(SIDE, SIDE), mode="bilinear", align_corners=False)[0]
+        return (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
-def _region_examples(
-    model: nn.Module, load: Loader, norm: tuple[Tensor | None, Tensor | None], f: Finding, first: pd.DataFrame,
-    ids: Sequence[str], classes: list[str], pairs: dict[str, np.ndarray], n: int,
-) -> list[Example]:  # fmt: skip
-    cls = f["classes"][0]
-    c = classes.index(cls)
-    out: list[Example] = []
-    own = _rows(first, cls, ids, True, n - 1)
-    donors = []
-    for row, sid in own:
-        item = load(row)
-        if not item["ok"]:
-            continue
+    def remove_region(self, row: int, cls: str, region: Region, what: str = "region removed") -> Example | None:
+        x = self._image(row)
+        if x is None:
+            return None
+        mask = region_mask(region, x.shape[-1]).to(x.device)
+        return self._example(row, cls, x, inpaint(x[None], mask[None])[0], what)
+
+    def paste_region(
+        self, row: int, donor: int, cls: str, region: Region, what: str = "region pasted"
+    ) -> Example | None:
+        x, d = self._image(row), self._image(donor)
+        if x is None or d is None:
+            return None
+        mask = region_mask(region, x.shape[-1]).to(x.device)
+        return self._example(row, cls, x, torch.where(mask[None], d, x), what)
+
+    def remove_object(self, row: int, cls: str) -> Example | None:
+        item = self.access.item(row)
+        if not item.get("ok") or not item.get("has_mask") or not bool(item["mask"].any()):
+            return None
         x = item["image"]
-        mask = region_mask(f["region"] or [0, 0, 0, 0], x.shape[-1]).to(x.device)
-        removed = inpaint(x[None], mask[None])[0]
-        donors.append(x)
-        key = _pair(_pixels(x, *norm), _pixels(removed, *norm), f"{f['id']}|{sid}|removed", pairs)
-        out.append({"key": key, "id": sid, "what": "region removed", "cls": cls,
-                    "p_before": _prob(model, x, c), "p_after": _prob(model, removed, c)})  # fmt: skip
-    for row, sid in _rows(first, cls, [], False, 1):
-        item = load(row)
-        if not donors or not item["ok"]:
-            break
-        x = item["image"]
-        mask = region_mask(f["region"] or [0, 0, 0, 0], x.shape[-1]).to(x.device)
-        pasted = torch.where(mask[None], donors[0], x)
-        key = _pair(_pixels(x, *norm), _pixels(pasted, *norm), f"{f['id']}|{sid}|pasted", pairs)
-        out.append({"key": key, "id": sid, "what": "region pasted", "cls": cls,
-                    "p_before": _prob(model, x, c), "p_after": _prob(model, pasted, c)})  # fmt: skip
-    return out
+        removed = inpaint(x[None], margin_masks(item["mask"][None].to(x.device)))[0]
+        return self._example(row, cls, x, removed, "object removed (with a margin)")
+
+    def shift_colour(self, row: int, cls: str, delta: Sequence[float], sign: float, what: str) -> Example | None:
+        x = self._image(row)
+        if x is None:
+            return None
+        mean, std = self.access.mean, self.access.std
+        d = torch.tensor(list(delta), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        shifted = from_pixels((to_pixels(x[None], mean, std) + sign * d).clamp(0, 1), mean, std)[0]
+        return self._example(row, cls, x, shifted, what)
 
 
-def _background_examples(
-    model: nn.Module, load: Loader, norm: tuple[Tensor | None, Tensor | None], f: Finding, first: pd.DataFrame,
-    ids: Sequence[str], classes: list[str], pairs: dict[str, np.ndarray], n: int,
-) -> list[Example]:  # fmt: skip
-    out: list[Example] = []
-    per_class = max(1, n // max(len(f["classes"]), 1))
-    for cls in f["classes"]:
-        c = classes.index(cls)
-        mine = 0
-        for row, sid in _rows(first, cls, ids, True, 4 * n):
-            if mine >= per_class:
-                break
-            item = load(row)
-            if not item.get("ok") or not item.get("has_mask") or not bool(item["mask"].any()):
-                continue
-            x = item["image"]
-            removed = inpaint(x[None], margin_masks(item["mask"][None].to(x.device)))[0]
-            key = _pair(_pixels(x, *norm), _pixels(removed, *norm), f"{f['id']}|{sid}|object", pairs)
-            out.append({"key": key, "id": sid, "what": "object removed (with a margin)", "cls": cls,
-                        "p_before": _prob(model, x, c), "p_after": _prob(model, removed, c)})  # fmt: skip
-            mine += 1
-    return out
-
-
-def _shift_examples(
-    model: nn.Module, load: Loader, norm: tuple[Tensor | None, Tensor | None], f: Finding, first: pd.DataFrame,
-    ids: Sequence[str], classes: list[str], pairs: dict[str, np.ndarray], n: int, delta: Sequence[float],
-) -> list[Example]:  # fmt: skip
-    """The class's images shifted toward the other classes' colour, and one other image shifted toward its."""
-    cls = f["classes"][0]
-    c = classes.index(cls)
-    mean, std = norm
-    out: list[Example] = []
-    for own, sign, what in ((True, 1.0, "colour shifted away"), (False, -1.0, "colour shifted toward")):
-        for row, sid in _rows(first, cls, ids, own, n - 1 if own else 1):
-            item = load(row)
-            if not item["ok"]:
-                continue
-            x = item["image"]
-            d = torch.tensor(list(delta), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            shifted = from_pixels((to_pixels(x[None], mean, std) + sign * d).clamp(0, 1), mean, std)[0]
-            key = _pair(_pixels(x, *norm), _pixels(shifted, *norm), f"{f['id']}|{sid}|{what}", pairs)
-            out.append({"key": key, "id": sid, "what": what, "cls": cls,
-                        "p_before": _prob(model, x, c), "p_after": _prob(model, shifted, c)})  # fmt: skip
-    return out
+def _lead(finding: Finding, by_id: dict[str, Flag]) -> Flag | None:
+    """The flag that leads the finding: the first (most severe) of its cause's leading kinds, else its first."""
+    kinds = causes()
+    flags = [by_id[i] for i in finding["flags"] if i in by_id]
+    leading = [f for f in flags if (c := kinds.get(f["kind"])) is not None and c.leads and c.name == finding["cause"]]
+    chosen = leading or flags
+    return chosen[0] if chosen else None
 
 
 def finding_examples(
-    findings: list[Finding],
-    flags: Sequence[Flag],
-    first: pd.DataFrame,
-    model: nn.Module,
-    load: Loader,
-    norm: tuple[Tensor | None, Tensor | None],
-    classes: list[str],
+    findings: list[Finding], flags: Sequence[Flag], first: pd.DataFrame, access: ModelAccess, classes: list[str],
     rundir: RunDir,
-) -> list[Finding]:
-    """Add ``examples`` to the most severe findings (region and background causes) and save their images.
+) -> list[Finding]:  # fmt: skip
+    """Add ``examples`` to the most severe findings (high and medium, at most :data:`MAX_FINDINGS`), chosen by
+    the hook of the analysis whose flag leads each, and save their images.
 
     Args:
         findings: grouped findings (most severe first).
         flags: the run's flags (their evidence ids pick the images).
         first: one row per sample (``row``, ``id``, ``label``, ``correct``).
-        model: the classifier in eval mode.
-        load: row -> ``auditor.io.dataset.AuditDataset.load`` output (normalized image on the model's device).
-        norm: ``(mean, std)`` of the normalization, or ``(None, None)``.
+        access: the run's model access.
         classes: class names in model order.
         rundir: where ``maps/findings.npz`` goes.
     """
     by_id = {f["id"]: f for f in flags}
+    hooks = {k: a.examples for a in registered() for k in a.kinds if a.examples is not None}
+    ids = dict(zip(first["row"].astype(int), first["id"].astype(str), strict=True))
     pairs: dict[str, np.ndarray] = {}
     out = []
     for i, f in enumerate(findings):
         f = {**f, "examples": []}
-        if i < MAX_FINDINGS and f["severity"] in ("high", "medium"):
-            ids = [s for fid in f["flags"] if fid in by_id for s in evidence_ids(by_id[fid])]
-            args = (model, load, norm, f, first, ids, classes, pairs, PER_FINDING)
-            if f["cause"] == "region" and f["region"] is not None:
-                f["examples"] = _region_examples(*args)
-            elif f["cause"] == "background":
-                f["examples"] = _background_examples(*args)
-            elif f["cause"] == "property":
-                cue = next(by_id[i] for i in f["flags"] if i in by_id and by_id[i]["kind"] == "global_cue")
-                f["examples"] = _shift_examples(*args, cue["evidence"]["delta"])
+        lead = _lead(f, by_id)
+        if i < MAX_FINDINGS and f["severity"] in ("high", "medium") and lead is not None and lead["kind"] in hooks:
+            cited = [s for fid in f["flags"] if fid in by_id for s in evidence_ids(by_id[fid])]
+            maker = Maker(access, classes, f["id"], ids, pairs)
+            f["examples"] = hooks[lead["kind"]](f, by_id, first, cited, maker, PER_FINDING)
         out.append(f)
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k.replace("/", "~"): v for k, v in pairs.items()})  # type: ignore[arg-type]

@@ -127,9 +127,7 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
     summary["analyses"], flags = run_analyses(inputs)
     seconds["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
-    findings = finding_examples(
-        group_by_cause(flags), flags, inputs.first, access.model, access.item, access.norm, plan.classes, plan.store
-    )
+    findings = finding_examples(group_by_cause(flags), flags, inputs.first, access, plan.classes, plan.store)
     seconds["findings"] = time.perf_counter() - start
     plan.store.write_json(FLAGS, flags_file(flags, findings))
     start = time.perf_counter()

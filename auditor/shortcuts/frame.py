@@ -20,12 +20,15 @@ the object and is not flagged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pydantic import Field
 
-from auditor.shortcuts.findings import Cause
+from auditor.shortcuts.examples import ExampleMaker, region_examples
+from auditor.shortcuts.findings import Cause, Example, Finding
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import GRID, object_overlap
 from auditor.shortcuts.registry import (
@@ -142,8 +145,17 @@ def frame_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
+def frame_examples(
+    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
+) -> list[Example]:
+    """The border band removed from the class's images, and the band of one of them pasted into another's."""
+    lead = next(flags[i] for i in finding["flags"] if i in flags and flags[i]["kind"] == "frame_cue")
+    return region_examples(finding, band(lead["evidence"]["width"]), first, ids, maker, n, "border")
+
+
 ANALYSIS = register_analysis(
     Analysis(
+        examples=frame_examples,
         name="frame",
         params=Params,
         kinds={"frame_cue": Cause("frame", leads=True)},

@@ -17,12 +17,15 @@ exist, the counterfactual (object removed, class still called?) tells such a fra
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
+import pandas as pd
 from pydantic import Field, model_validator
 
-from auditor.shortcuts.findings import Cause
+from auditor.shortcuts.examples import ExampleMaker, shift_examples
+from auditor.shortcuts.findings import Cause, Example, Finding
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -182,8 +185,17 @@ def global_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
+def property_examples(
+    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
+) -> list[Example]:
+    """The class's images shifted toward the other classes' colour, and one other image toward the class's."""
+    cue = next(flags[i] for i in finding["flags"] if i in flags and flags[i]["kind"] == "global_cue")
+    return shift_examples(finding, cue["evidence"]["delta"], first, ids, maker, n)
+
+
 ANALYSIS = register_analysis(
     Analysis(
+        examples=property_examples,
         name="properties",
         params=Params,
         kinds={"global_cue": Cause("property", leads=True)},

@@ -18,6 +18,7 @@ import pandas as pd
 
 from auditor.io.sources import keyed_order
 from auditor.registry import Registry
+from auditor.shortcuts.examples import ExamplesHook
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag
 from auditor.shortcuts.grids import grid_maps
@@ -166,6 +167,8 @@ class Analysis:
         name: registry key.
         kinds: the flag kinds it emits, each with the cause its flags are evidence of (how findings group
             them, :class:`~auditor.shortcuts.findings.Cause`).
+        examples: ``examples(finding, flags by id, first, cited ids, maker, n) -> examples``: the intervention
+            images of a finding its flags lead (``shortcuts.examples``; the run stage carries them out).
         params: its thresholds, a pydantic model extending ``SharedParams`` (flat keys of the config's
             ``thresholds``, which holds every analysis's: ``catalog.Thresholds``); the analysis reads them with
             ``params_of(ctx.thresholds, Params)``.
@@ -191,6 +194,7 @@ class Analysis:
     intervene: Callable[[Measurement, AnalysisInputs], Measurement] | None = None
     tests: Callable[[Measurement], dict[str, float]] | None = None
     params: type[SharedParams] = SharedParams
+    examples: ExamplesHook | None = None
 
 
 ANALYSES: Registry[Analysis] = Registry("analysis")

@@ -558,3 +558,55 @@ def test_a_region_may_be_a_union_of_boxes() -> None:
     mask = region_mask(band, 8)
     assert mask[:2].all() and mask[6:].all() and not mask[2:6].any()
     assert torch.equal(region_mask([0.0, 0.0, 1.0, 0.25], 8), region_mask([[0.0, 0.0, 1.0, 0.25]], 8))
+
+
+class _Recorder:
+    """An ExampleMaker that records what it was asked (and fails on row 99: an unreadable image)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []  # type: ignore[type-arg]
+
+    def _ex(self, *call: Any) -> Any:
+        self.calls.append(call)
+        return None if call[1] == 99 else {"key": str(call), "id": str(call[1]), "what": call[0], "cls": "a"}
+
+    def remove_region(self, row: int, cls: str, region: Any, what: str = "region removed") -> Any:
+        return self._ex(what, row, region)
+
+    def paste_region(self, row: int, donor: int, cls: str, region: Any, what: str = "region pasted") -> Any:
+        return self._ex(what, row, donor, region)
+
+    def remove_object(self, row: int, cls: str) -> Any:
+        return self._ex("object", row, cls)
+
+    def shift_colour(self, row: int, cls: str, delta: Any, sign: float, what: str) -> Any:
+        return self._ex(what, row, sign)
+
+
+def test_each_analysis_chooses_the_intervention_images_of_the_findings_it_leads() -> None:
+    from auditor.shortcuts import catalog
+    from auditor.shortcuts.frame import band
+
+    first = pd.DataFrame(
+        {"row": [0, 1, 2, 3, 99], "id": ["a0", "a1", "a2", "b0", "a9"], "label": ["a", "a", "a", "b", "a"]}
+        | {"correct": [True, False, True, True, True]}
+    )
+    hooks = {k: a.examples for a in catalog.registered() for k in a.kinds}
+    finding = {"id": "f", "classes": ["a"], "region": [0.0, 0.0, 0.25, 0.25], "flags": ["x"], "cause": "region"}
+    rec = _Recorder()
+    got = hooks["region_cue"](finding, {}, first, ["a2"], rec, 3)  # type: ignore[misc, arg-type]
+    # correctly predicted and cited images first; the unreadable one skipped; the paste uses a removed image
+    assert [c[:2] for c in rec.calls] == [("region removed", 2), ("region removed", 0), ("region pasted", 3)]
+    assert rec.calls[-1][2] == 2 and len(got) == 3
+    frame_flag = {"x": {"id": "x", "kind": "frame_cue", "evidence": {"width": 0.1}}}
+    rec = _Recorder()
+    hooks["frame_cue"](finding, frame_flag, first, [], rec, 3)  # type: ignore[misc, arg-type]
+    assert rec.calls[0][0] == "border removed" and rec.calls[0][2] == band(0.1)
+    shift = {"x": {"id": "x", "kind": "global_cue", "evidence": {"delta": [0.1, 0.0, -0.1]}}}
+    rec = _Recorder()
+    hooks["global_cue"](finding, shift, first, [], rec, 3)  # type: ignore[misc, arg-type]
+    assert [c[0] for c in rec.calls] == ["colour shifted away"] * 2 + ["colour shifted toward"]
+    rec = _Recorder()
+    got = hooks["background_reliance"](finding, {}, first, [], rec, 3)  # type: ignore[misc, arg-type]
+    assert {c[0] for c in rec.calls} == {"object"} and len(got) == 3 and len(rec.calls) == 4  # 99 is skipped
+    assert hooks["attribute_leak"] is None and hooks["cluster"] is None  # nothing to intervene on
