@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from auditor import load_config, run_audit
-from tests.shortcuts.planted import MEAN, STD, accuracy, make, train, write
+from tests.shortcuts.planted import accuracy, make, train, write, write_config
 
-TINYNET = Path(__file__).parents[1] / "tests" / "pipeline" / "tinynet.py"
 EXPECTED = {  # the kinds that name each planted cue (class a carries it)
     "stamp": {"region_cue", "spatial_hotspot"},
     "marker": {"frame_cue", "background_reliance", "counterfactual_background"},
@@ -43,19 +41,7 @@ def audit(family: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     cue = (1.0, 0.0) if family != "control" else (0.0, 0.0)
     write(root, make(family, 40, 100 * seed + 1, cue_rate=cue), masks=masks)
     torch.save(model.state_dict(), root / "model.pt")
-    cfg = {
-        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": {"width": 12}, "checkpoint": str(root / "model.pt")},
-        "data": {
-            "manifest": str(root / "audit.csv"),
-            "image_size": 32,
-            "normalize": {"mean": [MEAN] * 3, "std": [STD] * 3},
-        },
-        "methods": ["grad_cam", "layer_cam"],
-        "metrics": ["energy_in_mask"],
-        "batch_size": 32,
-        "seed": seed,
-    }
-    (root / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    write_config(root, seed=seed)
     run_audit(load_config(root / "audit.yaml"), root / "run", progress=False)
     flags = json.loads((root / "run" / "flags.json").read_text())["flags"]
     strong = [f for f in flags if f["severity"] != "low"]

@@ -26,18 +26,24 @@ def test_counterfactual_forwards_per_image() -> None:
     assert _quoted(r"Counterfactual probes \((\d+) forwards per image") == len(VERSIONS)
 
 
+class Counting(nn.Module):
+    """A two-class model that counts the images it forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(len(x))
+        return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+
 def test_colour_shift_forwards_per_class() -> None:
     n = Thresholds().intervention_images
-    seen = []
-
-    class Counting(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(len(x))
-            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
-
+    model = Counting()
     images = torch.rand(2 * n, 3, 8, 8)
     shift_intervention(
-        Counting(),
+        model,
         lambda rows: images[list(rows)],
         range(n),
         range(n, 2 * n),
@@ -47,21 +53,15 @@ def test_colour_shift_forwards_per_class() -> None:
         from_pixels=lambda x: x,
         keep=lambda rows: torch.zeros(len(rows), 8, 8, dtype=torch.bool),
     )
-    assert _quoted(r"and (\d+) for the colour shifts") == sum(seen)
+    assert _quoted(r"and (\d+) for the colour shifts") == sum(model.seen)
 
 
 def test_region_confirmation_forwards() -> None:
     n = Thresholds().intervention_images
-    seen = []
-
-    class Counting(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(len(x))
-            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
-
+    model = Counting()
     images = torch.rand(2 * n, 3, 8, 8)
     region_intervention(
-        Counting(),
+        model,
         lambda rows: images[list(rows)],
         range(n),
         range(n, 2 * n),
@@ -71,4 +71,4 @@ def test_region_confirmation_forwards() -> None:
         to_pixels=lambda x: x,
         from_pixels=lambda x: x,
     )
-    assert _quoted(r"hotspot candidate adds (\d+) for its confirmation") == sum(seen)
+    assert _quoted(r"hotspot candidate adds (\d+) for its confirmation") == sum(model.seen)

@@ -174,3 +174,26 @@ def write_manifest(root: Path, rows: list[dict[str, object]]) -> Path:
         w.writeheader()
         w.writerows(rows)
     return root / "audit.csv"
+
+
+TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
+
+
+def write_config(root: Path, methods: Sequence[str] = ("grad_cam", "layer_cam"), **extra: object) -> Path:
+    """``root/audit.yaml`` auditing ``root/audit.csv`` with the TinyNet saved at ``root/model.pt`` (32 px)."""
+    import yaml
+
+    cfg: dict[str, object] = {
+        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": {"width": 12}, "checkpoint": str(root / "model.pt")},
+        "data": {
+            "manifest": str(root / "audit.csv"),
+            "image_size": 32,
+            "normalize": {"mean": [MEAN] * 3, "std": [STD] * 3},
+        },
+        "methods": list(methods),
+        "metrics": ["energy_in_mask"],
+        "batch_size": 32,
+        **extra,
+    }
+    (root / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "audit.yaml"

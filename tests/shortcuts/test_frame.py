@@ -13,16 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from auditor import load_config, run_audit
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.frame import band, band_cells, frame_flags, ring
 from auditor.shortcuts.registry import FlagContext
-from tests.shortcuts.planted import MEAN, STD, accuracy, make, train, write
+from tests.shortcuts.planted import accuracy, make, train, write, write_config
 
 T = Thresholds()
-TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
 
 
 def _area(boxes: list[list[float]]) -> float:
@@ -77,18 +75,7 @@ def _audit(kind: str, tmp: Path, masks: bool) -> list[dict[str, Any]]:
     assert accuracy(model, make(kind, 30, 5)) > 0.95
     write(tmp, make(kind, 40, 1, cue_rate=(1.0, 0.0) if kind == "marker" else (0.0, 0.0)), masks=masks)
     torch.save(model.state_dict(), tmp / "model.pt")
-    cfg = {
-        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": {"width": 12}, "checkpoint": str(tmp / "model.pt")},
-        "data": {
-            "manifest": str(tmp / "audit.csv"),
-            "image_size": 32,
-            "normalize": {"mean": [MEAN] * 3, "std": [STD] * 3},
-        },
-        "methods": ["grad_cam", "layer_cam"],
-        "metrics": ["energy_in_mask"],
-        "batch_size": 32,
-    }
-    (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    write_config(tmp)
     run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)
     return json.loads((tmp / "run" / "flags.json").read_text())["flags"]
 
