@@ -59,10 +59,6 @@ class ModelAccess:
             item["image"] = item["image"].to(self.device)
         return item
 
-    @property
-    def norm(self) -> tuple[Tensor | None, Tensor | None]:
-        return self.mean, self.std
-
     def to_pixels(self, x: Tensor) -> Tensor:
         """Normalized images -> pixel space [0, 1]."""
         return to_pixels(x, self.mean, self.std)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 import numpy as np
@@ -10,8 +10,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 from scipy import stats
 
-from auditor.shortcuts.examples import ExampleMaker, object_examples
-from auditor.shortcuts.findings import Cause, Example, Finding
+from auditor.shortcuts.examples import object_removed_examples
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.removals import removed_gaps
@@ -153,16 +153,9 @@ def background_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
-def background_examples(
-    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
-) -> list[Example]:
-    """Each class's object removed (with a margin): what the model calls without it."""
-    return object_examples(finding, first, ids, maker, n)
-
-
 ANALYSIS = register_analysis(
     Analysis(
-        examples=background_examples,
+        examples=object_removed_examples,
         name="background",
         params=Params,
         kinds={"background_reliance": Cause("background")},

@@ -18,16 +18,14 @@ without an intervention: at most medium.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from pydantic import Field, StrictInt
 
 from auditor.ops import factorize, project_concepts, resize_bilinear
-from auditor.shortcuts.examples import ExampleMaker, object_examples
-from auditor.shortcuts.findings import Cause, Example, Finding
+from auditor.shortcuts.examples import object_removed_examples
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
 from auditor.shortcuts.registry import (
     Analysis,
@@ -217,16 +215,9 @@ def concept_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
-def concept_examples(
-    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
-) -> list[Example]:
-    """Each class's object removed (with a margin): what the model calls without it."""
-    return object_examples(finding, first, ids, maker, n)
-
-
 ANALYSIS = register_analysis(
     Analysis(
-        examples=concept_examples,
+        examples=object_removed_examples,
         name="concepts",
         params=Params,
         kinds={"concept": Cause("background")},

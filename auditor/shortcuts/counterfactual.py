@@ -6,14 +6,12 @@ check their evidence against it); this module judges it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
-import pandas as pd
 from pydantic import Field, model_validator
 
-from auditor.shortcuts.examples import ExampleMaker, object_examples
-from auditor.shortcuts.findings import Cause, Example, Finding
+from auditor.shortcuts.examples import object_removed_examples
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
@@ -78,16 +76,9 @@ def counterfactual_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
-def counterfactual_examples(
-    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
-) -> list[Example]:
-    """Each class's object removed (with a margin): the class still called."""
-    return object_examples(finding, first, ids, maker, n)
-
-
 ANALYSIS = register_analysis(
     Analysis(
-        examples=counterfactual_examples,
+        examples=object_removed_examples,
         name="counterfactual",
         params=Params,
         kinds={"counterfactual_background": Cause("background", leads=True)},

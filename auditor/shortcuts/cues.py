@@ -22,16 +22,15 @@ finding is capped at medium and says so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 import numpy as np
-import pandas as pd
 from pydantic import Field, StrictInt, model_validator
 from scipy import ndimage
 
-from auditor.shortcuts.examples import ExampleMaker, region_examples
-from auditor.shortcuts.findings import Cause, Example, Finding
+from auditor.shortcuts.examples import finding_region_examples
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import box_cells, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
@@ -270,16 +269,9 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
-def cue_examples(
-    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
-) -> list[Example]:
-    """The located region removed from the class's images and pasted into another's."""
-    return region_examples(finding, finding["region"], first, ids, maker, n) if finding["region"] else []
-
-
 ANALYSIS = register_analysis(
     Analysis(
-        examples=cue_examples,
+        examples=finding_region_examples,
         name="cues",
         params=Params,
         kinds={"region_cue": Cause("region", leads=True)},

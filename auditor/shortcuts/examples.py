@@ -114,3 +114,19 @@ def shift_examples(
 ExamplesHook = Callable[[Finding, Mapping[str, Flag], pd.DataFrame, Sequence[str], ExampleMaker, int], list[Example]]
 """``examples(finding, flags by id, first, cited ids, maker, n) -> examples``: an analysis's choice of intervention
 images for a finding its flags lead (``Analysis.examples``)."""
+
+
+def finding_region_examples(
+    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
+) -> list[Example]:
+    """The hook of the analyses that locate a region (``region_cue``, ``spatial_hotspot``): the finding's region
+    removed from the class's images and pasted into another's."""
+    return region_examples(finding, finding["region"], first, ids, maker, n) if finding["region"] else []
+
+
+def object_removed_examples(
+    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
+) -> list[Example]:
+    """The hook of the background analyses: each class's object removed (with a margin), what the model calls
+    without it."""
+    return object_examples(finding, first, ids, maker, n)

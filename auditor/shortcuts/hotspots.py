@@ -8,16 +8,15 @@ others'). The flag function then judges: high severity needs a confirming interv
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 from scipy import ndimage, stats
 
-from auditor.shortcuts.examples import ExampleMaker, region_examples
-from auditor.shortcuts.findings import Cause, Example, Finding
+from auditor.shortcuts.examples import finding_region_examples
+from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import GRID, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
@@ -229,16 +228,9 @@ def hotspot_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
     return flags
 
 
-def hotspot_examples(
-    finding: Finding, flags: Mapping[str, Flag], first: pd.DataFrame, ids: Sequence[str], maker: ExampleMaker, n: int
-) -> list[Example]:
-    """The hot region removed from the class's images and pasted into another's."""
-    return region_examples(finding, finding["region"], first, ids, maker, n) if finding["region"] else []
-
-
 ANALYSIS = register_analysis(
     Analysis(
-        examples=hotspot_examples,
+        examples=finding_region_examples,
         name="hotspots",
         params=Params,
         kinds={"spatial_hotspot": Cause("region", leads=True)},
