@@ -30,10 +30,11 @@ _POOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.Flatten,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
     nn.Linear,
 )
+# modules that hand their input on unchanged (in eval mode): their own record is skipped, not the tensor, which
+# is also the output of the real layer before them (timm's ConvNeXt ends its stages with an Identity norm_pre)
+_PASS_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.Identity)
 _MAX_PREFIX_TOKENS = 8
 
 
@@ -59,7 +60,8 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 class Layout:
     """How a layer's raw output maps to a ``[B, K, h, w]`` grid.
 
-    ``kind`` is ``"nchw"`` for convolutional feature maps or ``"tokens"`` for ``[B, N, D]`` token sequences
+    ``kind`` is ``"nchw"`` for convolutional feature maps, ``"nhwc"`` for channels-last maps (timm's Swin, the
+    LayerNorm inside a ConvNeXt block) or ``"tokens"`` for ``[B, N, D]`` token sequences
     where the first ``prefix`` tokens (class/register tokens) are dropped and the rest form an ``h x w``
     grid in row-major order.
     """
@@ -73,6 +75,8 @@ class Layout:
         """``[B, K, h, w]`` (nchw) or ``[B, N, D]`` (tokens) -> ``[B, K, h, w]`` float32."""
         if self.kind == "nchw":
             return raw.float()
+        if self.kind == "nhwc":
+            return raw.float().permute(0, 3, 1, 2)
         b, _, d = raw.shape
         return raw[:, self.prefix :, :].float().reshape(b, self.h, self.w, d).permute(0, 3, 1, 2)
 
@@ -82,6 +86,8 @@ class Layout:
         rows = torch.arange(raw.shape[0], device=raw.device)
         if self.kind == "nchw":
             out[rows, channel] = value
+        elif self.kind == "nhwc":
+            out[rows, :, :, channel] = value
         else:  # prefix (class/register) tokens are not part of the grid and stay untouched
             tokens = torch.arange(self.prefix, raw.shape[1], device=raw.device)
             out[rows[:, None], tokens[None], channel[:, None]] = value
@@ -91,13 +97,20 @@ class Layout:
 def infer_layout(shape: Sequence[int], image_hw: tuple[int, int]) -> Layout | None:
     """Infer a grid layout from a layer output shape, or None when it has no spatial grid.
 
-    4-D outputs are taken as NCHW. 3-D outputs ``[B, N, D]`` are token sequences: the smallest number of
+    4-D outputs are NCHW, or NHWC when only that reading gives a grid of the image's aspect ratio (``[B, 7, 7,
+    768]`` for a square image). 3-D outputs ``[B, N, D]`` are token sequences: the smallest number of
     prefix tokens ``p <= 8`` such that ``N - p`` factors into ``h x w`` with ``h / w`` close to the image's
     aspect ratio (``h, w >= 2``) is used.
     """
     if len(shape) == 4:
         h, w = int(shape[2]), int(shape[3])
-        return Layout("nchw", h, w) if h * w > 1 else None
+        if h * w <= 1:
+            return None
+        aspect = image_hw[0] / image_hw[1]
+        fits = [abs(a / b - aspect) <= 0.15 * aspect for a, b in ((h, w), (int(shape[1]), int(shape[2])))]
+        if not fits[0] and fits[1] and int(shape[1]) * int(shape[2]) > 1:
+            return Layout("nhwc", int(shape[1]), int(shape[2]))
+        return Layout("nchw", h, w)
     if len(shape) != 3:
         return None
     n = int(shape[1])
@@ -149,9 +162,8 @@ def inspect_model(model: nn.Module, example: Tensor) -> ModelInfo:
         (n for n, m, out in reversed(records) if isinstance(m, nn.Linear) and tuple(out.shape) == tuple(logits.shape)),
         None,
     )
-    info = ModelInfo(
-        _default_layer(records, (int(example.shape[2]), int(example.shape[3]))), head, int(logits.shape[1])
-    )
+    default = _known_default(model) or _default_layer(records, (int(example.shape[2]), int(example.shape[3])))
+    info = ModelInfo(default, head, int(logits.shape[1]))
     per_model[key] = info
     return info
 
@@ -160,17 +172,23 @@ Records = list[tuple[str, nn.Module, Tensor]]
 
 
 def _record_outputs(model: nn.Module, example: Tensor) -> tuple[Records, Tensor]:
-    """``(name, module, output)`` of every named module that returns a tensor, in completion order; the logits."""
+    """``(name, module, output)`` of every named module that returns a tensor, in completion order (pass-through
+    modules left out: their output is their input); the logits."""
     records: Records = []
 
     def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, Tensor):
+            # outputs batched otherwise (Swin's windows: [B * windows, ...]) are not per-image features
+            if isinstance(out, Tensor) and out.ndim >= 2 and out.shape[0] == example.shape[0]:
                 records.append((name, module, out))
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in model.named_modules() if name]
+    handles = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if name and not isinstance(module, _PASS_TYPES)
+    ]
     try:
         with torch.no_grad():
             logits = model(example)
@@ -183,6 +201,15 @@ def _record_outputs(model: nn.Module, example: Tensor) -> tuple[Records, Tensor]
     return records, logits
 
 
+def _known_default(model: nn.Module) -> str | None:
+    """Defaults the shape rule cannot find. Hugging Face Swin: the final LayerNorm over the last stage's tokens
+    (every token feeds the average pool; a relative-position-bias module's 4-D output would pass for a map)."""
+    base = getattr(model, "base_model", None)
+    prefix = getattr(model, "base_model_prefix", "")
+    swin = base is not None and base is not model and prefix and type(base).__name__.startswith("Swin")
+    return f"{prefix}.layernorm" if swin and isinstance(getattr(base, "layernorm", None), nn.Module) else None
+
+
 def _default_layer(records: Records, image_hw: tuple[int, int]) -> str | None:
     """The last conv block's output, or the first token module of the last block of a token model."""
     pooled = {id(out) for _, module, out in records if isinstance(module, _POOL_TYPES)}
@@ -193,7 +220,7 @@ def _default_layer(records: Records, image_hw: tuple[int, int]) -> str | None:
         if layout is None or id(out) in pooled:
             continue
         layouts[name] = layout
-        if layout.kind == "nchw":
+        if layout.kind != "tokens":
             last_spatial = i
     token_after = [
         i for i, (name, _, out) in enumerate(records) if i > last_spatial and out.ndim == 3 and name in layouts
