@@ -13,12 +13,15 @@ from auditor.errors import AuditorError, ConfigError, DataError, MethodNotApplic
 from auditor.version import __version__
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names below load on first use
+    from auditor.api import AuditResult, audit
     from auditor.cams import CAMS, compute_cam, compute_cams
     from auditor.config import load_config
     from auditor.metrics import METRICS
     from auditor.run.local import run_audit
 
 _LAZY = {
+    "audit": "auditor.api",
+    "AuditResult": "auditor.api",
     "CAMS": "auditor.cams",
     "compute_cam": "auditor.cams",
     "compute_cams": "auditor.cams",
@@ -37,12 +40,14 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CAMS",
     "METRICS",
+    "AuditResult",
     "AuditorError",
     "ConfigError",
     "DataError",
     "MethodNotApplicableError",
     "ModelError",
     "__version__",
+    "audit",
     "compute_cam",
     "compute_cams",
     "load_config",

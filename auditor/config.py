@@ -231,6 +231,7 @@ def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
         return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
 
     cfg.model.torchscript = fix(cfg.model.torchscript)
+    cfg.model.huggingface = fix(cfg.model.huggingface)
     cfg.model.checkpoint = fix(cfg.model.checkpoint)
     if cfg.model.factory is not None:
         module, _, fn = cfg.model.factory.rpartition(":")
@@ -244,6 +245,7 @@ def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
 def _check_files(cfg: AuditConfig, source: str) -> None:
     checks = [
         ("model.torchscript", cfg.model.torchscript, "file"),
+        ("model.huggingface", cfg.model.huggingface, "dir"),
         ("model.checkpoint", cfg.model.checkpoint, "file"),
         ("data.manifest", cfg.data.manifest, "file"),
         ("data.coco", cfg.data.coco, "file"),

@@ -31,7 +31,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("cams", "metrics"),
     6: ("config", "io", "shortcuts.probes", "shortcuts.interventions", "synthetic"),
     7: ("run",),
-    8: ("demo", "cli", "__main__", "__init__"),
+    8: ("api", "demo", "cli", "__main__", "__init__"),
 }
 PACKAGE_INITS = ("io", "run", "shortcuts", "outputs", "store")  # docstring-only __init__ files
 

@@ -74,6 +74,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return decode_for(data, max_pixels, None)[0]
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_npy(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A ``.npy`` image: ``[H, W]``, ``[H, W, 3]`` or ``[3, H, W]``; ``uint8`` (/255), ``uint16`` (/65535) or
+    float in [0, 1]. Returns ``[H, W, 3]`` float32 pixels in [0, 1] and ``(H, W)``. (:func:`auditor.audit` saves
+    images that 8 bits cannot hold exactly this way, as ``uint16``.)"""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ImageError(f"corrupt .npy image: {_stable(err)}") from None
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[2] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 2:
+        arr = arr[:, :, None].repeat(3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageError(f".npy image of shape {arr.shape}: give [H, W], [H, W, 3] or [3, H, W]")
+    if arr.shape[0] * arr.shape[1] > max_pixels:
+        raise ImageError(f"image of {arr.shape[1]}x{arr.shape[0]} pixels is over max_image_pixels ({max_pixels})")
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
+    if arr.dtype.kind not in "uf":
+        raise ImageError(f".npy image of dtype {arr.dtype}: give uint8, uint16 or float in [0, 1]")
+    pixels = arr.astype(np.float32) / np.float32(scale)
+    if not np.isfinite(pixels).all():
+        raise ImageError(".npy image holds NaN or inf values")
+    return np.clip(pixels, 0, 1), (int(arr.shape[0]), int(arr.shape[1]))
+
+
 def decode_for(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     """Like :func:`decode_image`, for a caller that needs at least ``min_side`` pixels a side.
 
@@ -81,6 +109,8 @@ def decode_for(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.n
     so peak memory stays near the output's rather than the file's. Returns the pixels and the original
     ``(H, W)`` (boxes and masks are given in original pixels).
     """
+    if data[:6] == NPY_MAGIC:
+        return decode_npy(data, max_pixels)
     with _open(data, max_pixels) as im:
         size = (im.size[1], im.size[0])
         high_bit = im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

@@ -1,7 +1,9 @@
-"""Loading the audited classifier: torchvision arch + state_dict, TorchScript, or a factory function."""
+"""Loading the audited classifier: a torchvision or timm architecture + state_dict, a Hugging Face model folder,
+TorchScript, a factory function, or (Python API) a model object."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -23,24 +25,30 @@ log = logging.getLogger(__name__)
 
 
 class ModelConfig(BaseModel):
-    """Where the classifier comes from (config key ``model``): exactly one of ``arch``, ``torchscript``,
-    ``factory``. It sits with the loading it configures, so the loaders import nothing from the config."""
+    """Where the classifier comes from (config key ``model``): exactly one of ``arch`` (torchvision), ``timm``
+    (a timm model name), ``huggingface`` (a ``save_pretrained`` folder), ``torchscript``, ``factory``, or
+    ``python`` (set by :func:`auditor.audit` to describe the model object it was given). It sits with the
+    loading it configures, so the loaders import nothing from the config."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
     arch: str | None = None
+    timm: str | None = None
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    huggingface: Path | None = None
     torchscript: Path | None = None
     factory: str | None = None
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    python: str | None = None
     num_classes: StrictInt | None = Field(default=None, ge=1)
     checkpoint: Path | None = None
     target_layer: str | list[str] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        given = [k for k in ("arch", "torchscript", "factory") if getattr(self, k) is not None]
+        given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of arch, torchscript, factory (got {given or 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(SOURCES[:-1])} (got {given or 'none'})")
         if self.torchscript is not None and self.checkpoint is not None:
             raise ValueError("a TorchScript file holds its weights; remove 'checkpoint'")
         if self.factory is not None and ":" not in self.factory:
@@ -48,6 +56,7 @@ class ModelConfig(BaseModel):
         return self
 
 
+SOURCES = ("arch", "timm", "huggingface", "torchscript", "factory", "python")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
@@ -153,8 +162,67 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def build_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Build and load the model described by ``cfg``, in eval mode, on ``device``."""
+def _timm_model(cfg: ModelConfig) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise ModelError("model.timm needs the timm package: pip install 'auditor[timm]'") from err
+    assert cfg.timm is not None
+    if cfg.num_classes is None:
+        raise ModelError("model.num_classes is required with model.timm")
+    if not timm.is_model(cfg.timm):
+        names = timm.list_models()
+        raise ModelError(f"unknown timm model {cfg.timm!r}{did_you_mean(cfg.timm, names)}")
+    try:  # weights come from model.checkpoint only: nothing is downloaded
+        return timm.create_model(cfg.timm, pretrained=False, num_classes=cfg.num_classes, **cfg.timm_kwargs)
+    except TypeError as err:
+        raise ModelError(f"model.timm_kwargs do not fit timm model {cfg.timm!r}: {err}") from err
+
+
+def _huggingface_model(cfg: ModelConfig) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ModelError(
+            "model.huggingface needs the transformers package: pip install 'auditor[huggingface]'"
+        ) from err
+    folder = cfg.huggingface
+    assert folder is not None
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"model.huggingface: {folder} has no config.json; give the folder that model.save_pretrained() wrote"
+        )
+    try:  # local files only (no download); weights as safetensors, or torch files read with weights_only
+        model = transformers.AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load the Hugging Face image classifier in {folder}: {err}") from err
+    labels = int(getattr(model.config, "num_labels", 0) or 0)
+    if cfg.num_classes is not None and labels and labels != cfg.num_classes:
+        raise ModelError(f"model.num_classes is {cfg.num_classes} but the model in {folder} has {labels} labels")
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``ClassName sha256:<16 hex>`` over the parameter and buffer names, shapes and values: what identifies
+    a model object passed in Python, so a resume with other weights is refused."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"{type(model).__name__} sha256:{h.hexdigest()[:16]}"
+
+
+def build_model(cfg: ModelConfig, device: torch.device, module: nn.Module | None = None) -> LoadedModel:
+    """Build and load the model described by ``cfg`` (or take ``module``, given in Python), in eval mode, on
+    ``device``."""
+    if cfg.python is not None:
+        if module is None:
+            raise ModelError(
+                f"model.python ({cfg.python}) names a model object given in Python; it cannot be rebuilt from the "
+                "config alone: call auditor.audit(model, ...) again, or give model.arch / timm / huggingface"
+            )
+        return LoadedModel(module.eval().to(device), isinstance(module, torch.jit.ScriptModule), cfg.python)
     if cfg.torchscript is not None:
         try:
             scripted = torch.jit.load(str(cfg.torchscript), map_location=device)
@@ -169,6 +237,12 @@ def build_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
             raise ModelError("model.num_classes is required with model.arch")
         model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=cfg.num_classes)
         description = f"torchvision {cfg.arch} ({cfg.num_classes} classes)"
+    elif cfg.timm is not None:
+        model = _timm_model(cfg)
+        description = f"timm {cfg.timm} ({cfg.num_classes} classes)"
+    elif cfg.huggingface is not None:
+        model = _huggingface_model(cfg)
+        description = f"Hugging Face {type(model).__name__} from {cfg.huggingface.name}"
     else:
         assert cfg.factory is not None  # validated: exactly one source
         model = _factory(cfg.factory, cfg.factory_kwargs)
@@ -176,7 +250,7 @@ def build_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     if cfg.checkpoint is not None:
         load_weights(model, cfg.checkpoint)
         description += f", weights {cfg.checkpoint.name}"
-    else:
+    elif cfg.huggingface is None:
         log.warning("no checkpoint given: auditing a model with its initial weights")
     return LoadedModel(model.eval().to(device), False, description)
 

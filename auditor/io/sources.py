@@ -22,7 +22,7 @@ from auditor.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".npy")
 _BOX_COLS = ("x0", "y0", "x1", "y1")
 _RESERVED = {"path", "label", "mask", "id", "boxes", *_BOX_COLS}
 Box = tuple[float, float, float, float]

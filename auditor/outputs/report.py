@@ -22,7 +22,7 @@ from auditor.outputs.gate import evaluate, load_run, verdict
 from auditor.outputs.render import colour_scale, data_uri, environment, grey, overlay, thumbnail
 from auditor.outputs.rules import load_rules
 from auditor.shortcuts.catalog import evidence_ids, evidence_keys
-from auditor.store.rundir import DEEPDIVE, EXPENSIVE, REPORT, RunDir, atomic_write_bytes, one_row_per_sample
+from auditor.store.rundir import DEEPDIVE, EXPENSIVE, REPORT, SUMMARY, RunDir, atomic_write_bytes, one_row_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ def inconclusive_reasons(summary: dict[str, Any]) -> list[str]:
             "the region scan off or too few images a class, no colour shift)"
         )
     return reasons
+
+
+def report_verdict(out: str | Path) -> str:
+    """The headline the report of the run in ``out`` opens with (``No shortcut found``, ...)."""
+    run = RunDir(out)
+    return _verdict(run.read_json(SUMMARY), run.read_flags())[1]
 
 
 def _verdict(summary: dict[str, Any], flags: list[dict[str, Any]]) -> tuple[str, str, list[str]]:

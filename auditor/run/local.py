@@ -213,6 +213,7 @@ def run_audit(
     force: bool = False,
     selection: Selection | None = None,
     progress: bool | None = None,
+    module: torch.nn.Module | None = None,
 ) -> Summary:
     """Run (or resume) an audit into ``out`` and return the summary (also written to ``summary.json``).
 
@@ -222,10 +223,11 @@ def run_audit(
         force: delete a previous run's files in ``out`` first.
         selection: ``--limit`` / ``--per-class`` / ``--only-classes`` restrictions.
         progress: tqdm bar (True), periodic log lines (False), or auto (a bar on a terminal).
+        module: the model object, for a config whose ``model.python`` names one (:func:`auditor.audit`).
     """
     with RunDir(out).lock():
         started = time.perf_counter()
-        plan = plan_run(cfg, out, force=force, selection=selection or Selection())
+        plan = plan_run(cfg, out, force=force, selection=selection or Selection(), module=module)
         spec = map_spec(plan)
         timer = Timer()
         processed = _main_pass(plan, spec, timer, progress)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from auditor.cams import CAMS, compute_cams
 from auditor.cams.engine import layers_per_method
@@ -349,18 +349,20 @@ def plan_run(
     selection: Selection,
     shard: Shard | None = None,
     batches: list[list[int]] | None = None,
+    module: nn.Module | None = None,
 ) -> Plan:
     """Validate and resolve everything a run needs, then record it in ``run.json``.
 
     Nothing is written under ``out`` until the config, model, data and layers have been checked, so a
     corrected rerun of a failed start needs no ``--force``. A shard's files go to
-    ``out/shards/<i>-of-<n>/``; ``batches`` (the merge) replaces the batch layout.
+    ``out/shards/<i>-of-<n>/``; ``batches`` (the merge) replaces the batch layout; ``module`` is the model
+    object :func:`auditor.audit` was given (``model.python``).
     """
     store_root = Path(out) / "shards" / shard.folder if shard is not None else Path(out)
     RunDir(store_root).check_finished(force)
     device = resolve_device(cfg.device)
     cfg = _effective(cfg, device)
-    loaded = build_model(cfg.model, device)
+    loaded = build_model(cfg.model, device, module)
     dataset, classes, metadata = _dataset(cfg, selection)
     probe = _probe(dataset, loaded, classes, device)
     loaded = logits_only(loaded, probe)

@@ -247,3 +247,37 @@ def test_every_family_gets_a_sensible_default_layer_and_maps(family: str) -> Non
     else:
         with pytest.raises(MethodNotApplicableError, match="legrad"):
             compute_cam(model, x, targets, method="legrad")
+
+
+def test_configs_load_timm_names_and_hugging_face_folders(trio: tuple, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from auditor.errors import ModelError
+    from auditor.io.models import ModelConfig, build_model
+
+    tv, tm, _, x = trio
+    torch.save(tm.state_dict(), tmp_path / "vit.pt")
+    cfg = ModelConfig(
+        timm="vit_tiny_patch16_224",
+        num_classes=CLASSES,
+        checkpoint=tmp_path / "vit.pt",
+        timm_kwargs={
+            "img_size": SIZE,
+            "patch_size": PATCH,
+            "embed_dim": DIM,
+            "depth": DEPTH,
+            "num_heads": HEADS,
+            "mlp_ratio": 2,
+        },
+    )
+    loaded = build_model(cfg, torch.device("cpu"))
+    hf_folder = tmp_path / "hf"
+    _hf_from(tv).save_pretrained(hf_folder)
+    from_folder = _logits_model(build_model(ModelConfig(huggingface=hf_folder), torch.device("cpu")).module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), tv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(from_folder(x), tv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelError, match="did you mean"):
+        build_model(ModelConfig(timm="resnet181", num_classes=3), torch.device("cpu"))
+    with pytest.raises(ModelError, match="save_pretrained"):
+        build_model(ModelConfig(huggingface=tmp_path), torch.device("cpu"))
+    with pytest.raises(ModelError, match="has 3 labels"):
+        build_model(ModelConfig(huggingface=hf_folder, num_classes=2), torch.device("cpu"))
