@@ -51,13 +51,24 @@ class NormalizeConfig(_Strict):
         return self
 
 
+DATA_SOURCES = ("manifest", "image_folder", "coco", "parquet", "huggingface", "webdataset")
+
+
 class DataConfig(_Strict):
-    """The labelled dataset: exactly one of ``manifest``, ``image_folder``, ``coco``."""
+    """The labelled dataset: exactly one of ``manifest``, ``image_folder``, ``coco``, ``parquet``,
+    ``huggingface`` (a ``save_to_disk`` folder), ``webdataset`` (tar shards)."""
 
     manifest: Path | None = None
     image_folder: Path | None = None
     mask_folder: Path | None = None
     coco: Path | None = None
+    parquet: Path | None = None
+    huggingface: Path | None = None
+    webdataset: list[str] | None = None
+    split: str | None = Field(default=None, description="the split of a Hugging Face DatasetDict folder")
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str | None = Field(default=None, description="default: a column named 'mask' where there is one")
     root: Path | None = None
     classes: list[str] | None = None
     image_size: StrictInt = Field(default=224, ge=8, le=4096)
@@ -78,11 +89,17 @@ class DataConfig(_Strict):
             return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
         return value
 
+    @field_validator("webdataset", mode="before")
+    @classmethod
+    def _shard_list(cls, value: Any) -> Any:
+        """One pattern or a list of them."""
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        given = [k for k in ("manifest", "image_folder", "coco") if getattr(self, k) is not None]
+        given = [k for k in DATA_SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of manifest, image_folder, coco (got {given or 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(DATA_SOURCES)} (got {given or 'none'})")
         if self.mask_folder is not None and self.image_folder is None:
             raise ValueError("mask_folder goes with image_folder")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -237,8 +254,10 @@ def _resolve_paths(cfg: AuditConfig, base: Path) -> None:
         module, _, fn = cfg.model.factory.rpartition(":")
         if module.endswith(".py"):
             cfg.model.factory = f"{fix(Path(module))}:{fn}"
-    for key in ("manifest", "image_folder", "mask_folder", "coco", "root"):
+    for key in ("manifest", "image_folder", "mask_folder", "coco", "root", "parquet", "huggingface"):
         setattr(cfg.data, key, fix(getattr(cfg.data, key)))
+    if cfg.data.webdataset is not None:
+        cfg.data.webdataset = [p if Path(p).is_absolute() else str(base / p) for p in cfg.data.webdataset]
     cfg.gates = fix(cfg.gates)
 
 
@@ -251,6 +270,7 @@ def _check_files(cfg: AuditConfig, source: str) -> None:
         ("data.coco", cfg.data.coco, "file"),
         ("data.image_folder", cfg.data.image_folder, "dir"),
         ("data.mask_folder", cfg.data.mask_folder, "dir"),
+        ("data.huggingface", cfg.data.huggingface, "dir"),
         ("data.root", cfg.data.root, "dir"),
         ("gates", cfg.gates, "file"),
     ]
@@ -261,6 +281,8 @@ def _check_files(cfg: AuditConfig, source: str) -> None:
         ok = path.is_file() if kind == "file" else path.is_dir()
         if not ok:
             problems.append(f"{source}: {key}: {'file' if kind == 'file' else 'folder'} not found: {path}")
+    if cfg.data.parquet is not None and not cfg.data.parquet.exists():
+        problems.append(f"{source}: data.parquet: file or folder not found: {cfg.data.parquet}")
     if cfg.model.factory is not None:
         module = cfg.model.factory.rpartition(":")[0]
         if module.endswith(".py") and not Path(module).is_file():

@@ -23,6 +23,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "shortcuts.removals",
         "io.sources",
         "io.images",
+        "io.containers",
+        "io.tables",
+        "io.load",
     ),
     # every analysis module (a new one lands here without editing this table) and the registry they share
     2: ("shortcuts",),

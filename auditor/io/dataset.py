@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from auditor.io.containers import read_member
 from auditor.io.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     decode_for,
     decode_mask,
     polygon_mask,
-    read_regular,
     rle_decode,
 )
 from auditor.io.sources import SampleSpec
@@ -70,7 +70,7 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         """
         spec = self.samples[index]
         try:
-            data = read_regular(spec.path)
+            data = read_member(spec.path, spec.member)
             pixels, (h, w) = decode_for(data, self.max_pixels, self.size)
         except ImageError as err:
             return {"index": index, "ok": False, "reason": str(err)}
@@ -114,7 +114,7 @@ class AuditDataset(torch.utils.data.Dataset[dict[str, Any]]):
         """The object mask at the original size and its source, or (None, "none")."""
         if spec.mask is not None:
             try:
-                mask, distinct = decode_mask(read_regular(spec.mask), max_pixels)
+                mask, distinct = decode_mask(read_member(spec.mask, spec.mask_member), max_pixels)
             except ImageError as err:
                 warnings.append(f"mask {spec.mask.name} unusable ({err}): no mask used")
                 return None, "none"

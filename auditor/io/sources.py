@@ -41,6 +41,8 @@ class SampleSpec:
     rle: list[dict[str, Any]] = field(default_factory=list)  # COCO RLE
     metadata: dict[str, str] = field(default_factory=dict)
     origin: str = ""  # where it was declared, for error messages ("audit.csv line 12")
+    member: str = ""  # inside a container file (parquet, Arrow, tar): see auditor.io.containers
+    mask_member: str = ""
 
 
 @dataclass
@@ -336,22 +338,6 @@ def stratified_subset(
         order = keyed_order([ids[int(i)] for i in members], seed, salt)
         keep[members[order[:per_class]]] = True
     return keep
-
-
-def load_dataset(cfg: Any) -> Dataset:
-    """Read the configured source (``cfg`` is a :class:`auditor.config.DataConfig`), confined to its root."""
-    if cfg.manifest is not None:
-        data = read_manifest(cfg.manifest, cfg.root, cfg.classes, cfg.metadata)
-        roots = [cfg.root or cfg.manifest.parent]
-    elif cfg.image_folder is not None:
-        data = read_image_folder(cfg.image_folder, cfg.mask_folder, cfg.classes)
-        roots = [cfg.image_folder, *([cfg.mask_folder] if cfg.mask_folder is not None else [])]
-    else:
-        data = read_coco(cfg.coco, cfg.root, cfg.classes)
-        roots = [cfg.root or cfg.coco.parent]
-    if not getattr(cfg, "allow_outside_root", False):
-        confine(data.samples, roots)
-    return data
 
 
 def confine(samples: Sequence[SampleSpec], roots: Sequence[Path]) -> None:

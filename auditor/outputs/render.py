@@ -10,6 +10,7 @@ import jinja2
 import numpy as np
 from PIL import Image
 
+from auditor.io.containers import read_locator
 from auditor.io.images import decode_image
 from auditor.ops import minmax, resize_bilinear
 
@@ -30,7 +31,7 @@ def environment() -> jinja2.Environment:
 def thumbnail(path: Path, size: int = 128) -> np.ndarray:
     """``[size, size, 3]`` uint8 thumbnail of an image file (grey if it cannot be read)."""
     try:
-        pixels = decode_image(Path(path).read_bytes())
+        pixels = decode_image(read_locator(str(path)))
     except (OSError, ValueError, SyntaxError):
         return np.full((size, size, 3), 128, np.uint8)
     rgb = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))

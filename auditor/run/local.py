@@ -18,6 +18,7 @@ import torch
 from auditor.cams import CAMS
 from auditor.config import AuditConfig
 from auditor.errors import DataError, ModelError
+from auditor.io.containers import locator
 from auditor.io.dataset import collate
 from auditor.outputs.report import render_report
 from auditor.run import flagged, mapstage
@@ -72,7 +73,7 @@ class NonFinite:
         self.rows += rows
         limit = self.plan.cfg.max_nonfinite_share * len(self.plan.samples)
         if n and self.count > limit:
-            first = ", ".join(str(self.plan.samples[r].path) for r in self.rows[:3])
+            first = ", ".join(locator(self.plan.samples[r].path, self.plan.samples[r].member) for r in self.rows[:3])
             raise ModelError(
                 f"the model returned NaN or inf logits for {self.count} of {len(self.plan.samples)} samples, more "
                 f"than max_nonfinite_share = {self.plan.cfg.max_nonfinite_share} (first: {first}); check the "
@@ -166,8 +167,13 @@ def commit_batch(plan: Plan, b: int, batch: dict[str, Any], out: mapstage.BatchO
         plan.store.write_events(
             b,
             {
-                "skipped": [{"row": i, "path": str(rows[i].path), "reason": r} for i, r in out.skipped],
-                "warnings": [{"row": i, "path": str(rows[i].path), "warning": w} for i, w in batch["warnings"]],
+                "skipped": [
+                    {"row": i, "path": locator(rows[i].path, rows[i].member), "reason": r} for i, r in out.skipped
+                ],
+                "warnings": [
+                    {"row": i, "path": locator(rows[i].path, rows[i].member), "warning": w}
+                    for i, w in batch["warnings"]
+                ],
             },
         )
     mapstage.commit(plan.store, out, b, kind)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from auditor.cams import CAMS, CamResult, compute_cams
 from auditor.config import AuditConfig
+from auditor.io.containers import locator
 from auditor.io.dataset import drop
 from auditor.io.sources import SampleSpec, sample_key
 from auditor.metrics import METRICS, MetricInputs
@@ -285,7 +286,7 @@ def _rows(spec: MapSpec, b: _Batch, e: _Explained, sel: Tensor, method: str, val
     data: dict[str, Any] = {
         "row": rows.astype(np.int64),
         "id": [sp.id for sp in specs],
-        "path": [str(sp.path) for sp in specs],
+        "path": [locator(sp.path, sp.member) for sp in specs],
         "label": [spec.classes[int(b.labels[i])] for i in s],
         "pred": [spec.classes[int(e.preds[i])] for i in s],
         "prob": e.probs.max(1).values[sel].cpu().numpy().astype(np.float64),

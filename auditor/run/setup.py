@@ -26,8 +26,9 @@ from auditor.cams.speed import auto_chunk, choose_memory_format, low_precision_p
 from auditor.config import AuditConfig, dump_resolved
 from auditor.errors import ConfigError, DataError, MethodNotApplicableError, ModelError
 from auditor.io.dataset import AuditDataset
+from auditor.io.load import load_dataset
 from auditor.io.models import LoadedModel, build_model, logits_only, resolve_device
-from auditor.io.sources import SampleSpec, background_partners, load_dataset, select, stratified_subset
+from auditor.io.sources import SampleSpec, background_partners, select, stratified_subset
 from auditor.run.localize import plan_localization
 from auditor.store.rundir import RESOLVED, RUN, RunDir, RunStore
 
@@ -202,7 +203,7 @@ def run_identity(cfg: AuditConfig, samples: Sequence[SampleSpec], selection: Sel
     h.update(dump_resolved(cfg.model_copy(update={"max_nonfinite_share": 0.0, "workers": 0})).encode())
     h.update(json.dumps([selection.limit, selection.per_class, selection.only_classes]).encode())
     for s in samples:
-        h.update(f"{s.id}\0{s.path}\0{s.label}\n".encode())
+        h.update(f"{s.id}\0{s.path}\0{s.member}\0{s.label}\n".encode())
     return h.hexdigest()
 
 
