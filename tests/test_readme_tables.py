@@ -68,3 +68,16 @@ def test_the_metric_table_names_every_registered_metric_with_its_direction() -> 
 def test_the_flag_table_names_every_registered_kind() -> None:
     rows = _rows(_section(README.read_text(), "### What each kind needs, and how it guards against false alarms"))
     assert sorted(_names(r[0])[0] for r in rows) == sorted(k for a in registered() for k in a.kinds)
+
+
+def test_the_readme_screenshot_was_taken_with_the_current_report_template() -> None:
+    """``docs/report.png`` records the template it shows; a changed template needs a new picture."""
+    import hashlib
+    import json
+
+    root = Path(__file__).parents[1]
+    template = root / "auditor" / "outputs" / "templates" / "report.html.j2"
+    record = json.loads((root / "docs" / "report.png.json").read_text())
+    assert record["template_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest(), (
+        "the report template changed after docs/report.png was taken: run python docs/make_screenshot.py"
+    )
