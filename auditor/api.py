@@ -15,7 +15,8 @@ import html
 import io
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,23 @@ def _write_if_new(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def _as_given(model: nn.Module) -> Iterator[None]:
+    """Give the model back as it came: its train/eval mode, its device, its own ``forward`` (the run puts the
+    model in eval mode on its device, and wraps ``forward`` of a model whose output holds the logits)."""
+    training, own_forward = model.training, "forward" in vars(model)
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else None
+    try:
+        yield
+    finally:
+        if not own_forward:
+            vars(model).pop("forward", None)
+        model.train(training)
+        if device is not None:
+            model.to(device)
+
+
 def _mean_std(normalize: Any) -> tuple[list[float], list[float]] | None:
     if normalize == "imagenet":
         return _IMAGENET
@@ -374,7 +392,8 @@ def audit(
     cfg = audit_config(model, manifest, classes, out_dir, image_size, normalize, config)
     from auditor.run.local import run_audit
 
-    run_audit(cfg, out_dir, force=force, progress=progress, module=model)
+    with _as_given(model):
+        run_audit(cfg, out_dir, force=force, progress=progress, module=model)
     result = AuditResult(out_dir)
     if cfg.gates is not None:  # as `auditor run` with gates: (whose exit code is 1 where this is False)
         result.gate_passed = result.gate(cfg.gates)

@@ -144,3 +144,35 @@ def test_a_hugging_face_dataset_is_audited(dataset_dir: Path, tmp_path: Path) ->
     )
     assert res.summary["dataset"]["n"] == len(rows)
     assert len(list((tmp_path / "hf" / "inputs").glob("*.png"))) == len(rows)  # PIL images are saved as they are
+
+
+def test_a_dataloader_gives_the_same_inputs_as_its_dataset(dataset_dir: Path, tmp_path: Path) -> None:
+    from auditor.api import write_inputs
+
+    scenes = Scenes(dataset_dir)
+    loader = torch.utils.data.DataLoader(scenes, batch_size=5)
+    norm = ([MEAN] * 3, [STD] * 3)
+    a, _ = write_inputs(scenes, CLASSES, tmp_path / "a", norm)
+    b, _ = write_inputs(loader, CLASSES, tmp_path / "b", norm)
+    assert a.read_text() == b.read_text() and len(a.read_text().splitlines()) == 25
+    assert a.read_text().splitlines()[0] == "id,path,label,mask"
+
+
+def test_a_hugging_face_model_object_is_audited_and_given_back_as_it_came(dataset_dir: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    model = transformers.ViTForImageClassification(config).train()
+    attention = model.config._attn_implementation
+    items = [Scenes(dataset_dir)[i][:2] for i in range(0, 24, 3)]
+    res = auditor.audit(
+        model, items, classes=CLASSES, out=tmp_path / "vit", normalize=NORMALIZE, methods=["grad_cam", "legrad"],
+        metrics=["pointing_game"], expensive={"per_class": 1},
+    )  # fmt: skip
+    assert set(res.samples["method"]) == {"grad_cam", "legrad"} and res.summary["dataset"]["n"] == len(items)
+    assert model.training and "forward" not in vars(model)  # its own forward, its own mode
+    assert model.config._attn_implementation == attention  # LeGrad's eager pass restored it
+    assert hasattr(model(items[0][0][None]), "logits")
