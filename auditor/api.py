@@ -217,7 +217,7 @@ def _mask_png(mask: Any, index: int) -> bytes:
         arr = np.asarray(mask.convert("L")) > 0
     else:
         arr = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask)
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim == 3 and 1 in (arr.shape[0],) else arr
+        arr = arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
         if arr.ndim != 2:
             raise DataError(f"sample {index}: a mask must be [H, W] (nonzero = object), got shape {arr.shape}")
         arr = arr != 0

@@ -106,6 +106,29 @@ def _metadata_columns(available: list[str], metadata: list[str] | None, source: 
     return list(metadata)
 
 
+Row = tuple[Path, str, str, str, str | None, dict[str, str], str]  # container, member, label, id, mask, meta, origin
+
+
+def _dataset(rows: list[Row], labeller: _Labeller, extra: list[str]) -> Dataset:
+    """The sample specs of container rows, labels indexed once every label is known; ids checked unique."""
+    classes = labeller.classes()
+    samples = [
+        SampleSpec(
+            id=sid,
+            path=path,
+            member=member,
+            label=_index(label, classes, origin),
+            mask=path if mask_member else None,
+            mask_member=mask_member or "",
+            metadata={c: meta.get(c, "") for c in extra},
+            origin=origin,
+        )
+        for path, member, label, sid, mask_member, meta, origin in rows
+    ]
+    _check_unique_ids(samples)
+    return Dataset(samples, classes, extra)
+
+
 def _table_dataset(
     files: list[tuple[Path, Any, str]],
     columns: Columns,
@@ -129,7 +152,7 @@ def _table_dataset(
     skip = {columns.image, columns.label, "id", *([mask_col] if mask_col else [])}
     extra = _metadata_columns(_scalar_columns(schema, skip), metadata, source)
     labeller = _Labeller(classes, names, source)
-    rows: list[tuple[Path, str, str, str, str | None, dict[str, str], str]] = []
+    rows: list[Row] = []
     for path, table, kind in files:
         data = table.to_pydict()
         n = table.num_rows
@@ -151,22 +174,7 @@ def _table_dataset(
                 (path, f"{where};col={columns.image}", label, sid, f"{where};col={mask_col}" if has_mask else None,
                  meta, origin)
             )  # fmt: skip
-    all_classes = labeller.classes()
-    samples = [
-        SampleSpec(
-            id=sid,
-            path=path,
-            member=member,
-            label=_index(label, all_classes, origin),
-            mask=path if mask_member else None,
-            mask_member=mask_member or "",
-            metadata=meta,
-            origin=origin,
-        )
-        for path, member, label, sid, mask_member, meta, origin in rows
-    ]
-    _check_unique_ids(samples)
-    return Dataset(samples, all_classes, extra)
+    return _dataset(rows, labeller, extra)
 
 
 def _parquet_files(spec: Path) -> list[Path]:
@@ -272,9 +280,7 @@ def _small(path: Path, offset: int, size: int) -> str:
         return f.read(size).decode("utf-8", errors="replace").strip()
 
 
-def _webdataset_row(
-    shard: Path, key: str, parts: dict[str, tuple[int, int]], labeller: _Labeller
-) -> tuple[Path, str, str, str, str, dict[str, str], str]:
+def _webdataset_row(shard: Path, key: str, parts: dict[str, tuple[int, int]], labeller: _Labeller) -> Row:
     """``(shard, image member, label name, key, mask member, metadata, origin)`` of one WebDataset sample."""
     origin = f"{shard.name} {key}"
     image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
@@ -308,7 +314,7 @@ def read_webdataset(shards: Sequence[Path], classes: list[str] | None, metadata:
     ``<key>.label`` (a class name) or ``<key>.json``'s ``label``, the mask ``<key>.mask.png``; the other scalar
     ``json`` keys are metadata. Only the tar headers and the small members are read here."""
     labeller = _Labeller(classes, None, "data.webdataset")
-    rows = []
+    rows: list[Row] = []
     keys_meta: set[str] = set()
     for shard in shards:
         try:
@@ -330,19 +336,4 @@ def read_webdataset(shards: Sequence[Path], classes: list[str] | None, metadata:
     if not rows:
         raise DataError(f"data.webdataset: the shards {[str(s) for s in shards[:3]]} hold no sample")
     extra = _metadata_columns(sorted(keys_meta), metadata, "data.webdataset")
-    all_classes = labeller.classes()
-    samples = [
-        SampleSpec(
-            id=key,
-            path=shard,
-            member=image,
-            label=_index(label, all_classes, origin),
-            mask=shard if mask else None,
-            mask_member=mask,
-            metadata={c: meta.get(c, "") for c in extra},
-            origin=origin,
-        )
-        for shard, image, label, key, mask, meta, origin in rows
-    ]
-    _check_unique_ids(samples)
-    return Dataset(samples, all_classes, extra)
+    return _dataset(rows, labeller, extra)
