@@ -23,6 +23,7 @@ from auditor.shortcuts import (
     hotspots,
     properties,
     reliability,
+    subsets,
 )
 from auditor.shortcuts.findings import Cause, Finding, group_findings
 from auditor.shortcuts.flags import Flag, downgrade_unreliable, order_flags
@@ -37,7 +38,19 @@ from auditor.shortcuts.registry import (
 from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
 
-MODULES = (background, hotspots, cues, frame, properties, attributes, counterfactual, clusters, concepts, reliability)
+MODULES = (
+    background,
+    hotspots,
+    cues,
+    subsets,
+    frame,
+    properties,
+    attributes,
+    counterfactual,
+    clusters,
+    concepts,
+    reliability,
+)
 
 
 class Thresholds(  # fields in reverse base order: shared, background, hotspots, ..., concepts
@@ -47,6 +60,7 @@ class Thresholds(  # fields in reverse base order: shared, background, hotspots,
     attributes.Params,
     properties.Params,
     frame.Params,
+    subsets.Params,
     cues.Params,
     hotspots.Params,
     background.Params,

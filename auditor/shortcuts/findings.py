@@ -5,7 +5,8 @@ a ``spatial_hotspot`` (found in the maps) and a ``counterfactual_background`` (t
 class still called). A reader needs one finding: "the model recognises *tagged* by the bottom-left
 corner", with all its evidence. The rules (pure, no torch):
 
-- region flags (``region_cue``, ``spatial_hotspot``) of a class whose regions overlap are one cause;
+- region flags (``region_cue``, ``subset_cue``, ``spatial_hotspot``) of a class whose regions overlap are one
+  cause;
   region causes of several classes whose regions overlap by IoU >= 0.3 are one cause;
 - ``global_cue`` flags group by property (colour, brightness) across classes;
 - a class's background flags (``counterfactual_background``, ``background_reliance``) join that class's
@@ -128,11 +129,19 @@ def _region_sentence(flags: list[Flag], classes: list[str], region: Sequence[flo
     s = f"{_subject(severity, names)} by {where} (x0, y0, x1, y1 = {box})"
     s += ", not by the object" if _off_object(flags) else " (no masks: whether the objects lie there is not known)"
     cue = next((f for f in flags if f["kind"] == "region_cue" and f["evidence"].get("test")), None)
+    part = next((f for f in flags if f["kind"] == "subset_cue" and f["evidence"].get("test")), None)
     if cue is not None:
         t, c = cue["evidence"]["test"], cue["class"]
         s += (
             f": removing that region from {c} images lowers p({c}) by {t['removal_drop']:.2f}, and pasting it "
             f"into other classes' images turns {pct(t['paste_flips'])} of them into {c}"
+        )
+    elif part is not None:  # a cue on part of the class: say on how much of it, and where the list is
+        ev, c = part["evidence"], part["class"]
+        s += (
+            f", in {pct(ev['share'])} of the {c} images ({ev['k']} of {ev['n']}, listed in the evidence): removing "
+            f"that region from them lowers p({c}) by {ev['test']['removal_drop']:.2f}, and pasting it into other "
+            f"classes' images turns {pct(ev['test']['paste_flips'])} of them into {c}"
         )
     bg = next((f for f in flags if f["kind"] == "counterfactual_background" and "bg_only_self" in f["evidence"]), None)
     if bg is not None:
@@ -171,7 +180,9 @@ def _finding(cause: str, flags: list[Flag], causes: Causes, key: str | None = No
         if region is not None
         else _sentence(cause, flags, classes, key, sev, causes)
     )
-    ident = f"{cause}/{'+'.join(classes) or '*'}/{key or '*'}"
+    # a class may have two region cues (two tags): the place tells their findings apart
+    place = describe_location(region).removeprefix("the ").replace(" ", "-") if region is not None else None
+    ident = f"{cause}/{'+'.join(classes) or '*'}/{key or place or '*'}"
     return {
         "id": ident,
         "cause": cause,
