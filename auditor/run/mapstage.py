@@ -27,7 +27,7 @@ from auditor.io.sources import SampleSpec, sample_key
 from auditor.metrics import METRICS, MetricInputs
 from auditor.metrics.registry import metric_columns
 from auditor.ops import to_pixels
-from auditor.shortcuts.probes import Partners, counterfactuals, image_properties, mask_grid
+from auditor.shortcuts.probes import Partners, background_colour, counterfactuals, image_properties, mask_grid
 from auditor.store.rundir import RunStore, map_key
 
 NONFINITE = "non-finite model output (NaN or inf logits)"
@@ -241,6 +241,8 @@ def _probes(spec: MapSpec, b: _Batch) -> dict[str, np.ndarray]:
     out = {f"prop_{k}": v.float().cpu().numpy() for k, v in image_properties(pixels.clamp(0, 1)).items()}
     masks = b.raw["mask"].to(spec.device)
     usable = b.raw["has_mask"].to(spec.device) & masks.flatten(1).any(1)
+    background = background_colour(pixels.clamp(0, 1), masks, usable).float().cpu().numpy()
+    out |= {f"bg_{c}": background[:, i] for i, c in enumerate(("red", "green", "blue"))}
     # Counterfactual forwards (6 per image) run on a stratified subset: per-class rates need tens of images.
     in_subset = torch.from_numpy(spec.probe[b.rows]).to(spec.device)
     if bool(usable.any()):

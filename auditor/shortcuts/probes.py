@@ -38,6 +38,35 @@ def image_properties(pixels: Tensor) -> dict[str, Tensor]:
     }
 
 
+FRAME = 0.125  # the band along the border that stands in for the background where an image has no mask
+
+
+def background_colour(pixels: Tensor, masks: Tensor, usable: Tensor) -> Tensor:
+    """``[B, 3]`` mean colour of each image's background: outside its object grown by a margin where it has a
+    mask (and at least 5% of the image is left), else in the band of :data:`FRAME` along the border.
+
+    A class whose objects differ in colour from other classes' has another mean image colour, but not another
+    background colour: the colour shifts of ``global_cue`` move the images by the difference of these.
+
+    Args:
+        pixels: ``[B, 3, H, W]`` images in [0, 1].
+        masks: ``[B, H, W]`` bool object masks.
+        usable: ``[B]`` bool, the masks to use.
+    """
+    b, _, h, w = pixels.shape
+    band = torch.ones(h, w, dtype=torch.bool, device=pixels.device)
+    fy, fx = max(1, round(FRAME * h)), max(1, round(FRAME * w))
+    band[fy : h - fy, fx : w - fx] = False
+    region = band.expand(b, h, w).clone()
+    if bool(usable.any()):
+        outside = ~margin_masks(masks[usable])
+        enough = outside.flatten(1).float().mean(1) >= 0.05
+        idx = torch.nonzero(usable).flatten()[enough]
+        region[idx] = outside[enough]
+    weight = region[:, None].float()
+    return (pixels * weight).flatten(2).sum(2) / weight.flatten(2).sum(2).clamp_min(1.0)
+
+
 def mask_grid(masks: Tensor) -> Tensor:
     """``[B, H, W]`` bool -> ``[B, 32, 32]`` object fraction per cell (area pooling)."""
     return F.adaptive_avg_pool2d(masks[:, None].float(), GRID)[:, 0]

@@ -60,13 +60,18 @@ CHANNELS = ("red", "green", "blue")
 
 
 def colour_shifts(first: Any, classes: list[str], min_group: int) -> dict[str, Any]:
-    """Per class: ``delta`` = other classes' mean colour minus the class's, its size and what it changes.
+    """Per class: ``delta`` = other classes' mean *background* colour minus the class's (``bg_*``: outside the
+    objects with masks, the border band without; the whole image's ``prop_*`` for runs made before), its size
+    and what it changes. A class told apart by its objects' colour has another mean image colour but the same
+    backgrounds, so its shift is small and moves no prediction: the shift goes where the classes differ.
 
     Returns:
         ``{class: {n, delta [3], size, property}}``; ``property`` = ``brightness`` when the shift runs mostly
         along the grey axis (its grey component >= 0.8 of its length), else ``colour``.
     """
-    cols = [f"prop_{c}" for c in CHANNELS]
+    cols = [f"bg_{c}" for c in CHANNELS]
+    if not set(cols) <= set(first.columns) or not first[cols].notna().all().all():
+        cols = [f"prop_{c}" for c in CHANNELS]
     if not set(cols) <= set(first.columns):
         return {}
     out: dict[str, Any] = {}
