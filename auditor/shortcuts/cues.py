@@ -3,19 +3,27 @@
 A shortcut such as a tag, a watermark or a hospital token sits at the same place in every image of its
 class; the object moves from image to image. So, per class, on a keyed draw of its images:
 
-1. **Scan** (no map involved): fill each window of a coarse grid from its surroundings, in every image,
+1. **Scan** (no map involved): fill each window of a coarse grid, and each band along the four edges of the
+   same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in
+   every image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is
+   inside two bands too),
    and keep the *median* drop of p(class) per window. A window where the median drops is a place that
    matters in most images at once. The class's own baseline is the same median at the windows away from
    the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
-2. **Localize**: rescan the peak's neighbourhood with half-size windows; the region is the connected
-   set of pixels whose mean drop (over the windows covering them) is within half of the peak's.
+2. **Localize**: rescan the peak's neighbourhood with half-size windows (half-width bands for a band); the
+   region is the connected set of pixels whose mean drop (over the windows covering them) is within half of
+   the peak's, grown by one fine-window stride. Where removing it (step 3) gives under 80% of the scan's
+   peak drop, it is grown by a further quarter window and retested once; the better is kept, and the share
+   of the scan's drop the final region reproduces is reported (``reproduced``).
 3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
    imputation) and paste it into other classes' images at the same place, and do the same with a
    control box of the same size at the mirrored place, on the same images. Per image, the region's
    change minus the control's is the effect: its mean must reach ``intervention_effect`` and its paired
-   Wilcoxon test be significant in the run's BH family, for the removal and for the transplant.
+   Wilcoxon test be significant in the run's BH family, for the removal and for the transplant. High
+   severity needs both, and an effect comparable to taking the class away (``high_effect``).
 
-With masks (or boxes), a region mostly on the objects is the object, not a cue, and is not flagged.
+With masks (or boxes), a region mostly on the objects, or holding at least half of the object in most of
+the class's images, is the object, not a cue, and is not flagged.
 Without them, a region at the centre could be the object itself when objects always sit there; such a
 finding is capped at medium and says so.
 """
@@ -32,7 +40,7 @@ from scipy import ndimage
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import box_cells, control_box, describe_location, object_overlap
+from auditor.shortcuts.grids import box_cells, control_box, describe_location, object_inside, object_overlap
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -64,6 +72,8 @@ class Params(SharedParams):
 
 
 FINE = 64  # side of the importance grid the region is read from
+REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown once and retested
+LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
 
 
 def grid_boxes(window: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0)) -> list[list[float]]:
@@ -83,6 +93,47 @@ def grid_boxes(window: float, stride: float, within: Sequence[float] = (0.0, 0.0
         for y in starts(within[1], within[3])
         for x in starts(within[0], within[2])
     ]
+
+
+def band_boxes(
+    width: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0), axis: str = "both"
+) -> list[list[float]]:
+    """Bands of ``width`` every ``stride`` across ``within``: horizontal (full width of ``within``; ``axis``
+    ``"h"``), vertical (``"v"``) or both. A cue that spans the image (a sky, a letterbox bar) has no window of
+    the grid that holds it; a band does."""
+
+    def starts(lo: float, hi: float) -> list[float]:
+        n = max(1, int(np.floor((hi - lo - width) / stride + 1e-9)) + 1)
+        return [min(lo + i * stride, hi - width) for i in range(n)]
+
+    x0, y0, x1, y1 = within
+    out = []
+    if axis in ("h", "both"):
+        out += [[x0, y, x1, y + width] for y in starts(y0, y1)]
+    if axis in ("v", "both"):
+        out += [[x, y0, x + width, y1] for x in starts(x0, x1)]
+    return [[float(v) for v in b] for b in out]
+
+
+def edge_bands(width: float) -> list[list[float]]:
+    """The four bands of ``width`` along the image's edges (top, bottom, left, right). Cues that span the image
+    sit there (a sky, the ground, a letterbox bar, a scanner's ruler); a band across the middle would hold the
+    objects, which sit near the centre, in most images."""
+    return [[0.0, 0.0, 1.0, width], [0.0, 1 - width, 1.0, 1.0], [0.0, 0.0, width, 1.0], [1 - width, 0.0, 1.0, 1.0]]
+
+
+def _band_axis(box: Sequence[float]) -> str | None:
+    """``"h"`` for a full-width band, ``"v"`` for a full-height one, else None."""
+    if box[2] - box[0] >= 0.999 and box[3] - box[1] < 0.999:
+        return "h"
+    if box[3] - box[1] >= 0.999 and box[2] - box[0] < 0.999:
+        return "v"
+    return None
+
+
+def grow(region: Sequence[float], by: float) -> list[float]:
+    """``region`` grown by ``by`` on each side, within the image."""
+    return [max(region[0] - by, 0.0), max(region[1] - by, 0.0), min(region[2] + by, 1.0), min(region[3] + by, 1.0)]
 
 
 def importance(boxes: Sequence[Sequence[float]], values: np.ndarray, side: int = FINE) -> np.ndarray:
@@ -149,16 +200,24 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     if len(rows) < 4:
         return None  # too few to call anything "the same place in most images" (or the scan is off)
     idx = inputs.classes.index(cls)
-    coarse = grid_boxes(t.cue_window, t.cue_window / 2)
-    found = scan_summary(inputs.intervener.scan(rows.tolist(), idx, coarse), coarse, t.cue_drop)
+    w = t.cue_window
+    grid = grid_boxes(w, w / 2)
+    coarse = grid + edge_bands(w) + edge_bands(min(2 * w, 0.5))  # two band scales
+    drops = inputs.intervener.scan(rows.tolist(), idx, coarse)
+    found = scan_summary(drops, coarse, t.cue_drop)
+    local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
+    if _band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
+        found = local  # a band holds a tag as well as the tag's own window does: the window localizes it
     out: dict[str, Any] = {"n": len(rows), "window": t.cue_window, **found, "region": None}
     if found["effect"] < t.cue_drop:
         return out
     pb, half = found["peak_box"], t.cue_window / 2
-    near = [max(pb[0] - half, 0.0), max(pb[1] - half, 0.0), min(pb[2] + half, 1.0), min(pb[3] + half, 1.0)]
-    fine = grid_boxes(half, half / 2, near)
+    near = grow(pb, half)
+    axis = _band_axis(pb)  # a band is refined across its width only
+    fine = grid_boxes(half, half / 2, near) if axis is None else band_boxes(half, half / 2, near, axis)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
-    region = [float(v) for v in locate(importance(fine, np.clip(fine_drops, 0, None)))]
+    # grown by one fine stride: the importance grid's edge can fall a pixel or two inside the cue
+    region = grow(locate(importance(fine, np.clip(fine_drops, 0, None))), half / 2)
     return {
         **out,
         "region": region,
@@ -187,7 +246,19 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         test = inputs.intervener.region_test(
             own.tolist(), other.tolist(), idx, region, control_box(region), inputs.seed
         )
+        if test["removal_drop"] < REPRODUCE * found["peak"]:  # the region misses part of what the scan removed
+            wider = grow(region, t.cue_window / 4)
+            retest = inputs.intervener.region_test(
+                own.tolist(), other.tolist(), idx, wider, control_box(wider), inputs.seed
+            )
+            if retest["removal_effect"] > test["removal_effect"]:
+                region, test = wider, retest
+                found |= {"region": wider, "location": describe_location(wider), "grown": True}
+        rows = first[first["label"] == cls]["row"].to_numpy()
+        found["object_overlap"] = object_overlap(inputs.objects, rows, box_cells(found["region"]))
+        found["object_inside"] = object_inside(inputs.objects, rows, box_cells(found["region"]))
         found["test"] = test
+        found["reproduced"] = float(test["removal_drop"] / found["peak"]) if found["peak"] > 0 else float("nan")
     return {"cues": cues}
 
 
@@ -201,7 +272,12 @@ def tests(measured: Measurement) -> dict[str, float]:
 
 
 def _central(region: Sequence[float]) -> bool:
-    """Does the region touch the central ninth of the image?"""
+    """Does the region touch the central ninth of the image? (A full-width or full-height band: is its middle
+    line in the middle third? Every band crosses the centre along its length.)"""
+    axis = _band_axis(region)
+    if axis is not None:
+        mid = (region[1] + region[3]) / 2 if axis == "h" else (region[0] + region[2]) / 2
+        return 1 / 3 < mid < 2 / 3
     return region[0] < 2 / 3 and region[2] > 1 / 3 and region[1] < 2 / 3 and region[3] > 1 / 3
 
 
@@ -236,32 +312,39 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
             f"of them into {c} (the same for a control box of the same size: {change(-ctrl['removal_drop'], 'it')} "
             f"and {change(ctrl['paste_gain'], 'it')})"
         )
+        share = r.get("reproduced")
+        if share is not None and np.isfinite(share) and share < REPRODUCE:
+            given = pct(min(max(share, 0.0), 1.0))
+            msg += f"; the region's removal gives {given} of the scan's drop: the cue may extend beyond it"
     if not masked and _central(r["region"]):
         msg += "; the region is central, so without masks it may be the object itself"
     return msg + "."
 
 
 def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``region_cue`` per class: high when removal and transplant both beat the control box."""
+    """``region_cue`` per class: medium when the removal beats the control box; high when the transplant does too
+    and an effect reaches ``high_effect`` (comparable to taking the class away)."""
     t = params_of(ctx.thresholds, Params)
     q = ctx.q_values("cues", tests(measured))
     flags = []
     for c, r in measured["cues"].items():
         if r.get("region") is None or r["effect"] < t.cue_drop or r["n"] < 4:
             continue
-        overlap = r["object_overlap"]
+        overlap, inside = r["object_overlap"], r.get("object_inside", float("nan"))
         masked = bool(np.isfinite(overlap))
-        if masked and overlap > t.hotspot_object_overlap:
-            continue  # the object itself
+        if masked and (overlap > t.hotspot_object_overlap or inside > 0.5):
+            continue  # the object itself: mostly on the objects, or holding most of the object in most images
         conf = confirmation(c, r, t, q)
         if not conf["removal"]:
             continue  # the region alone does not carry the class: the scan found a combination
-        sev = "high" if conf["paste"] else "medium"
+        strong = max(conf["removal_effect"], conf["paste_effect"], r["test"]["paste_flips"]) >= t.high_effect
+        sev = "high" if conf["paste"] and strong else "medium"
         if sev == "high" and not masked and _central(r["region"]):
             sev = "medium"
         evidence = {
             k: r[k] for k in ("n", "peak", "baseline", "effect", "consistency", "area", "object_overlap", "ids")
         }
+        evidence["reproduced"] = r.get("reproduced")
         evidence |= {"test": r.get("test"), **conf}
         score = min(1.0, r["effect"])
         msg = _message(c, r, conf, masked)

@@ -59,6 +59,26 @@ def object_overlap(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarr
     return float(obj[has][:, cells].mean()) if has.any() else float("nan")
 
 
+def object_inside(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarray, least: float = 0.5) -> float:
+    """Share of the ``rows`` images (those with a mask) whose object lies at least ``least`` inside ``cells``:
+    a region that holds most of the object in most images is the object, however large the region (NaN
+    without masks).
+
+    Args:
+        objects: ``[n, 32, 32]`` object fraction per cell (NaN rows = no mask), or None.
+        rows: indices into ``objects``.
+        cells: ``[32, 32]`` bool.
+    """
+    if objects is None:
+        return float("nan")
+    obj = np.asarray(objects[rows], dtype=np.float32)
+    has = np.isfinite(obj).all(axis=(1, 2)) & (np.nan_to_num(obj).sum(axis=(1, 2)) > 0)
+    if not has.any():
+        return float("nan")
+    inside = obj[has][:, cells].sum(1) / obj[has].sum(axis=(1, 2))
+    return float((inside >= least).mean())
+
+
 def control_box(region: Sequence[float]) -> list[float]:
     """A box of the region's size at the place mirrored through the image centre; when that overlaps the
     region (a central region), the corner farthest from it."""

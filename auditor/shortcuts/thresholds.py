@@ -37,6 +37,14 @@ class SharedParams(BaseModel):
     intervention_images: StrictInt = Field(
         32, ge=4, description="images of the class, and of other classes, each intervention and colour shift uses"
     )
+    high_effect: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="an effect comparable to taking the class away, which a high region flag needs: its removal "
+        "lowering p(class), or its transplant raising it, by this much beyond the control box, or the transplant "
+        "turning this share of other images into the class; weaker confirmed effects grade medium",
+    )
     hotspot_object_overlap: float = Field(
         0.5, ge=0, le=1, description="with masks, a region or hotspot more on the objects than this is the object"
     )

@@ -27,12 +27,14 @@ CORNER = [0.0625, 0.75, 0.1875, 0.875]  # bottom-left, off the centre
 CENTRE = [0.4, 0.4, 0.6, 0.6]
 
 
-def _test(removal: float, paste: float, p: float = 0.001, control: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+def _test(
+    removal: float, paste: float, p: float = 0.001, control: tuple[float, float] = (0.0, 0.0), flips: float = 0.5
+) -> dict[str, Any]:
     """A region test whose paired effects are its means minus the control box's (floored at 0)."""
     return {
         "removal_drop": removal,
         "paste_gain": paste,
-        "paste_flips": 0.5,
+        "paste_flips": flips,
         "control": {"region": control_box(CORNER), "removal_drop": control[0], "paste_gain": control[1]},
         "removal_effect": removal - max(control[0], 0.0),
         "removal_p": p,
@@ -95,6 +97,48 @@ def test_region_cue_on_the_object_and_central_guards() -> None:
     assert "without masks it may be the object itself" in msg
     # with masks showing it off the objects, a central region keeps its severity
     assert _severity(_cue(region=CENTRE, overlap=0.1)) == "high"
+
+
+def test_region_cue_high_needs_an_effect_comparable_to_taking_the_class_away() -> None:
+    h = T.high_effect
+    assert _severity(_cue(test=_test(0.2, 0.2, flips=0.1))) == "medium"  # confirmed both ways, but small
+    assert _severity(_cue(test=_test(h, 0.2, flips=0.1))) == "high"  # the removal takes the class away
+    assert _severity(_cue(test=_test(0.2, h, flips=0.1))) == "high"  # the transplant brings it in
+    assert _severity(_cue(test=_test(0.2, 0.2, flips=h))) == "high"  # a majority of other images turned
+    assert _severity(_cue(test=_test(0.2, 0.2, flips=h - 0.01))) == "medium"
+
+
+def test_region_cue_holding_the_object_in_most_images_is_the_object() -> None:
+    # a large region that is mostly background can still hold the whole object in most images
+    assert _severity(_cue(overlap=0.1, object_inside=0.8)) is None
+    assert _severity(_cue(overlap=0.1, object_inside=0.3)) == "high"
+
+
+def test_bands_along_the_edges_are_not_central() -> None:
+    from auditor.shortcuts.cues import edge_bands, grow
+
+    top, bottom, left, right = edge_bands(0.25)
+    assert left == [0.0, 0.0, 0.25, 1.0]
+    assert top == [0.0, 0.0, 1.0, 0.25] and bottom == [0.0, 0.75, 1.0, 1.0] and right == [0.75, 0.0, 1.0, 1.0]
+    sky = [0.0, 0.0, 1.0, 0.375]  # a sky band spans the width, so it touches the centre's ninth
+    assert _severity(_cue(region=sky)) == "high"  # but its middle line is in the top third
+    assert _severity(_cue(region=[0.0, 0.35, 1.0, 0.65])) == "medium"  # a band across the middle is central
+    assert grow([0.05, 0.9, 0.2, 1.0], 0.1) == pytest.approx([0.0, 0.8, 0.3, 1.0])
+
+
+def test_object_inside_is_the_share_of_images_whose_object_lies_mostly_in_the_region() -> None:
+    import numpy as np
+
+    from auditor.shortcuts.grids import box_cells, object_inside
+
+    objects = np.zeros((4, 32, 32), np.float32)
+    objects[0, 10:14, 10:14] = 1  # inside
+    objects[1, 12:16, 12:16] = 1  # inside
+    objects[2, 0:4, 0:4] = 1  # outside
+    objects[3] = np.nan  # no mask
+    cells = box_cells([0.25, 0.25, 0.75, 0.75])
+    assert object_inside(objects, np.arange(4), cells) == pytest.approx(2 / 3)
+    assert np.isnan(object_inside(None, np.arange(4), cells))
 
 
 def test_the_control_box_is_the_mirror_image_or_the_far_corner() -> None:
