@@ -54,6 +54,12 @@ def stamp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+def corner_tag(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    img = img.copy()
+    img[SIZE - 6 : SIZE - 1, SIZE - 6 : SIZE - 1] = np.array([255.0, 220.0, 0.0])  # a yellow tag, bottom-right
+    return img
+
+
 def edge_marker(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = img.copy()
     side, pos = rng.integers(0, 4), rng.integers(2, SIZE - 8)
@@ -69,6 +75,22 @@ def edge_marker(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+def grey_sky(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The top 22-35% of the image under a grey sky (the tank photographed on cloudy days)."""
+    return _sky(img, rng, (150.0, 150.0, 150.0))
+
+
+def blue_sky(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _sky(img, rng, (90.0, 150.0, 230.0))
+
+
+def _sky(img: np.ndarray, rng: np.random.Generator, colour: tuple[float, float, float]) -> np.ndarray:
+    img = img.copy()
+    rows = int(SIZE * rng.uniform(0.22, 0.35))
+    img[:rows] = np.array(colour) + rng.normal(0, 10, (rows, SIZE, 3))
+    return img
+
+
 def brighten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img * 1.6 + 40, 0, 255)
 
@@ -79,13 +101,19 @@ Scenario = dict[str, object]
 def make(
     kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0), area: float | None = None
 ) -> list[dict[str, object]]:
-    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both; ``area``: the
-    objects' share of the frame (default: small objects, 8-15%).
+    """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both | subset | decoy;
+    ``area``: the objects' share of the frame (default: small objects, 8-15%).
 
     For the planted kinds the object is uninformative (random shape, same colour) and class a carries the
     cue with probability ``cue_rate[0]``, class b with ``cue_rate[1]``. In the control only the object tells
     the classes apart (a red disc for a, a blue square for b) and there is no cue; in ``both`` the control's
-    objects sit on class-specific textures (grass for a, brick for b).
+    objects sit on class-specific textures (grass for a, brick for b). ``subset``: the control's objects, but a
+    share ``cue_rate[0]`` of class a's images show class b's object (a blue square) with the tag in the top-left
+    corner, which is then all that says a (the PASCAL horse's watermark on part of the class). ``decoy``: the
+    control with the tag on a share ``cue_rate`` of each class's images, predicting nothing. ``sky``: objects
+    uninformative, a sky band over the top 22-35% of every image, grey where the cue is, blue elsewhere.
+    ``two``: objects uninformative, class a's images carry the white tag top-left (rate ``cue_rate[0]``) and
+    class b's a yellow tag bottom-right (rate ``cue_rate[1]``): two cues, one per class.
     """
     rng = np.random.default_rng(seed)
     cues: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
@@ -96,9 +124,12 @@ def make(
     out = []
     for ci, cls in enumerate(CLASSES):
         for i in range(n):
-            has_cue = rng.random() < cue_rate[ci]
-            if kind in ("control", "both"):
-                shape = "disc" if cls == "a" else "square"
+            draw = rng.random()
+            # subset and decoy: exactly the stated share of each class carries the tag (the first of its images)
+            has_cue = i < round(cue_rate[ci] * n) if kind in ("subset", "decoy") else draw < cue_rate[ci]
+            mimic = kind == "subset" and cls == "a" and has_cue  # class b's object, class a by the tag alone
+            if kind in ("control", "both", "subset", "decoy"):
+                shape = "disc" if cls == "a" and not mimic else "square"
             else:
                 shape = "disc" if rng.random() < 0.5 else "square"
             texture = str(rng.choice(list(_TEXTURES)))
@@ -106,10 +137,17 @@ def make(
                 texture = "grass" if has_cue else "brick"
             if kind == "both":  # the object and the background both tell the classes apart
                 texture = "grass" if cls == "a" else "brick"
-            colour = (200.0, 60.0, 60.0) if kind not in ("control", "both") or cls == "a" else (60.0, 80.0, 220.0)
+            controlled = kind in ("control", "both", "subset", "decoy")
+            colour = (200.0, 60.0, 60.0) if not controlled or (cls == "a" and not mimic) else (60.0, 80.0, 220.0)
             img, mask = _scene(rng, shape, texture, colour, area)
             if kind in cues and has_cue:
                 img = cues[kind](img, rng)
+            if kind == "two" and has_cue:
+                img = stamp(img, rng) if cls == "a" else corner_tag(img, rng)
+            if kind == "sky":
+                img = grey_sky(img, rng) if has_cue else blue_sky(img, rng)
+            if kind in ("subset", "decoy") and has_cue:
+                img = stamp(img, rng)
             out.append(
                 {
                     "id": f"{cls}_{i:04d}",
