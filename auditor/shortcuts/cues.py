@@ -4,7 +4,8 @@ A shortcut such as a tag, a watermark or a hospital token sits at the same place
 class; the object moves from image to image. So, per class, on a keyed draw of its images:
 
 1. **Scan** (no map involved): fill each window of a coarse grid, and each band along the four edges of the
-   same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in
+   same width and of twice it, at most a third of the image (a sky, a letterbox bar: no window holds them;
+   a deeper band would reach the centre, where the objects sit), from its surroundings, in
    every image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is
    inside two bands too),
    and keep the *median* drop of p(class) per window. A window where the median drops is a place that
@@ -12,9 +13,11 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
    the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
 2. **Localize**: rescan the peak's neighbourhood with half-size windows (half-width bands for a band); the
    region is the connected set of pixels whose mean drop (over the windows covering them) is within half of
-   the peak's, grown by one fine-window stride. Where removing it (step 3) gives under 80% of the scan's
-   peak drop, it is grown by a further quarter window and retested once; the better is kept, and the share
-   of the scan's drop the final region reproduces is reported (``reproduced``).
+   the peak's. Where removing it (step 3) gives under 80% of the scan's peak drop (the importance grid's
+   edge can fall a pixel or two inside the cue, leaving a sliver), it is grown by 1/16 of a window (one
+   pixel at 64 px) and retested, then by 2/16 and 4/16; the first region that reproduces 80% is kept (else
+   the one with the largest removal effect), and the share of the scan's drop it reproduces is reported
+   (``reproduced``). At most four region tests per class.
 3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
    imputation) and paste it into other classes' images at the same place, and do the same with a
    control box of the same size at the mirrored place, on the same images. Per image, the region's
@@ -25,12 +28,14 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
 With masks (or boxes), a region mostly on the objects, or holding at least half of the object in most of
 the class's images, is the object, not a cue, and is not flagged.
 Without them, a region at the centre could be the object itself when objects always sit there; such a
-finding is capped at medium and says so.
+flag is low and says so (a cue planted at the centre is then missed without masks: the price of a clean
+model coming out clean).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Self
 
 import numpy as np
@@ -72,7 +77,8 @@ class Params(SharedParams):
 
 
 FINE = 64  # side of the importance grid the region is read from
-REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown once and retested
+REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown and retested
+BAND_DEPTH = 1 / 3  # the deepest edge band: a deeper one reaches the central third, where the objects sit
 LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
 
 
@@ -133,7 +139,27 @@ def _band_axis(box: Sequence[float]) -> str | None:
 
 def grow(region: Sequence[float], by: float) -> list[float]:
     """``region`` grown by ``by`` on each side, within the image."""
-    return [max(region[0] - by, 0.0), max(region[1] - by, 0.0), min(region[2] + by, 1.0), min(region[3] + by, 1.0)]
+    x0, y0, x1, y1 = (float(v) for v in region)
+    return [max(x0 - by, 0.0), max(y0 - by, 0.0), min(x1 + by, 1.0), min(y1 + by, 1.0)]
+
+
+def reproduce(
+    tight: list[float], peak: float, stride: float, region_test: Callable[[list[float]], dict[str, Any]]
+) -> tuple[list[float], dict[str, Any]]:
+    """The tightest of ``tight``, grown by ``stride``, twice and four times it, whose removal gives
+    ``REPRODUCE`` of the scan's ``peak`` drop (the importance grid's edge can fall a pixel or two inside a cue
+    and leave a sliver the model still reads); where none does, the one with the largest removal effect.
+    Returns the region and its test (at most four tests)."""
+    best: tuple[list[float], dict[str, Any]] | None = None
+    for by in (0.0, stride, 2 * stride, 4 * stride):
+        region = grow(tight, by) if by else list(tight)
+        test = region_test(region)
+        if test["removal_drop"] >= REPRODUCE * peak:
+            return region, test
+        if best is None or test["removal_effect"] > best[1]["removal_effect"]:
+            best = (region, test)
+    assert best is not None
+    return best
 
 
 def importance(boxes: Sequence[Sequence[float]], values: np.ndarray, side: int = FINE) -> np.ndarray:
@@ -202,7 +228,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     idx = inputs.classes.index(cls)
     w = t.cue_window
     grid = grid_boxes(w, w / 2)
-    coarse = grid + edge_bands(w) + edge_bands(min(2 * w, 0.5))  # two band scales
+    coarse = grid + edge_bands(w) + edge_bands(min(2 * w, BAND_DEPTH))  # two band scales, short of the centre
     drops = inputs.intervener.scan(rows.tolist(), idx, coarse)
     found = scan_summary(drops, coarse, t.cue_drop)
     local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
@@ -216,8 +242,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     axis = _band_axis(pb)  # a band is refined across its width only
     fine = grid_boxes(half, half / 2, near) if axis is None else band_boxes(half, half / 2, near, axis)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
-    # grown by one fine stride: the importance grid's edge can fall a pixel or two inside the cue
-    region = grow(locate(importance(fine, np.clip(fine_drops, 0, None))), half / 2)
+    region = locate(importance(fine, np.clip(fine_drops, 0, None)))
     return {
         **out,
         "region": region,
@@ -226,6 +251,14 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
         "object_overlap": object_overlap(inputs.objects, own["row"].to_numpy(), box_cells(region)),
         "ids": own.set_index("row").loc[rows, "id"].head(6).tolist(),
     }
+
+
+def _region_test(
+    inputs: AnalysisInputs, own: list[int], other: list[int], idx: int, box: list[float]
+) -> dict[str, Any]:
+    """Remove / paste ``box`` against its control box (:meth:`Intervener.region_test`)."""
+    assert inputs.intervener is not None
+    return inputs.intervener.region_test(own, other, idx, box, control_box(box), inputs.seed)
 
 
 def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
@@ -242,18 +275,12 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
             continue
         own = np.sort(keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "cue-test"))
         other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
-        idx, region = inputs.classes.index(cls), found["region"]
-        test = inputs.intervener.region_test(
-            own.tolist(), other.tolist(), idx, region, control_box(region), inputs.seed
-        )
-        if test["removal_drop"] < REPRODUCE * found["peak"]:  # the region misses part of what the scan removed
-            wider = grow(region, t.cue_window / 4)
-            retest = inputs.intervener.region_test(
-                own.tolist(), other.tolist(), idx, wider, control_box(wider), inputs.seed
-            )
-            if retest["removal_effect"] > test["removal_effect"]:
-                region, test = wider, retest
-                found |= {"region": wider, "location": describe_location(wider), "grown": True}
+        tight = found["region"]
+        region_test = partial(_region_test, inputs, own.tolist(), other.tolist(), inputs.classes.index(cls))
+        region, test = reproduce(tight, found["peak"], t.cue_window / 16, region_test)  # 1 px at 64 px
+        if region != tight:
+            area = float((region[2] - region[0]) * (region[3] - region[1]))
+            found |= {"region": region, "location": describe_location(region), "area": area, "grown": True}
         rows = first[first["label"] == cls]["row"].to_numpy()
         found["object_overlap"] = object_overlap(inputs.objects, rows, box_cells(found["region"]))
         found["object_inside"] = object_inside(inputs.objects, rows, box_cells(found["region"]))
@@ -304,7 +331,10 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
         f"({pct(r['consistency'])} of them drop, other places: {max(r['baseline'], 0):.2f})"
     )
     test = r.get("test")
-    if test:
+    if test and test.get("n_pasted") == 0:
+        removed = change(-test["removal_drop"], f"p({c})")
+        msg += f"; removing that region from {c} images {removed} (no other class's images to paste it into)"
+    elif test:
         ctrl = test["control"]
         msg += (
             f"; removing that region from {c} images {change(-test['removal_drop'], f'p({c})')} and pasting it "
@@ -337,10 +367,10 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         conf = confirmation(c, r, t, q)
         if not conf["removal"]:
             continue  # the region alone does not carry the class: the scan found a combination
-        strong = max(conf["removal_effect"], conf["paste_effect"], r["test"]["paste_flips"]) >= t.high_effect
+        strong = np.nanmax([conf["removal_effect"], conf["paste_effect"], r["test"]["paste_flips"]]) >= t.high_effect
         sev = "high" if conf["paste"] and strong else "medium"
-        if sev == "high" and not masked and _central(r["region"]):
-            sev = "medium"
+        if not masked and _central(r["region"]):
+            sev = "low"  # objects sit near the centre: without masks, the region may be the object itself
         evidence = {
             k: r[k] for k in ("n", "peak", "baseline", "effect", "consistency", "area", "object_overlap", "ids")
         }

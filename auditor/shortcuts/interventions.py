@@ -81,7 +81,8 @@ def _remove_and_paste(
     pasted = torch.where(mask[None, None], donors, other)
     with torch.no_grad():
         p_own, p_removed = base[0][:, cls], _prob(model, removed)[:, cls]
-        q_other, q_pasted = base[1], _prob(model, pasted)
+        q_other = base[1]
+        q_pasted = _prob(model, pasted) if len(pasted) else q_other  # no other class's images: nothing pasted
     return _Changes(
         drop=(p_own - p_removed).cpu().numpy().astype(np.float64),
         gain=(q_pasted[:, cls] - q_other[:, cls]).cpu().numpy().astype(np.float64),
@@ -91,6 +92,11 @@ def _remove_and_paste(
 
 def _prob(model: nn.Module, x: Tensor) -> Tensor:
     return model(x).float().softmax(1)
+
+
+def _mean(v: np.ndarray) -> float:
+    """The mean, NaN for no values (a run of one class has no other images to paste into)."""
+    return float(v.mean()) if v.size else float("nan")
 
 
 def region_intervention(
@@ -132,13 +138,16 @@ def region_intervention(
         paste_gain, paste_flips}, removal_effect, removal_p, paste_effect, paste_p}``: the mean drop of
         p(class) after removal, the mean gain after pasting and the share of other-class images whose
         prediction becomes the class, for the region and the control; the paired effects and p-values.
+        Without ``other_rows`` the transplant's means and effect are NaN and its p-value 1.
     """
-    own, other = load(own_rows), load(other_rows)
+    own = load(own_rows)
+    other = load(other_rows) if len(other_rows) else own[:0]
     keys = list(own_rows) if noise_keys is None else list(noise_keys)
     if len(keys) != len(own_rows):
         raise ValueError(f"{len(keys)} noise keys for {len(own_rows)} images")
     with torch.no_grad():
-        base = (_prob(model, own), _prob(model, other))
+        p_own = _prob(model, own)
+        base = (p_own, _prob(model, other) if len(other_rows) else p_own[:0])
     test = _remove_and_paste(model, own, other, cls, region, keys, base, to_pixels, from_pixels)
     ctrl = _remove_and_paste(model, own, other, cls, control, keys, base, to_pixels, from_pixels)
     removal = test.drop - np.maximum(ctrl.drop, 0.0)
@@ -147,17 +156,17 @@ def region_intervention(
         "n_removed": len(own_rows),
         "n_pasted": len(other_rows),
         "removal_drop": float(test.drop.mean()),
-        "paste_gain": float(test.gain.mean()),
-        "paste_flips": float(test.flips.mean()),
+        "paste_gain": _mean(test.gain),
+        "paste_flips": _mean(test.flips),
         "control": {
             "region": boxes_of(control)[0] if len(boxes_of(control)) == 1 else boxes_of(control),
             "removal_drop": float(ctrl.drop.mean()),
-            "paste_gain": float(ctrl.gain.mean()),
-            "paste_flips": float(ctrl.flips.mean()),
+            "paste_gain": _mean(ctrl.gain),
+            "paste_flips": _mean(ctrl.flips),
         },
         "removal_effect": float(removal.mean()),
         "removal_p": _wilcoxon_greater(removal),
-        "paste_effect": float(paste.mean()),
+        "paste_effect": _mean(paste),
         "paste_p": _wilcoxon_greater(paste),
     }
 

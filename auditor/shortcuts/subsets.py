@@ -292,7 +292,7 @@ def subset_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         # of 50 tests adjusts past 0.05): the removal's effect must be large, and one of the two tests significant
         if test["removal_effect"] < t.subset_effect or not (paste or q[f"removal/{c}"] < t.alpha):
             continue
-        strong = max(test["removal_effect"], test["paste_effect"], test["paste_flips"]) >= t.high_effect
+        strong = np.nanmax([test["removal_effect"], test["paste_effect"], test["paste_flips"]]) >= t.high_effect
         sev = "high" if paste and strong else "medium"
         if not masked and _central(r["region"]):
             sev = "low"  # objects gather near the centre by chance on part of a class: without masks, unknowable

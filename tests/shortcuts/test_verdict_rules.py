@@ -7,6 +7,7 @@ these tests set each measured number just past and just short of its rule.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -91,8 +92,8 @@ def test_region_cue_on_the_object_and_central_guards() -> None:
     # with masks: a region mostly on the objects is the object, not a cue
     assert _severity(_cue(overlap=T.hotspot_object_overlap + 0.1)) is None
     assert _severity(_cue(overlap=T.hotspot_object_overlap - 0.1)) == "high"
-    # without masks a central region may be the object itself: capped at medium, and said so
-    assert _severity(_cue(region=CENTRE)) == "medium"
+    # without masks a central region may be the object itself: low (no false alarm on centred objects), said so
+    assert _severity(_cue(region=CENTRE)) == "low"
     msg = cue_flags({"cues": {"tagged": _cue(region=CENTRE)}}, CTX)[0]["message"]
     assert "without masks it may be the object itself" in msg
     # with masks showing it off the objects, a central region keeps its severity
@@ -122,7 +123,7 @@ def test_bands_along_the_edges_are_not_central() -> None:
     assert top == [0.0, 0.0, 1.0, 0.25] and bottom == [0.0, 0.75, 1.0, 1.0] and right == [0.75, 0.0, 1.0, 1.0]
     sky = [0.0, 0.0, 1.0, 0.375]  # a sky band spans the width, so it touches the centre's ninth
     assert _severity(_cue(region=sky)) == "high"  # but its middle line is in the top third
-    assert _severity(_cue(region=[0.0, 0.35, 1.0, 0.65])) == "medium"  # a band across the middle is central
+    assert _severity(_cue(region=[0.0, 0.35, 1.0, 0.65])) == "low"  # a band across the middle is central
     assert grow([0.05, 0.9, 0.2, 1.0], 0.1) == pytest.approx([0.0, 0.8, 0.3, 1.0])
 
 
@@ -266,3 +267,36 @@ def test_the_counterfactual_probes_measure_what_each_removal_leaves() -> None:
     assert (
         out["cf_bg_box_kept"][0] == 0.0 and 0 < out["cf_bg_margin_kept"][1] < 0.96
     )  # the margin's box: the whole frame
+
+
+def _covering_test(cue: list[float]) -> Callable[[list[float]], dict[str, Any]]:
+    """A fake region test: removing a box takes p(class) away by the share of ``cue`` it covers."""
+
+    def test(box: list[float]) -> dict[str, Any]:
+        w = max(0.0, min(box[2], cue[2]) - max(box[0], cue[0]))
+        h = max(0.0, min(box[3], cue[3]) - max(box[1], cue[1]))
+        covered = w * h / ((cue[2] - cue[0]) * (cue[3] - cue[1]))
+        return {"removal_drop": covered, "removal_effect": covered - 0.01 * (box[2] - box[0])}
+
+    return test
+
+
+def test_the_region_is_the_tightest_that_reproduces_the_scan() -> None:
+    from auditor.shortcuts.cues import reproduce
+
+    tag = [0.1, 0.8, 0.2, 0.9]
+    # the located region is the tag: kept as it is, one test
+    calls: list[list[float]] = []
+    fake = _covering_test(tag)
+    region, test = reproduce(tag, 1.0, 0.0625, lambda b: calls.append(b) or fake(b))
+    assert region == tag and len(calls) == 1 and test["removal_drop"] == pytest.approx(1.0)
+    # the grid's edge fell inside the tag (49% removed): grown by a stride (64%), then by two (81%): kept
+    inner = [0.13, 0.83, 0.2, 0.9]
+    calls.clear()
+    region, test = reproduce(inner, 1.0, 0.01, lambda b: calls.append(b) or fake(b))
+    assert len(calls) == 3 and region == pytest.approx([0.11, 0.81, 0.22, 0.92])
+    assert test["removal_drop"] == pytest.approx(0.81)
+    # nothing reproduces (the scan's drop came from a combination): the largest removal effect, at most 4 tests
+    calls.clear()
+    region, test = reproduce([0.5, 0.5, 0.52, 0.52], 1.0, 0.0625, lambda b: calls.append(b) or fake(b))
+    assert len(calls) == 4 and region == [0.5, 0.5, 0.52, 0.52] and test["removal_drop"] == 0.0
