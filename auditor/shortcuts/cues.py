@@ -4,8 +4,7 @@ A shortcut such as a tag, a watermark or a hospital token sits at the same place
 class; the object moves from image to image. So, per class, on a keyed draw of its images:
 
 1. **Scan** (no map involved): fill each window of a coarse grid, and each band along the four edges of the
-   same width and of twice it, at most a third of the image (a sky, a letterbox bar: no window holds them;
-   a deeper band would reach the centre, where the objects sit), from its surroundings, in
+   same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in
    every image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is
    inside two bands too),
    and keep the *median* drop of p(class) per window. A window where the median drops is a place that
@@ -13,11 +12,12 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
    the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
 2. **Localize**: rescan the peak's neighbourhood with half-size windows (half-width bands for a band); the
    region is the connected set of pixels whose mean drop (over the windows covering them) is within half of
-   the peak's. Where removing it (step 3) gives under 80% of the scan's peak drop (the importance grid's
-   edge can fall a pixel or two inside the cue, leaving a sliver), it is grown by 1/16 of a window (one
-   pixel at 64 px) and retested, then by 2/16 and 4/16; the first region that reproduces 80% is kept (else
-   the one with the largest removal effect), and the share of the scan's drop it reproduces is reported
-   (``reproduced``). At most four region tests per class.
+   the peak's (for a band, extended to the image edge it lies along). Where removing it (step 3) gives
+   under 80% of the scan's peak drop (the importance grid's edge can fall a pixel or two inside the cue,
+   leaving a sliver), it is grown by 1/16 of a window (one pixel at 64 px) and retested, then by 2/16 and
+   4/16; the first region that reproduces 80% is kept (else the one with the largest removal effect), and
+   the share of the scan's drop it reproduces is reported (``reproduced``). At most four region tests per
+   class.
 3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
    imputation) and paste it into other classes' images at the same place, and do the same with a
    control box of the same size at the mirrored place, on the same images. Per image, the region's
@@ -78,7 +78,6 @@ class Params(SharedParams):
 
 FINE = 64  # side of the importance grid the region is read from
 REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown and retested
-BAND_DEPTH = 1 / 3  # the deepest edge band: a deeper one reaches the central third, where the objects sit
 LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
 
 
@@ -141,6 +140,16 @@ def grow(region: Sequence[float], by: float) -> list[float]:
     """``region`` grown by ``by`` on each side, within the image."""
     x0, y0, x1, y1 = (float(v) for v in region)
     return [max(x0 - by, 0.0), max(y0 - by, 0.0), min(x1 + by, 1.0), min(y1 + by, 1.0)]
+
+
+def anchor(region: Sequence[float], band: Sequence[float]) -> list[float]:
+    """``region`` extended to every image edge ``band`` lies along. A sky or a letterbox bar starts at the edge:
+    a refined region that stops short of it leaves a strip of the cue, from which the removal refills the rest."""
+    out = [float(v) for v in region]
+    for i, edge in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
+        if abs(band[i] - edge) < 1e-9:
+            out[i] = edge
+    return out
 
 
 def reproduce(
@@ -228,7 +237,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     idx = inputs.classes.index(cls)
     w = t.cue_window
     grid = grid_boxes(w, w / 2)
-    coarse = grid + edge_bands(w) + edge_bands(min(2 * w, BAND_DEPTH))  # two band scales, short of the centre
+    coarse = grid + edge_bands(w) + edge_bands(min(2 * w, 0.5))  # two band scales
     drops = inputs.intervener.scan(rows.tolist(), idx, coarse)
     found = scan_summary(drops, coarse, t.cue_drop)
     local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
@@ -243,6 +252,8 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     fine = grid_boxes(half, half / 2, near) if axis is None else band_boxes(half, half / 2, near, axis)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
     region = locate(importance(fine, np.clip(fine_drops, 0, None)))
+    if axis is not None:
+        region = anchor(region, pb)
     return {
         **out,
         "region": region,

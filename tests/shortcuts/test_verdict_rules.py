@@ -300,3 +300,12 @@ def test_the_region_is_the_tightest_that_reproduces_the_scan() -> None:
     calls.clear()
     region, test = reproduce([0.5, 0.5, 0.52, 0.52], 1.0, 0.0625, lambda b: calls.append(b) or fake(b))
     assert len(calls) == 4 and region == [0.5, 0.5, 0.52, 0.52] and test["removal_drop"] == 0.0
+
+
+def test_a_band_region_reaches_the_edge_it_lies_along() -> None:
+    from auditor.shortcuts.cues import anchor
+
+    # a sky: the refined band stopped 1/8 short of the top edge, where a strip of sky would refill the rest
+    assert anchor([0.0, 0.125, 1.0, 0.375], [0.0, 0.0, 1.0, 0.5]) == [0.0, 0.0, 1.0, 0.375]
+    assert anchor([0.0, 0.7, 1.0, 0.9], [0.0, 0.75, 1.0, 1.0]) == [0.0, 0.7, 1.0, 1.0]  # the ground
+    assert anchor([0.8, 0.0, 0.95, 1.0], [0.75, 0.0, 1.0, 1.0]) == [0.8, 0.0, 1.0, 1.0]  # a bar on the right
