@@ -30,6 +30,20 @@ HOT_MASS = 0.5  # without a mask, the spared pixels hold this share of the map's
 HOT_AREA = 0.25  # ... and at most this share of the image
 
 
+class Counted(nn.Module):
+    """The model, counting the images forwarded through it (``images``): what the analyses cost, measured
+    rather than estimated. It holds the model as a submodule and changes nothing about it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.images = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += int(x.shape[0])
+        return self.model(x)
+
+
 class ModelAccess:
     """The model and the audit set's images, for the reduce stage (satisfies ``Intervener``).
 
@@ -42,6 +56,8 @@ class ModelAccess:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.model: nn.Module = plan.loaded.module
+        self.counted = Counted(self.model)  # the interventions forward through it
+        self._activation_images = 0
         self.device = plan.device
         self.mean, self.std = plan.mean, plan.std
         self._layer: str | None = None
@@ -80,18 +96,18 @@ class ModelAccess:
     ) -> dict[str, Any]:
         keys = [sample_key(self.plan.samples[r].id, seed, "impute") for r in own_rows]
         return region_intervention(
-            self.model, self.load, own_rows, other_rows, cls, region, control,
+            self.counted, self.load, own_rows, other_rows, cls, region, control,
             to_pixels=self.to_pixels, from_pixels=self.from_pixels, noise_keys=keys,
         )  # fmt: skip
 
     def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-        return occlusion_scan(self.model, self.load(rows), cls, boxes, chunk=self.plan.chunk)
+        return occlusion_scan(self.counted, self.load(rows), cls, boxes, chunk=self.plan.chunk)
 
     def shift_test(
         self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
     ) -> dict[str, Any]:
         return shift_intervention(
-            self.model, self.load, own_rows, other_rows, cls, delta,
+            self.counted, self.load, own_rows, other_rows, cls, delta,
             to_pixels=self.to_pixels, from_pixels=self.from_pixels, keep=lambda rows: self.spared(rows, method),
         )  # fmt: skip
 
@@ -114,8 +130,14 @@ class ModelAccess:
                 self._layer = self._layer or resolve_layer(self.model, name, x)
                 targets = torch.zeros(len(x), dtype=torch.long, device=x.device)  # no gradient: any class
                 _, data = layer_pass(self.model, x, targets, [self._layer], grad=False)
+                self._activation_images += len(x)
                 parts.append(data[self._layer].activations.cpu().numpy())
         return np.concatenate(parts)
+
+    @property
+    def forwards(self) -> int:
+        """Images forwarded by the interventions, scans, shifts and activation passes so far."""
+        return self.counted.images + self._activation_images
 
     # -- the pixels a colour shift spares -------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from auditor.io.dataset import collate
 from auditor.outputs.report import render_report
 from auditor.run import flagged, mapstage
 from auditor.run.mapstage import MapSpec, map_batch
-from auditor.run.progress import Progress
+from auditor.run.progress import Progress, stage
 from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
 from auditor.run.setup import Plan, Selection, Shard, plan_run
 from auditor.shortcuts.catalog import run_analyses
@@ -273,7 +273,8 @@ def finish_run(
         raise DataError("no image could be audited: every sample was skipped (see parts/events-*.json)")
     if plan.cfg.expensive.subset == "flagged":
         start = time.perf_counter()
-        spec, table = _flagged_pass(plan, spec, table, timer, progress)
+        with stage("flagged pass (the expensive methods on the flagged samples)"):
+            spec, table = _flagged_pass(plan, spec, table, timer, progress)
         timer.since("flagged_pass", start)
     flagged.write_expensive(plan.store, spec, table, plan.cfg.expensive.subset, plan.cfg.expensive.per_class)
     summary = reduce_run(plan, spec, table, timer.seconds)
@@ -285,7 +286,8 @@ def finish_run(
         "images_per_s_this_session": round(processed / max(main_pass, 1e-9), 2),
     }
     write_summary(plan, summary)
-    render_report(plan.store.root)  # from the saved files only, as `auditor report` does
+    with stage("report"):
+        render_report(plan.store.root)  # from the saved files only, as `auditor report` does
     return summary
 
 

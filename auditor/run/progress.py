@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +42,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log a long stage after the map stage as it starts and ends (``<name>: done in 12.3 s``), so that a run
+    never sits silent for minutes (the analyses log their own lines in between)."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)

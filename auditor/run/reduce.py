@@ -24,6 +24,7 @@ from auditor.run.access import ModelAccess
 from auditor.run.deepdive import run_deepdive
 from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
+from auditor.run.progress import stage
 from auditor.run.setup import Plan
 from auditor.shortcuts.catalog import group_by_cause, run_analyses
 from auditor.shortcuts.flags import Flag, flags_file
@@ -116,22 +117,26 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
     summary["groups"] = aggregate.groups(first, plan.metadata)
     summary["analyses"], summary["sanity"] = {}, None
     if plan.cfg.sanity is not None and not plan.loaded.scripted:
-        summary["sanity"] = {
-            "mprt": sanity.run_mprt(plan, first),
-            "agreement": sanity.agreement(plan.store, table, plan.methods),
-        }
+        with stage("randomization test (MPRT)"):
+            summary["sanity"] = {
+                "mprt": sanity.run_mprt(plan, first),
+                "agreement": sanity.agreement(plan.store, table, plan.methods),
+            }
     start = time.perf_counter()
     inputs = analysis_inputs(plan, table, plan.methods, summary["sanity"]["mprt"] if summary["sanity"] else None)
     access = ModelAccess(plan)  # the one model-access object of everything after the map stage
     inputs.intervener = access
-    summary["analyses"], flags = run_analyses(inputs)
+    with stage(f"analyses ({len(plan.classes)} classes)"):
+        summary["analyses"], flags = run_analyses(inputs)
     seconds["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
-    findings = finding_examples(group_by_cause(flags), flags, inputs.first, access, plan.classes, plan.store)
+    with stage("finding examples"):
+        findings = finding_examples(group_by_cause(flags), flags, inputs.first, access, plan.classes, plan.store)
     seconds["findings"] = time.perf_counter() - start
     plan.store.write_json(FLAGS, flags_file(flags, findings))
     start = time.perf_counter()
-    summary["deep_dive"] = _deep_dive(plan, access, flags, table)
+    with stage("deep dive"):
+        summary["deep_dive"] = _deep_dive(plan, access, flags, table)
     seconds["deep_dive"] = time.perf_counter() - start
     return summary
 

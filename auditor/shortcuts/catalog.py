@@ -8,6 +8,7 @@ and the run stage import from here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import ConfigDict
@@ -33,6 +34,7 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    log,
     unreliable_methods,
 )
 from auditor.shortcuts.thresholds import SharedParams
@@ -138,22 +140,28 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
     Returns:
         ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
         ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``;
-        ``analyses["skipped"]`` = ``{analysis: reason}`` for the analyses whose needs were not met.
+        ``analyses["skipped"]`` = ``{analysis: reason}`` for the analyses whose needs were not met;
+        ``analyses["forwards"]`` = ``{analysis: images forwarded through the model}`` (its cost, counted).
     """
     analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
     everything = registered()
     lacks = unmet(inputs, {n for a in everything for n in a.needs}, interventions)
     skipped: dict[str, str] = {}
     measured: list[tuple[Analysis, Measurement]] = []
+    forwards: dict[str, int] = {}
     for analysis in everything:
         missing = sorted(set(analysis.needs) & set(lacks))
         if missing:
             skipped[analysis.name] = "; ".join(f"needs {n}: {lacks[n]}" for n in missing)
             continue
+        start, before = time.perf_counter(), _forwards(inputs)
         m = analysis.measure(inputs)
         if analysis.intervene is not None:
             m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
         measured.append((analysis, m))
+        forwards[analysis.name] = _forwards(inputs) - before
+        seconds = time.perf_counter() - start
+        log.info("analysis %s: %.1f s, %d images forwarded", analysis.name, seconds, forwards[analysis.name])
     p = {f"{a.name}/{k}": float(v) for a, m in measured if a.tests is not None for k, v in a.tests(m).items()}
     q = dict(zip(p, bh_adjust(list(p.values())), strict=True))
     ctx = FlagContext(inputs.thresholds, unreliable_methods(inputs.mprt), inputs.mprt, q)
@@ -167,4 +175,9 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
         "family": {k: {"p": p[k], "q": q[k]} for k in p},
     }
     analyses["skipped"] = skipped
+    analyses["forwards"] = forwards
     return analyses, order_flags(flags)
+
+
+def _forwards(inputs: AnalysisInputs) -> int:
+    return inputs.intervener.forwards if inputs.intervener is not None else 0

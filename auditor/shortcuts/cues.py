@@ -53,6 +53,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -277,7 +278,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     cues: dict[str, Any] = {}
-    for cls in inputs.classes:
+    for cls in tracked(inputs.classes, "region scan, classes"):
         found = _scan_class(inputs, cls)
         if found is None:
             continue

@@ -38,6 +38,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -92,7 +93,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     if t.frame_width == 0:
         return {"frames": {}}
     out: dict[str, Any] = {}
-    for cls in inputs.classes:
+    for cls in tracked(inputs.classes, "border test, classes"):
         mine = first[first["label"] == cls]
         own = np.sort(keyed_rows(mine, t.intervention_images, inputs.seed, "frame"))
         other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "frame"))

@@ -26,6 +26,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.stats import bh_adjust
@@ -164,7 +165,9 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
     out: dict[str, Any] = {}
-    for cls, support in candidates(measured["hotspots"], params_of(inputs.thresholds, Params)).items():
+    for cls, support in tracked(
+        candidates(measured["hotspots"], params_of(inputs.thresholds, Params)).items(), "hotspot confirmation, classes"
+    ):
         region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
         own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
         other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))

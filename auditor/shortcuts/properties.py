@@ -34,6 +34,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.removals import removed_gaps
 from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
@@ -107,7 +108,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     # where an image has no mask, the finest class-sensitive map's hot places stand in for the object
     method = "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
     out = {}
-    for cls, r in measured["global"].items():
+    for cls, r in tracked(measured["global"].items(), "colour shifts, classes"):
         own = keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "shift")
         other = keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "shift")
         test = inputs.intervener.shift_test(

@@ -8,10 +8,12 @@ in registration order: measure, intervene, then flag. Adding a flag kind = one m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,23 @@ from auditor.stats import bh_adjust
 from auditor.store.rundir import RunDir, one_row_per_sample
 
 NEEDS = ("maps", "masks", "counterfactuals", "model", "mprt")
+LOG_EVERY = 10.0  # seconds between two progress lines of one loop
+log = logging.getLogger("auditor.analyses")
+T = TypeVar("T")
+
+
+def tracked(items: Iterable[T], what: str, every: float = LOG_EVERY) -> Iterator[T]:
+    """``items``, logging ``<what>: 37/1000, 12 s, ETA 5 min`` at most every ``every`` seconds: an analysis
+    looping over 1,000 classes shows where it is (the map stage has its own bar)."""
+    todo = list(items)
+    start = last = time.perf_counter()
+    for i, item in enumerate(todo):
+        now = time.perf_counter()
+        if i and now - last >= every:
+            left = (len(todo) - i) * (now - start) / i
+            log.info("%s: %d/%d, %.0f s, ETA %.0f s", what, i, len(todo), now - start, left)
+            last = now
+        yield item
 
 
 class Intervener(Protocol):
@@ -66,6 +85,11 @@ class Intervener(Protocol):
 
     def activations(self, rows: Sequence[int]) -> np.ndarray:
         """``[n, K, h, w]`` float32 activations of the run's analysis layer."""
+        ...
+
+    @property
+    def forwards(self) -> int:
+        """Images forwarded through the model by the calls above so far (the analyses' cost, counted)."""
         ...
 
 

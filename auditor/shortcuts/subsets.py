@@ -47,6 +47,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -209,7 +210,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     out: dict[str, Any] = {}
-    for cls, found in measured["subset_cues"].items():
+    for cls, found in tracked(measured["subset_cues"].items(), "subset confirmation, classes"):
         idx = inputs.classes.index(cls)
         carriers = first[first["row"].isin(found["carrier_rows"])]
         rows = np.sort(keyed_rows(carriers, t.subset_images, inputs.seed, "subset"))
