@@ -118,14 +118,21 @@ class DataConfig(_Strict):
 class ExpensiveConfig(_Strict):
     """Which samples get the methods and metrics that cost far more than one forward.
 
-    ``stratified``: ``per_class`` samples of each class, drawn with the run's seed. ``flagged``: after
-    the cheap pass, the samples behind each flag (the ids its evidence cites, then the flagged class's
-    stratified samples), at most ``per_class`` per flag, in a second pass. ``all``: every sample.
+    ``stratified``: ``per_class`` samples of each class, drawn with the run's seed, at most ``total`` in all.
+    ``flagged``: after the cheap pass, the samples behind each flag (the ids its evidence cites, then the
+    flagged class's stratified samples), at most ``per_class`` per flag and ``total`` in all, in a second
+    pass. ``all``: every sample.
     ``faithfulness``: which methods' maps get the faithfulness metrics (each costs forwards per method).
     """
 
     subset: Literal["stratified", "flagged", "all"] = "stratified"
     per_class: StrictInt = Field(default=50, ge=1)
+    total: StrictInt | None = Field(
+        default=500,
+        ge=1,
+        description="at most this many expensive samples in all (null: no cap): the picks go round the classes, "
+        "so 10 classes keep per_class 50 and 1,000 classes get one sample in two classes",
+    )
     faithfulness: Literal["auto", "all"] | list[str] = Field(
         default="auto",
         description="whose maps get the faithfulness metrics on the subset: auto = grad_cam (else the run's first "

@@ -88,3 +88,19 @@ def test_the_cluster_cap_keeps_a_keyed_choice(monkeypatch: pytest.MonkeyPatch) -
     # reordering the rows changes nothing either
     perm = rng.permutation(n)
     assert run(sub.iloc[perm].reset_index(drop=True), grids[perm]) == base
+
+
+def test_a_total_budget_goes_round_the_classes() -> None:
+    ids = _ids(200)
+    labels = [i % 10 for i in range(200)]  # 10 classes of 20
+    full = stratified_subset(ids, labels, 5, 0)
+    assert full.sum() == 50 and stratified_subset(ids, labels, 5, 0, total=None).tolist() == full.tolist()
+    capped = stratified_subset(ids, labels, 5, 0, total=23)
+    per_class = np.bincount(np.asarray(labels)[capped], minlength=10)
+    assert capped.sum() == 23 and sorted(per_class.tolist()) == [2] * 7 + [3] * 3  # 23 = 2 rounds + 3 classes
+    assert not (capped & ~full).any()  # each class's picks are the first of its own keyed draw
+    assert stratified_subset(ids, labels, 5, 0, total=500).tolist() == full.tolist()  # a cap above the sum
+    assert stratified_subset(ids, labels, 5, 0, total=7).sum() == 7  # fewer than the classes: 7 classes get one
+    perm = np.random.default_rng(1).permutation(200)
+    shuffled = stratified_subset([ids[i] for i in perm], [labels[i] for i in perm], 5, 0, total=23)
+    assert {ids[i] for i in perm[shuffled]} == {ids[i] for i in np.flatnonzero(capped)}  # order-free

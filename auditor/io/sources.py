@@ -326,17 +326,35 @@ def _annotated(s: SampleSpec) -> bool:
 
 
 def stratified_subset(
-    ids: Sequence[str], labels: Sequence[int], per_class: int, seed: int, salt: str = "stratified"
+    ids: Sequence[str],
+    labels: Sequence[int],
+    per_class: int,
+    seed: int,
+    salt: str = "stratified",
+    total: int | None = None,
 ) -> np.ndarray:
-    """Bool mask over samples: up to ``per_class`` picks from every class, keyed by sample id (:func:`keyed_order`)."""
+    """Bool mask over samples: up to ``per_class`` picks from every class, keyed by sample id (:func:`keyed_order`),
+    and at most ``total`` in all.
+
+    Under a ``total``, the picks are taken round by round (every class's first pick, then every class's second,
+    ...), the classes of a round in an order keyed by class and seed, until ``total``: every class gets
+    ``total // classes`` picks or one more (or all it has), so an audit of 1,000 classes costs what the budget
+    says, not 1,000 x ``per_class``.
+    """
     labels_arr = np.asarray(labels)
     if len(ids) != len(labels_arr):
         raise ValueError(f"{len(ids)} sample ids for {len(labels_arr)} labels")
-    keep = np.zeros(len(labels_arr), dtype=bool)
-    for c in np.unique(labels_arr):
+    classes = np.unique(labels_arr)
+    class_rank = np.argsort(keyed_order([str(c) for c in classes], seed, f"{salt}-classes"))
+    picks: list[tuple[int, int, int]] = []  # (round, the class's keyed rank, sample position)
+    for k, c in enumerate(classes):
         members = np.flatnonzero(labels_arr == c)
         order = keyed_order([ids[int(i)] for i in members], seed, salt)
-        keep[members[order[:per_class]]] = True
+        picks += [(r, int(class_rank[k]), int(members[i])) for r, i in enumerate(order[:per_class])]
+    if total is not None:
+        picks = sorted(picks)[:total]
+    keep = np.zeros(len(labels_arr), dtype=bool)
+    keep[[p for _, _, p in picks]] = True
     return keep
 
 

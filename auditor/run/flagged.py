@@ -32,18 +32,20 @@ def initial_subset(mode: str, stratified: np.ndarray) -> np.ndarray:
 
 
 def select_flagged(
-    flags: list[Flag], table: pd.DataFrame, stratified: np.ndarray, per_flag: int
+    flags: list[Flag], table: pd.DataFrame, stratified: np.ndarray, per_flag: int, total: int | None = None
 ) -> dict[int, list[str]]:
     """The samples behind each flag: ``{row: [flag ids]}``.
 
     Per flag, the sample ids its evidence cites (its analysis's evidence id keys) come first; a flag about
-    a class is then filled with that class's stratified samples; at most ``per_flag`` samples per flag.
+    a class is then filled with that class's stratified samples; at most ``per_flag`` samples per flag, and
+    at most ``total`` samples in all (the flags come most severe first, so they are served first).
 
     Args:
         flags: flags of the cheap pass (``flags.json`` entries).
         table: the cheap pass's ``samples.parquet`` (columns ``id``, ``row``, ``label``).
         stratified: ``[n]`` bool, the run's stratified subset.
         per_flag: ``expensive.per_class``.
+        total: ``expensive.total`` (None: no cap).
     """
     first = one_row_per_sample(table)
     row_of = dict(zip(first["id"], first["row"].astype(int), strict=True))
@@ -54,7 +56,8 @@ def select_flagged(
             own = first[first["label"] == flag["class"]]["row"].astype(int).to_numpy()
             rows += own[stratified[own]].tolist()
         for r in list(dict.fromkeys(rows))[:per_flag]:
-            chosen.setdefault(r, []).append(flag["id"])
+            if r in chosen or total is None or len(chosen) < total:
+                chosen.setdefault(r, []).append(flag["id"])
     return dict(sorted(chosen.items()))
 
 
@@ -77,7 +80,9 @@ def write_choice(rundir: RunDir, chosen: dict[int, list[str]]) -> None:
     rundir.write_json(EXPENSIVE, {"subset": "flagged", "reasons": {str(r): f for r, f in chosen.items()}})
 
 
-def write_expensive(rundir: RunDir, spec: MapSpec, table: pd.DataFrame, mode: str, per_class: int) -> None:
+def write_expensive(
+    rundir: RunDir, spec: MapSpec, table: pd.DataFrame, mode: str, per_class: int, total: int | None = None
+) -> None:
     """``expensive.json``: which samples got the expensive methods and metrics, and why (for the report)."""
     reasons: dict[str, Any] = rundir.read_json(EXPENSIVE)["reasons"] if rundir.has(EXPENSIVE) else {}
     first = one_row_per_sample(table)
@@ -87,6 +92,7 @@ def write_expensive(rundir: RunDir, spec: MapSpec, table: pd.DataFrame, mode: st
         {
             "subset": mode,
             "per_class": per_class,
+            "total": total,
             "methods": [m for m in spec.methods if CAMS[m].expensive],
             "metrics": [m for m in spec.metrics if METRICS[m].expensive],
             "faithfulness_methods": list(spec.faithful),

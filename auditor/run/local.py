@@ -195,7 +195,9 @@ def _flagged_pass(plan: Plan, spec: MapSpec, table: Any, timer: Timer, progress:
     if chosen is None:
         cheap = [m for m in plan.methods if not CAMS[m].expensive]
         _, flags = run_analyses(analysis_inputs(plan, table, cheap or plan.methods, None))
-        chosen = flagged.select_flagged(flags, table, spec.probe, plan.cfg.expensive.per_class)
+        chosen = flagged.select_flagged(
+            flags, table, spec.probe, plan.cfg.expensive.per_class, plan.cfg.expensive.total
+        )
         flagged.write_choice(plan.store, chosen)
     second = flagged.flagged_spec(spec, chosen)
     rows, bs = list(chosen), plan.cfg.batch_size
@@ -276,7 +278,8 @@ def finish_run(
         with stage("flagged pass (the expensive methods on the flagged samples)"):
             spec, table = _flagged_pass(plan, spec, table, timer, progress)
         timer.since("flagged_pass", start)
-    flagged.write_expensive(plan.store, spec, table, plan.cfg.expensive.subset, plan.cfg.expensive.per_class)
+    expensive = plan.cfg.expensive
+    flagged.write_expensive(plan.store, spec, table, expensive.subset, expensive.per_class, expensive.total)
     summary = reduce_run(plan, spec, table, timer.seconds)
     summary["timings"] = {
         **{k: round(v, 3) for k, v in sorted(timer.seconds.items())},

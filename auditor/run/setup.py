@@ -382,7 +382,8 @@ def plan_run(
     if not loaded.scripted:
         set_memory_format(loaded.module, memory_format)
     labels = [s.label for s in dataset.samples]
-    stratified = stratified_subset([s.id for s in dataset.samples], labels, cfg.expensive.per_class, cfg.seed)
+    ids = [s.id for s in dataset.samples]
+    stratified = stratified_subset(ids, labels, cfg.expensive.per_class, cfg.seed, total=cfg.expensive.total)
     probed = np.ones(len(labels), dtype=bool) if cfg.expensive.subset == "all" else stratified
     dataset.partners = background_partners(dataset.samples, probed, cfg.seed)
     layout = batches if batches is not None else main_batches(dataset.samples, cfg.batch_size, shard)

@@ -255,6 +255,11 @@ def test_select_flagged_takes_cited_samples_then_the_class_subset() -> None:
     # flag 1: the cited "b" first, then the class's stratified samples (a, c) up to 2; flag 2: no class fill
     assert chosen == {0: ["k/x/*"], 1: ["k/x/*"], 4: ["u/*/*"], 5: ["u/*/*"]}
     assert flagged.select_flagged([], table, stratified, per_flag=2) == {}
+    # a total of 3: the first flag's two, then one of the second's; a row already chosen costs nothing more
+    capped = flagged.select_flagged(flags, table, stratified, per_flag=2, total=3)  # type: ignore[arg-type]
+    assert capped == {0: ["k/x/*"], 1: ["k/x/*"], 4: ["u/*/*"]}
+    again = [*flags, {"id": "w/x/*", "kind": "background_reliance", "class": "x", "evidence": {"worst_ids": ["b"]}}]
+    assert flagged.select_flagged(again, table, stratified, per_flag=2, total=3)[1] == ["k/x/*", "w/x/*"]  # type: ignore[arg-type]
 
 
 def test_flagged_subset_runs_expensive_work_only_behind_flags(dataset_dir: Path, tmp_path: Path) -> None:
