@@ -54,6 +54,7 @@ def _audit(tmp: Path, checkpoint: Path, kind: str, masks: str, px: int = 2) -> t
             "classes": list(R.CLASSES),
             "normalize": {"mean": [R.MEAN] * 3, "std": [R.STD] * 3},
         },
+        "metrics": R.AUDIT_METRICS,
     }
     (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
     run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)

@@ -67,6 +67,7 @@ def _audit(tmp: Path, checkpoint: Path, kind: str, masks: str) -> tuple[list[dic
             "normalize": {"mean": [R.MEAN] * 3, "std": [R.STD] * 3},
         },
         "methods": METHODS,
+        "metrics": R.AUDIT_METRICS,
     }
     (tmp / "audit.yaml").write_text(yaml.safe_dump(cfg))
     summary = run_audit(load_config(tmp / "audit.yaml"), tmp / "run", progress=False)
