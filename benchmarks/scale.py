@@ -2,13 +2,18 @@
 
     python benchmarks/scale.py backends --images 400     # auditor run, local vs --backend ray (1, 2 actors)
     python benchmarks/scale.py reduce --rows 10000 100000 # aggregates + analyses + flags on synthetic rows
+    python benchmarks/scale.py classes --classes 100 --per-class 10   # a many-class audit, by stage
 
 ``backends`` runs ``python -m auditor run`` in child processes (resnet18 @ 64², grad_cam + localization,
 untrained) and reports the main pass's images/s from each run's own timings and the whole command's wall
 time (Ray's start-up included). ``reduce`` writes a synthetic run directory (one method, 7x7 maps, masks'
 object grids, two classes, a metadata column) and times the model-free part of the reduce stage, the part
 that grows with the dataset, in a child process whose peak RSS it reports. Interventions and the deep
-dive touch a fixed number of images and are not included.
+dive touch a fixed number of images and are not included. ``classes`` audits an untrained resnet18 @ 64² over
+``classes x per-class`` random scenes (a coloured square on noise) with the default config in a child process,
+and reports its stages' seconds (``summary.json → timings``), the analyses' counted forwards, the peak RSS,
+``summary.json`` and ``report.html`` sizes, and the whole as a multiple of the default methods' shared
+forward + backward over every image, measured here on the same model and batch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -139,6 +145,78 @@ def reduce(args: argparse.Namespace) -> None:
         print(f"| {n} | {res['seconds']:.1f} | {res['peak_mib']:.0f} | {res['flags']} |")
 
 
+def _many_classes(root: Path, classes: int, per_class: int, size: int = 64) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in range(classes):
+        colour = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+            x, y = rng.integers(0, size // 2, 2)
+            img[y : y + size // 3, x : x + size // 3] = colour
+            name = f"images/c{c:04d}_{i:03d}.png"
+            Image.fromarray(img).save(root / name)
+            rows.append({"path": name, "label": f"c{c:04d}"})
+    pd.DataFrame(rows).to_csv(root / "audit.csv", index=False)
+
+
+def _fb_floor(classes: int, images: int, size: int, batch: int) -> float:
+    """Seconds of the default methods' shared forward + full backward over ``images`` images (one pass)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=classes).eval()
+    x = torch.rand(batch, 3, size, size)
+    model(x).max(1).values.sum().backward()  # warm-up
+    start = time.perf_counter()
+    for _ in range(0, images, batch):
+        model.zero_grad(set_to_none=True)
+        model(x).max(1).values.sum().backward()
+    return time.perf_counter() - start
+
+
+def many_classes(args: argparse.Namespace) -> None:
+    work, n = args.work, args.classes * args.per_class
+    data = work / f"classes-{args.classes}x{args.per_class}"
+    if not (data / "audit.csv").exists():
+        _many_classes(data, args.classes, args.per_class)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=args.classes).state_dict(), work / f"r18-{args.classes}.pt")
+    cfg: dict[str, Any] = {
+        "model": {"arch": "resnet18", "num_classes": args.classes, "checkpoint": str(work / f"r18-{args.classes}.pt")},
+        "data": {"manifest": str(data / "audit.csv"), "image_size": 64},
+        "batch_size": 32,
+    }
+    if args.total != "default":
+        cfg["expensive"] = {"total": None if args.total == "none" else int(args.total)}
+    (work / "classes.yaml").write_text(yaml.safe_dump(cfg))
+    out = work / "run-classes"
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "auditor", "run", str(work / "classes.yaml"), "--out", str(out), "--force"]
+    subprocess.run([*cmd, "--no-progress"], check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["timings"]
+    floor = _fb_floor(args.classes, n, 64, 32)
+    main = t.get("compute", 0) + t.get("data_wait", 0) + t.get("write", 0)
+    forwards = summary["analyses"].get("forwards", {})
+    mib = 1024 * 1024
+    print(
+        "| classes x images | expensive.total | expensive samples | wall s | main pass s | analyses s | findings s "
+        "| deep dive s | analyses' forwards | peak RSS MiB | summary.json MB | report MB | x forward+backward |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.classes} x {args.per_class} | {args.total} | {summary['run']['expensive_samples']} | {wall:.0f} "
+        f"| {main:.0f} | {t.get('analyses', 0):.0f} | {t.get('findings', 0):.0f} | {t.get('deep_dive', 0):.0f} "
+        f"| {sum(forwards.values())} | {peak:.0f} | {(out / 'summary.json').stat().st_size / mib:.1f} "
+        f"| {(out / 'report.html').stat().st_size / mib:.1f} | {wall / floor:.0f} (floor {floor:.1f} s) |"
+    )
+    print("forwards by analysis:", json.dumps(forwards))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -146,16 +224,20 @@ def main() -> None:
     b.add_argument("--images", type=int, default=400)
     r = sub.add_parser("reduce")
     r.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    m = sub.add_parser("classes")
+    m.add_argument("--classes", type=int, default=100)
+    m.add_argument("--per-class", type=int, default=10)
+    m.add_argument("--total", default="default", help="expensive.total: default (the config's), none, or a number")
     c = sub.add_parser("reduce-child")
     c.add_argument("root", type=Path)
-    for p in (b, r):
+    for p in (b, r, m):
         p.add_argument("--work", type=Path, default=Path("/tmp/auditor-scale"))
     args = parser.parse_args()
     if args.what == "reduce-child":
         _reduce_child(args.root)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    backends(args) if args.what == "backends" else reduce(args)
+    {"backends": backends, "reduce": reduce, "classes": many_classes}[args.what](args)
 
 
 if __name__ == "__main__":
