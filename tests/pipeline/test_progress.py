@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -35,6 +36,11 @@ def test_the_counting_wrapper_sees_what_each_intervention_forwards() -> None:
     model = _model().eval()
     occlusion_scan(model, images[:4], 1, [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 1, 0.25]], chunk=3)
     assert model.images == 4 * (3 + 1)  # the plain images, then every box filled in every image
+
+    # several boxes filled and forwarded together give the box-by-box drops
+    boxes = [[i / 8, j / 8, i / 8 + 0.25, j / 8 + 0.25] for i in range(7) for j in range(7)]
+    together = occlusion_scan(model, images, 2, boxes, chunk=64)
+    assert np.abs(together - occlusion_scan(model, images, 2, boxes, chunk=1)).max() < 1e-6
 
     model.images = 0
     region_intervention(

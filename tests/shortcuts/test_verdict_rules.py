@@ -296,10 +296,16 @@ def test_the_region_is_the_tightest_that_reproduces_the_scan() -> None:
     region, test = reproduce(inner, 1.0, 0.01, lambda b: calls.append(b) or fake(b))
     assert len(calls) == 3 and region == pytest.approx([0.11, 0.81, 0.22, 0.92])
     assert test["removal_drop"] == pytest.approx(0.81)
-    # nothing reproduces (the scan's drop came from a combination): the largest removal effect, at most 4 tests
+    # nothing reproduces (the scan's drop came from a combination): the first growth uncovers nothing, so it
+    # stops there, with the largest removal effect
     calls.clear()
     region, test = reproduce([0.5, 0.5, 0.52, 0.52], 1.0, 0.0625, lambda b: calls.append(b) or fake(b))
-    assert len(calls) == 4 and region == [0.5, 0.5, 0.52, 0.52] and test["removal_drop"] == 0.0
+    assert len(calls) == 2 and region == [0.5, 0.5, 0.52, 0.52] and test["removal_drop"] == 0.0
+    # a region the removal moves a little more at each step (an object, not a sliver): all four, the largest kept
+    slow = lambda b: {"removal_drop": 0.3 + b[2] - 0.52, "removal_effect": 0.3 + b[2] - 0.52}  # noqa: E731
+    calls.clear()
+    region, test = reproduce([0.5, 0.5, 0.52, 0.52], 1.0, 0.15, lambda b: calls.append(b) or slow(b))
+    assert len(calls) == 4 and region == pytest.approx([0.0, 0.0, 1.0, 1.0]) and test["removal_drop"] < 0.8
 
 
 def test_a_band_region_reaches_the_edge_it_lies_along() -> None:
