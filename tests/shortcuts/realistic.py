@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data
 
+from auditor.metrics import FAST_METRICS
 from tests.pipeline.tinynet import DeepNet
 from tests.shortcuts import planted
 
@@ -28,16 +29,7 @@ SIZE = 64
 # the default ("fast") metrics less deletion and insertion, which cost 103 forwards per image and feed no flag
 # (tests/shortcuts/test_planted.py::test_flags_do_not_depend_on_the_faithfulness_defaults): a third of each
 # audit's time, and these modules run about twenty audits
-AUDIT_METRICS = [
-    "energy_in_mask",
-    "energy_outside_mask",
-    "pointing_game",
-    "relevance_rank_accuracy",
-    "mask_iou",
-    "box_iou",
-    "average_drop",
-    "increase_in_confidence",
-]
+AUDIT_METRICS = [m for m in FAST_METRICS if m not in ("deletion_auc", "insertion_auc")]
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "tagged")
 CUE_CLASS = "tagged"
 TAG = (5, 50, 12, 57)  # x0, y0, x1, y1 in pixels: the 6 px tag sits inside this box (1 px jitter)
