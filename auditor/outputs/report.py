@@ -414,6 +414,8 @@ def build_context(root: Path) -> dict[str, Any]:
         "localization": (summary.get("run") or {}).get("localization") or {},
         "skipped_methods": (summary.get("run") or {}).get("skipped_methods") or {},
         "skipped_analyses": analyses.get("skipped") or {},
+        "triage": _triage_rows(analyses.get("triage") or {}),
+        "triage_counts": {a: len(r) for a, r in (analyses.get("triage") or {}).items()},
         "concepts": _concepts(analyses, rows),
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
@@ -460,3 +462,12 @@ def render_report(run: Path, out: Path | None = None) -> Path:
     html = environment().get_template("report.html.j2").render(**build_context(run))
     atomic_write_bytes(out, html.encode("utf-8"))
     return out
+
+
+TRIAGE_ROWS = 300  # classes x analyses listed in the report; summary.json holds them all
+
+
+def _triage_rows(triage: dict[str, dict[str, str]]) -> list[dict[str, str]]:
+    """``analyses.triage`` as rows (class, analysis, reason), by class, the first ``TRIAGE_ROWS``."""
+    rows = [{"class": c, "analysis": a, "reason": r} for a, per in triage.items() for c, r in per.items()]
+    return sorted(rows, key=lambda r: (r["class"], r["analysis"]))[:TRIAGE_ROWS]

@@ -141,7 +141,9 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
         ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
         ``analyses["tests"]`` = ``{n, alpha, family: {"<analysis>/<test>": {p, q}}}``;
         ``analyses["skipped"]`` = ``{analysis: reason}`` for the analyses whose needs were not met;
-        ``analyses["forwards"]`` = ``{analysis: images forwarded through the model}`` (its cost, counted).
+        ``analyses["forwards"]`` = ``{analysis: images forwarded through the model}`` (its cost, counted);
+        ``analyses["triage"]`` = ``{analysis: {class: why its full test did not run}}`` (``shortcuts.triage``;
+        an analysis's measurement returns its own under the key ``triage``).
     """
     analyses: dict[str, Any] = {"target": inputs.target, "methods": inputs.methods}
     everything = registered()
@@ -149,6 +151,7 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
     skipped: dict[str, str] = {}
     measured: list[tuple[Analysis, Measurement]] = []
     forwards: dict[str, int] = {}
+    triage: dict[str, dict[str, str]] = {}
     for analysis in everything:
         missing = sorted(set(analysis.needs) & set(lacks))
         if missing:
@@ -158,6 +161,9 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
         m = analysis.measure(inputs)
         if analysis.intervene is not None:
             m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
+        if m.get("triage"):
+            triage[analysis.name] = m["triage"]
+        m.pop("triage", None)
         measured.append((analysis, m))
         forwards[analysis.name] = _forwards(inputs) - before
         seconds = time.perf_counter() - start
@@ -176,6 +182,7 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
     }
     analyses["skipped"] = skipped
     analyses["forwards"] = forwards
+    analyses["triage"] = triage
     return analyses, order_flags(flags)
 
 

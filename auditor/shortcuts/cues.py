@@ -56,6 +56,7 @@ from auditor.shortcuts.registry import (
     tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
+from auditor.shortcuts.triage import SCAN_PROBE_IMAGES, out_of_reach, probe_reason, record
 
 
 class Params(SharedParams):
@@ -201,13 +202,20 @@ def locate(imp: np.ndarray, level: float = 0.5) -> list[float]:
     return [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side]
 
 
-def scan_summary(drops: np.ndarray, boxes: Sequence[Sequence[float]], min_drop: float) -> dict[str, Any]:
+def scan_summary(
+    drops: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    min_drop: float,
+    centre: Callable[..., np.ndarray] = np.median,
+) -> dict[str, Any]:
     """The peak window of a coarse scan and the class's own baseline.
 
     Args:
         drops: ``[n, len(boxes)]`` p(class) drops (``interventions.occlusion_scan``).
         boxes: the scanned windows.
         min_drop: the drop an image must show to count as consistent.
+        centre: the per-window statistic over images (the scan's median; the triage probe's mean, which a cue on
+            half of the probe's few images still moves).
 
     Returns:
         ``{peak, peak_box, baseline, effect, consistency, median}``: ``median`` per window; ``baseline`` =
@@ -215,7 +223,7 @@ def scan_summary(drops: np.ndarray, boxes: Sequence[Sequence[float]], min_drop: 
         ``effect`` = peak - max(baseline, 0); ``consistency`` = share of images dropping by ``min_drop``
         at the peak window.
     """
-    median = np.median(drops, axis=0)
+    median = centre(drops, axis=0)
     j = int(np.argmax(median))
     pb = boxes[j]
     away = [i for i, b in enumerate(boxes) if b[0] >= pb[2] or b[2] <= pb[0] or b[1] >= pb[3] or b[3] <= pb[1]]
@@ -235,7 +243,26 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     return {"cues": {}}
 
 
-def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
+def _coarse_drops(
+    inputs: AnalysisInputs, rows: list[int], idx: int, boxes: list[list[float]], cls: str, triaged: dict[str, str]
+) -> np.ndarray | None:
+    """The coarse scan's ``[n, len(boxes)]`` drops. With ``triage``, its first ``SCAN_PROBE_IMAGES`` images first:
+    where no window's mean drop over them, above the other windows', reaches half of ``cue_drop``, None (the
+    reason recorded in ``triaged``); else the rest are scanned and the probe's drops kept (the same drops as a
+    scan in one go)."""
+    assert inputs.intervener is not None
+    t = params_of(inputs.thresholds, Params)
+    if not t.triage or len(rows) <= SCAN_PROBE_IMAGES:
+        return inputs.intervener.scan(rows, idx, boxes)
+    head = inputs.intervener.scan(rows[:SCAN_PROBE_IMAGES], idx, boxes)
+    probe = scan_summary(head, boxes, t.cue_drop, centre=np.mean)["effect"]
+    what = "the largest mean drop of p at a window, above the other windows'"
+    if record(triaged, cls, probe_reason(what, probe, t.cue_drop, SCAN_PROBE_IMAGES)):
+        return None
+    return np.vstack([head, inputs.intervener.scan(rows[SCAN_PROBE_IMAGES:], idx, boxes)])
+
+
+def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> dict[str, Any] | None:
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     own = first[first["label"] == cls]
@@ -246,7 +273,9 @@ def _scan_class(inputs: AnalysisInputs, cls: str) -> dict[str, Any] | None:
     w = t.cue_window
     grid = grid_boxes(w, w / 2)
     coarse = grid + edge_bands(w) + edge_bands(min(2 * w, 0.5))  # two band scales
-    drops = inputs.intervener.scan(rows.tolist(), idx, coarse)
+    drops = _coarse_drops(inputs, rows.tolist(), idx, coarse, cls, triaged)
+    if drops is None:
+        return None
     found = scan_summary(drops, coarse, t.cue_drop)
     local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
     if _band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
@@ -285,8 +314,12 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     cues: dict[str, Any] = {}
+    triaged: dict[str, str] = {}
+    least = max(t.cue_drop, t.intervention_effect)  # the scan's drop and the removal's effect: both needed
     for cls in tracked(inputs.classes, "region scan, classes"):
-        found = _scan_class(inputs, cls)
+        if t.triage and record(triaged, cls, out_of_reach(first, inputs.target, cls, least)):
+            continue
+        found = _scan_class(inputs, cls, triaged)
         if found is None:
             continue
         cues[cls] = found
@@ -305,7 +338,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         found["object_inside"] = object_inside(inputs.objects, rows, box_cells(found["region"]))
         found["test"] = test
         found["reproduced"] = float(test["removal_drop"] / found["peak"]) if found["peak"] > 0 else float("nan")
-    return {"cues": cues}
+    return {"cues": cues, "triage": triaged}
 
 
 def tests(measured: Measurement) -> dict[str, float]:

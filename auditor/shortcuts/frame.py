@@ -41,6 +41,7 @@ from auditor.shortcuts.registry import (
     tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
+from auditor.shortcuts.triage import PROBE_IMAGES, out_of_reach, probe_reason, record
 
 
 class Params(SharedParams):
@@ -93,6 +94,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     if t.frame_width == 0:
         return {"frames": {}}
     out: dict[str, Any] = {}
+    triaged: dict[str, str] = {}
     for cls in tracked(inputs.classes, "border test, classes"):
         mine = first[first["label"] == cls]
         own = np.sort(keyed_rows(mine, t.intervention_images, inputs.seed, "frame"))
@@ -100,12 +102,26 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         if len(own) < t.min_group or len(other) < t.min_group:
             continue
         idx = inputs.classes.index(cls)
+        if t.triage and (
+            record(triaged, cls, out_of_reach(first, inputs.target, cls, t.intervention_effect))
+            or record(triaged, cls, _probe(inputs, mine, idx, t))
+        ):
+            continue
         test = inputs.intervener.region_test(
             own.tolist(), other.tolist(), idx, band(t.frame_width), ring(t.frame_width), inputs.seed
         )
         overlap = object_overlap(inputs.objects, mine["row"].to_numpy(), band_cells(t.frame_width))
         out[cls] = {"n": len(own), "width": t.frame_width, "object_overlap": overlap, "test": test}
-    return {"frames": out}
+    return {"frames": out, "triage": triaged}
+
+
+def _probe(inputs: AnalysisInputs, mine: pd.DataFrame, idx: int, t: Params) -> str | None:
+    """The triage probe: the band's removal, against the ring's, from the first ``PROBE_IMAGES`` images of the
+    class's keyed draw; why the full test is not run (None: it is)."""
+    assert inputs.intervener is not None
+    head = np.sort(keyed_rows(mine, PROBE_IMAGES, inputs.seed, "frame")).tolist()
+    test = inputs.intervener.region_test(head, [], idx, band(t.frame_width), ring(t.frame_width), inputs.seed)
+    return probe_reason("the border's removal effect", test["removal_effect"], t.intervention_effect, len(head))
 
 
 def tests(measured: Measurement) -> dict[str, float]:

@@ -38,6 +38,7 @@ from auditor.shortcuts.registry import (
 )
 from auditor.shortcuts.removals import removed_gaps
 from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
+from auditor.shortcuts.triage import PROBE_IMAGES, probe_reason, record, too_few_called
 
 
 class Params(SharedParams):
@@ -107,15 +108,34 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     t, first = params_of(inputs.thresholds, Params), inputs.first
     # where an image has no mask, the finest class-sensitive map's hot places stand in for the object
     method = "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
-    out = {}
+    out: dict[str, Any] = {}
+    triaged: dict[str, str] = {}
     for cls, r in tracked(measured["global"].items(), "colour shifts, classes"):
-        own = keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "shift")
-        other = keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "shift")
-        test = inputs.intervener.shift_test(
-            np.sort(own).tolist(), np.sort(other).tolist(), inputs.classes.index(cls), r["delta"], method
-        )
+        out[cls] = r
+        mine, rest, idx = first[first["label"] == cls], first[first["label"] != cls], inputs.classes.index(cls)
+        if t.triage and (
+            record(triaged, cls, too_few_called(first, cls, t.min_group))
+            or record(triaged, cls, _probe(inputs, mine, rest, idx, r["delta"], method))
+        ):
+            continue
+        own = keyed_rows(mine, t.intervention_images, inputs.seed, "shift")
+        other = keyed_rows(rest, t.intervention_images, inputs.seed, "shift")
+        test = inputs.intervener.shift_test(np.sort(own).tolist(), np.sort(other).tolist(), idx, r["delta"], method)
         out[cls] = {**r, "test": test}
-    return {"global": out}
+    return {"global": out, "triage": triaged}
+
+
+def _probe(
+    inputs: AnalysisInputs, mine: pd.DataFrame, rest: pd.DataFrame, idx: int, delta: list[float], method: str | None
+) -> str | None:
+    """The triage probe: the whole-image shifts against their opposite controls, on the first ``PROBE_IMAGES``
+    images of the class's and the others' keyed draws; why the full test is not run (None: it is)."""
+    assert inputs.intervener is not None
+    t = params_of(inputs.thresholds, Params)
+    own = np.sort(keyed_rows(mine, PROBE_IMAGES, inputs.seed, "shift")).tolist()
+    other = np.sort(keyed_rows(rest, PROBE_IMAGES, inputs.seed, "shift")).tolist()
+    test = inputs.intervener.shift_test(own, other, idx, delta, method)
+    return probe_reason("the shifts' effect", effects(test["whole"])[2], t.property_effect, len(own))
 
 
 def effects(test: dict[str, Any]) -> tuple[float, float, float]:

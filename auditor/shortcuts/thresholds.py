@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class SharedParams(BaseModel):
@@ -55,6 +55,13 @@ class SharedParams(BaseModel):
         description="least gap, object removed, between the share of the class's images still called the class and "
         "the share of other images called it (the null); below it the background does not carry the class, which "
         "also clears background_reliance and global_cue",
+    )
+    triage: StrictBool = Field(
+        True,
+        description="run the region scan, border test and colour shifts in full only on classes where a flag is "
+        "within reach (some image's p(class) reaches the flag's least effect) and a probe on a few images reaches "
+        "half of that effect; summary.json analyses.triage gives each class left out and why (false: every test "
+        "on every class)",
     )
     counterfactual_min_kept: float = Field(
         0.25,
