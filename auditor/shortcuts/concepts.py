@@ -4,9 +4,9 @@ Per class, the target layer's activations of a keyed draw of the class's images 
 non-negative concepts (Collins et al. 2018, arXiv:1806.10206; :func:`auditor.ops.factorize`).
 For each concept: its share of the class's attention (the class's map mass on the positions the concept
 explains), where it lives (its heat off the object, where masks exist), and how specific it is to the class
-(its presence in the class's images against its presence in other classes' images, projected on the same
-concept embeddings). The report shows each concept's prototype (the image where it is strongest) with its
-heat map.
+(its presence in the class's images against its presence in other classes' drawn images, at most 256 of them
+in a keyed draw, projected on the same concept embeddings). The report shows each concept's prototype (the
+image where it is strongest) with its heat map.
 
 A concept is flagged when it carries a large share of the class's attention, lives off the object, and the
 other classes lack it: more specific than a random split of the same images reaches (95th percentile of 200
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pydantic import Field, StrictInt
 
 from auditor.ops import factorize, project_concepts, resize_bilinear
@@ -34,6 +35,7 @@ from auditor.shortcuts.registry import (
     Measurement,
     keyed_rows,
     register_analysis,
+    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -54,6 +56,25 @@ class Params(SharedParams):
 
 
 NULL_DRAWS = 200
+OTHERS = 256  # other classes' images a class's concepts are projected on (a keyed draw): the cost per class is
+# bounded, so a 1,000-class audit costs 1,000 classes' worth, not 1,000 x 1,000
+
+
+def other_rows(rows: np.ndarray, labels: np.ndarray, rank: np.ndarray, cls: str, cap: int = OTHERS) -> np.ndarray:
+    """The rows of other classes than ``cls`` a class's concepts are compared with: all of them up to ``cap``,
+    else the ``cap`` that rank first in a keyed order (``rank``), in the order of ``rows``.
+
+    Args:
+        rows: ``[N]`` drawn rows of every class, class after class.
+        labels: ``[N]`` their labels.
+        rank: ``[N]`` their places in a keyed order (no two equal).
+        cls: the class compared.
+        cap: most rows returned.
+    """
+    keep = labels != cls
+    if keep.sum() > cap:
+        keep &= rank <= np.partition(rank[keep], cap - 1)[cap - 1]
+    return rows[keep]
 
 
 def class_concepts(
@@ -158,17 +179,21 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     if not draws:
         return {}
     rows = np.concatenate(list(draws.values()))
+    labels = np.concatenate([[c] * len(r) for c, r in draws.items()])
+    drawn = first[first["row"].isin(rows)]
+    order = keyed_rows(drawn, len(drawn), inputs.seed, "concepts-other")
+    rank = pd.Series(np.arange(len(order)), index=order)[rows].to_numpy()
     acts = inputs.intervener.activations(rows.tolist())
     at = {int(r): i for i, r in enumerate(rows)}
     objects = inputs.objects
     out: dict[str, Any] = {}
-    for cls, own_rows in draws.items():
-        other_rows = [r for c, rr in draws.items() if c != cls for r in rr]
+    for cls, own_rows in tracked(draws.items(), "concepts, classes"):
+        others = other_rows(rows, labels, rank, cls).tolist()
         maps = np.stack([grid[where[int(r)]] if int(r) in where else np.full((32, 32), np.nan) for r in own_rows])
         obj = np.stack([np.asarray(objects[int(r)]) for r in own_rows]) if objects is not None else None
         concepts = class_concepts(
             acts[[at[int(r)] for r in own_rows]],
-            acts[[at[int(r)] for r in other_rows]],
+            acts[[at[int(r)] for r in others]],
             maps,
             obj,
             t.concept_count,
@@ -177,7 +202,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         ids = first.set_index("row").loc[own_rows, "id"].astype(str).tolist()
         for c in concepts:
             c["prototype_id"] = ids[c.pop("prototype")]
-        out[cls] = {"method": method, "n": len(own_rows), "n_other": len(other_rows), "concepts": concepts}
+        out[cls] = {"method": method, "n": len(own_rows), "n_other": len(others), "concepts": concepts}
     return {"concepts": out}
 
 

@@ -72,3 +72,16 @@ def test_without_masks_concepts_are_reported_not_flagged() -> None:
     concepts = class_concepts(own, other, _maps(objects, on_tag=True), None, 3, seed=0)
     assert concepts and all(np.isnan(c["on_object_ratio"]) for c in concepts)
     assert _flags(concepts) == []
+
+
+def test_a_class_is_compared_with_at_most_the_cap_of_other_images_keyed_and_in_draw_order() -> None:
+    """Every other row up to the cap (the draw's order kept); above it, the rows that rank first, whichever
+    class is compared: the cost per class is bounded."""
+    from auditor.shortcuts.concepts import other_rows
+
+    rows = np.arange(10, 20)
+    labels = np.array(["a"] * 4 + ["b"] * 3 + ["c"] * 3)
+    rank = np.array([9, 0, 5, 1, 8, 2, 7, 3, 6, 4])
+    assert other_rows(rows, labels, rank, "a").tolist() == list(range(14, 20))
+    assert other_rows(rows, labels, rank, "a", cap=3).tolist() == [15, 17, 19]  # ranks 2, 3, 4
+    assert other_rows(rows, labels, rank, "c", cap=3).tolist() == [11, 13, 15]  # ranks 0, 1, 2
