@@ -194,17 +194,17 @@ def _curve_points(curve: np.ndarray, width: int = 220, height: int = 90) -> str:
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
 
 
-def _heat(diff: list[list[float]]) -> list[dict[str, Any]]:
-    d = np.asarray(diff)
+def _heat(diff: list[list[float]]) -> str:
+    """The hotspot grid (where a class's maps exceed the other classes': red; fall short: blue; under 5% of the
+    peak: the grey background) as a PNG data URI at one pixel per cell (the page scales it up, pixelated): a
+    1,024-rectangle SVG per class made a 100-class report 7 MB."""
+    d = np.nan_to_num(np.asarray(diff, np.float64))
     peak = float(np.abs(d).max()) or 1.0
-    cells = []
-    for y in range(d.shape[0]):
-        for x in range(d.shape[1]):
-            v = d[y, x] / peak
-            if abs(v) < 0.05:
-                continue
-            cells.append({"x": x, "y": y, "fill": "#c0392b" if v > 0 else "#2e6db4", "op": round(min(1, abs(v)), 2)})
-    return cells
+    v = d / peak
+    alpha = np.where(np.abs(v) < 0.05, 0.0, np.clip(np.abs(v), 0, 1))[..., None]
+    colour = np.where((v > 0)[..., None], np.array([0xC0, 0x39, 0x2B]), np.array([0x2E, 0x6D, 0xB4]))
+    image = alpha * colour + (1 - alpha) * np.array([0xF4, 0xF4, 0xF4])
+    return data_uri(image.round().astype(np.uint8), "PNG")
 
 
 def _flag_cards(
@@ -255,13 +255,55 @@ def _bars(stats: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
     return bars
 
 
-def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, primary: str, target: str) -> list:
-    """Per class: accuracy, metric bars against chance, mean deletion/insertion curves, the hotspot heat map."""
+CARDS = 40  # classes with a card (flagged classes first); with more classes, every class is a row of a table
+CONCEPT_CLASSES = 20  # classes whose concepts the report shows (flagged classes first); the rest in summary.json
+
+
+def class_order(classes: list[str], flags: list[dict[str, Any]]) -> list[str]:
+    """The classes that flags name (most severe flag first, as ``flags.json`` orders them), then the others in
+    model order: the classes a reader must look at come first however many there are."""
+    named = [f["class"] for f in flags if f.get("class") in classes]
+    return list(dict.fromkeys(named + list(classes)))
+
+
+def _class_rows(summary: dict[str, Any], flags: list[dict[str, Any]], primary: str) -> list[dict[str, Any]]:
+    """One row per class for the sortable, filterable table: images, accuracy, flags (count, most severe),
+    hotspot place and lift, the analyses the triage left out."""
+    analyses = summary.get("analyses") or {}
+    hotspots = (analyses.get("hotspots") or {}).get(primary, {})
+    triage = analyses.get("triage") or {}
+    rank = {"high": 3, "medium": 2, "low": 1}
+    out = []
+    for cls in class_order(summary["dataset"]["classes"], flags):
+        mine = [f for f in flags if f.get("class") == cls]
+        acc, hot = summary["accuracy"].get(cls, {}), hotspots.get(cls) or {}
+        top = max((f["severity"] for f in mine), key=lambda v: rank.get(v, 0), default="")
+        out.append(
+            {
+                "cls": cls,
+                "n": acc.get("n", 0),
+                "accuracy": acc.get("accuracy"),
+                "flags": len(mine),
+                "severity": top,
+                "rank": rank.get(top, 0),
+                "hotspot": hot.get("location", ""),
+                "lift": hot.get("lift"),
+                "triaged": ", ".join(a for a, per in triage.items() if cls in per),
+            }
+        )
+    return out
+
+
+def _class_cards(
+    run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, primary: str, target: str, classes: list[str]
+) -> list:
+    """Per class of ``classes``: accuracy, metric bars against chance, mean deletion/insertion curves, the
+    hotspot heat map."""
     agg = summary["aggregates"].get(primary, {}).get(target, {})
     hotspots = ((summary.get("analyses") or {}).get("hotspots") or {}).get(primary, {})
     metrics = charted(summary)
     cards = []
-    for cls in summary["dataset"]["classes"]:
+    for cls in classes:
         acc = summary["accuracy"].get(cls, {})
         curves = []
         for kind in ("deletion", "insertion"):
@@ -279,7 +321,7 @@ def _class_cards(run: RunDir, summary: dict[str, Any], rows: pd.DataFrame, prima
                 "n": acc.get("n", 0),
                 "bars": _bars(agg.get(cls, {}), metrics),
                 "curves": curves,
-                "heat": _heat(hot["diff"]) if hot else [],
+                "heat": _heat(hot["diff"]) if hot else None,
                 "hot": {k: hot[k] for k in ("location", "lift", "persistence")} if hot else None,
             }
         )
@@ -333,10 +375,12 @@ def _timing(key: str, value: Any) -> tuple[str, str]:
     return name, f"{value:.1f} s" if value >= 1 else f"{1000 * value:.0f} ms"
 
 
-def _concepts(analyses: dict[str, Any], rows: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per class: its DFF concepts (share of attention, where they lie, specificity) with prototype tiles."""
+def _concepts(analyses: dict[str, Any], rows: pd.DataFrame, classes: list[str]) -> list[dict[str, Any]]:
+    """Per class of ``classes`` (in that order) that has concepts: its DFF concepts (share of attention, where
+    they lie, specificity) with prototype tiles."""
     out = []
-    for cls, info in (analyses.get("concepts") or {}).items():
+    known = analyses.get("concepts") or {}
+    for cls, info in ((c, known[c]) for c in classes if c in known):
         concepts = []
         for c in sorted(info["concepts"], key=lambda c: -(c["share"] or 0.0)):
             pid = c.get("prototype_id")
@@ -381,6 +425,7 @@ def build_context(root: Path) -> dict[str, Any]:
     rows = table[(table["method"] == primary) & (table["target"] == target)].set_index("id", drop=False)
     maps, objects = run.load_maps(primary, target), run.load_objects()
     status, headline, deciding = _verdict(summary, flags)
+    order = class_order(summary["dataset"]["classes"], flags)
     deep = _deep_dive(run, table, target, objects)
     sanity = summary.get("sanity") or {}
     return {
@@ -395,7 +440,9 @@ def build_context(root: Path) -> dict[str, Any]:
         "primary": primary,
         "target": target,
         "methods": sorted(summary["aggregates"]),
-        "cards": _class_cards(run, summary, rows, primary, target),
+        "cards": _class_cards(run, summary, rows, primary, target, order[:CARDS]),
+        "class_rows": _class_rows(summary, flags, primary) if len(order) > CARDS else [],
+        "n_classes": len(order),
         "groups": [
             {"attribute": a, "values": [{"value": v, **g} for v, g in vals.items()]}
             for a, vals in (summary.get("groups") or {}).items()
@@ -416,7 +463,8 @@ def build_context(root: Path) -> dict[str, Any]:
         "skipped_analyses": analyses.get("skipped") or {},
         "triage": _triage_rows(analyses.get("triage") or {}),
         "triage_counts": {a: len(r) for a, r in (analyses.get("triage") or {}).items()},
-        "concepts": _concepts(analyses, rows),
+        "concepts": _concepts(analyses, rows, order[:CONCEPT_CLASSES]),
+        "n_concept_classes": len(analyses.get("concepts") or {}),
         "versions": summary.get("versions", {}),
         "thumb": THUMB,
         "deep": deep,

@@ -100,7 +100,7 @@ def class_concepts(
         class and ``presence_other``, ``specificity`` = own / (own + other) with its ``null`` (95th
         percentile over random splits), ``off_object`` (heat share off the object) with ``background_area``
         and ``on_object_ratio`` (heat on the object / the object's area share; NaN without masks),
-        ``prototype`` (index into ``own``) and its ``heat`` on the layer grid.
+        ``prototype`` (index into ``own``) and its ``heat`` on the layer grid (thousandths of its maximum).
     """
     n, k, h, w = own.shape
     embeddings, flat, offset = factorize(own.transpose(1, 0, 2, 3).reshape(k, -1), n_components)
@@ -149,10 +149,16 @@ def class_concepts(
                 "background_area": bg,
                 "on_object_ratio": (1 - off) / (1 - bg) if bg < 1 else float("nan"),  # a uniform concept: 1
                 "prototype": proto,
-                "heat": heat[j, proto].astype(np.float32).tolist(),
+                "heat": _per_mille(heat[j, proto]),
             }
         )
     return out
+
+
+def _per_mille(heat: np.ndarray) -> list[list[int]]:
+    """``heat`` (``[h, w]`` >= 0) in integer thousandths of its maximum: its shape is what is shown."""
+    peak = float(heat.max())
+    return np.round(heat / peak * 1000 if peak > 0 else heat * 0).astype(int).tolist()
 
 
 def measure(inputs: AnalysisInputs) -> Measurement:

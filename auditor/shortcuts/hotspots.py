@@ -68,11 +68,13 @@ def class_hotspots(
 
     Returns:
         ``{class: {region [x0, y0, x1, y1] in [0, 1], area (of the box), location, lift, concentration,
-        persistence, p_value, object_overlap, class_mass, other_mass, diff}}``; ``lift`` = the class's mean
+        persistence, p_value, object_overlap, class_mass, other_mass, diff, diff_scale}}``; ``lift`` = the class's mean
         mass in the region over the other classes'; ``persistence`` = share of the class's maps with more
         than twice the other classes' mean mass there; ``concentration`` = the class's mean mass in the
         region over the region's share of the grid (1 = a uniform map); ``p_value`` = one-sided
-        Mann-Whitney U (class > others); ``diff`` = the ``[32, 32]`` mean difference (7 decimals).
+        Mann-Whitney U (class > others); ``diff`` = the ``[32, 32]`` mean difference in integer percent of its
+        largest absolute value (``diff_scale`` = that value / 100: ``diff * diff_scale`` is the difference; at
+        7 decimals the grids were half of a 100-class ``summary.json``).
     """
     out: dict[str, Any] = {}
     ok = np.isfinite(maps).all(axis=(1, 2))
@@ -100,9 +102,15 @@ def class_hotspots(
             "object_overlap": object_overlap(objects, own, region),
             "class_mass": float(m_own.mean()),
             "other_mass": base,
-            "diff": np.round(np.asarray(diff), 7).tolist(),
+            **_quantized(np.asarray(diff)),
         }
     return out
+
+
+def _quantized(diff: np.ndarray) -> dict[str, Any]:
+    """``{diff, diff_scale}``: ``diff`` in integer percent of its largest absolute value (NaN: 0)."""
+    scale = float(np.nanmax(np.abs(diff))) / 100 or 1.0
+    return {"diff": np.round(np.nan_to_num(diff) / scale).astype(int).tolist(), "diff_scale": scale}
 
 
 def measure(inputs: AnalysisInputs) -> Measurement:

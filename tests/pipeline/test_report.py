@@ -125,3 +125,44 @@ def test_the_class_cards_chart_what_the_metric_registry_marks() -> None:
     columns = metric_columns(["energy_in_mask", "mask_iou", "deletion_auc"])
     assert charted({"metric_columns": columns}) == ["energy_in_mask", "deletion_auc"]
     assert charted({"metric_columns": {"x": {"metric": "x", "direction": "higher"}}}) == list(CHARTED_BEFORE)
+
+
+def test_many_classes_get_cards_for_the_flagged_first_and_a_row_each() -> None:
+    """Classes that flags name come first (most severe flag first), then model order; every class is a table
+    row with its flags, hotspot and the analyses the triage left out; the hotspot grid is a 32 x 32 PNG."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from auditor.outputs.report import _class_rows, _heat, class_order
+
+    classes = [f"c{i}" for i in range(5)]
+    flags = [
+        {"class": "c3", "severity": "high"},
+        {"class": None, "severity": "medium"},
+        {"class": "c1", "severity": "low"},
+        {"class": "c3", "severity": "low"},
+    ]
+    assert class_order(classes, flags) == ["c3", "c1", "c0", "c2", "c4"]
+    summary = {
+        "dataset": {"classes": classes},
+        "accuracy": {c: {"n": 10, "accuracy": 0.9} for c in classes},
+        "analyses": {
+            "hotspots": {"grad_cam": {"c1": {"location": "the top-left corner", "lift": 3.0}}},
+            "triage": {"cues": {"c0": "why", "c1": "why"}, "frame": {"c0": "why"}},
+        },
+    }
+    rows = {r["cls"]: r for r in _class_rows(summary, flags, "grad_cam")}
+    assert list(rows) == ["c3", "c1", "c0", "c2", "c4"]
+    assert (rows["c3"]["flags"], rows["c3"]["severity"], rows["c3"]["rank"]) == (2, "high", 3)
+    assert rows["c1"]["hotspot"] == "the top-left corner" and rows["c1"]["triaged"] == "cues"
+    assert rows["c0"]["triaged"] == "cues, frame" and rows["c4"]["severity"] == "" and rows["c4"]["lift"] is None
+    diff = np.zeros((32, 32))
+    diff[0, 0], diff[31, 31], diff[5, 5] = 50, -25, 1  # 1 is under 5% of the peak: background
+    png = Image.open(io.BytesIO(base64.b64decode(_heat(diff.tolist()).split(",", 1)[1]))).convert("RGB")
+    pix = np.asarray(png)
+    assert pix.shape == (32, 32, 3)
+    assert pix[0, 0].tolist() == [0xC0, 0x39, 0x2B] and pix[5, 5].tolist() == [0xF4, 0xF4, 0xF4]
+    assert pix[31, 31, 2] > pix[31, 31, 0]  # blue: the class's maps fall short of the others'
