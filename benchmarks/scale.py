@@ -9,7 +9,8 @@ untrained) and reports the main pass's images/s from each run's own timings and 
 time (Ray's start-up included). ``reduce`` writes a synthetic run directory (one method, 7x7 maps, masks'
 object grids, two classes, a metadata column) and times the model-free part of the reduce stage, the part
 that grows with the dataset, in a child process whose peak RSS it reports. Interventions and the deep
-dive touch a fixed number of images and are not included. ``classes`` audits an untrained resnet18 @ 64² over
+dive touch a fixed number of images and are not included. ``classes`` audits a resnet18 @ 64² (untrained, or
+trained ``--train`` epochs on the audit set itself) over
 ``classes x per-class`` random scenes (a coloured square on noise) with the default config in a child process,
 and reports its stages' seconds (``summary.json → timings``), the analyses' counted forwards, the peak RSS,
 ``summary.json`` and ``report.html`` sizes, and the whole as a multiple of the default methods' shared
@@ -33,6 +34,7 @@ import torch
 import torchvision
 import yaml
 
+from auditor.config import IMAGENET_MEAN, IMAGENET_STD
 from auditor.synthetic import write_dataset
 
 
@@ -155,7 +157,7 @@ def _many_classes(root: Path, classes: int, per_class: int, size: int = 64) -> N
         colour = rng.integers(0, 256, 3)
         for i in range(per_class):
             img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
-            x, y = rng.integers(0, size // 2, 2)
+            x, y = rng.integers(0, size - size // 3 + 1, 2)  # anywhere (once within the top-left: a fixed place)
             img[y : y + size // 3, x : x + size // 3] = colour
             name = f"images/c{c:04d}_{i:03d}.png"
             Image.fromarray(img).save(root / name)
@@ -176,13 +178,42 @@ def _fb_floor(classes: int, images: int, size: int, batch: int) -> float:
     return time.perf_counter() - start
 
 
+def _train(data: Path, classes: int, epochs: int) -> tuple[torchvision.models.ResNet, float]:
+    """resnet18 trained on the audit set itself (a cost benchmark: p(class) is high, as in a real audit), with the
+    audit's ImageNet normalization; returns the model and its accuracy on the set."""
+    from PIL import Image
+
+    table = pd.read_csv(data / "audit.csv")
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(data / p).convert("RGB"))) for p in table["path"]])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    y = torch.tensor([int(c[1:]) for c in table["label"]])
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float(torch.cat([model(b).argmax(1) for b in x.split(256)]).eq(y).float().mean())
+    return model, acc
+
+
 def many_classes(args: argparse.Namespace) -> None:
     work, n = args.work, args.classes * args.per_class
     data = work / f"classes-{args.classes}x{args.per_class}"
     if not (data / "audit.csv").exists():
         _many_classes(data, args.classes, args.per_class)
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=args.classes).state_dict(), work / f"r18-{args.classes}.pt")
+    model = torchvision.models.resnet18(num_classes=args.classes)
+    if args.train:
+        model, acc = _train(data, args.classes, args.train)
+        print(f"trained {args.train} epochs on the audit set: accuracy {acc:.3f}")
+    torch.save(model.state_dict(), work / f"r18-{args.classes}.pt")
     cfg: dict[str, Any] = {
         "model": {"arch": "resnet18", "num_classes": args.classes, "checkpoint": str(work / f"r18-{args.classes}.pt")},
         "data": {"manifest": str(data / "audit.csv"), "image_size": 64},
@@ -203,17 +234,25 @@ def many_classes(args: argparse.Namespace) -> None:
     main = t.get("compute", 0) + t.get("data_wait", 0) + t.get("write", 0)
     forwards = summary["analyses"].get("forwards", {})
     mib = 1024 * 1024
-    print(
-        "| classes x images | expensive.total | expensive samples | wall s | main pass s | analyses s | findings s "
-        "| deep dive s | analyses' forwards | peak RSS MiB | summary.json MB | report MB | x forward+backward |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(
-        f"| {args.classes} x {args.per_class} | {args.total} | {summary['run']['expensive_samples']} | {wall:.0f} "
-        f"| {main:.0f} | {t.get('analyses', 0):.0f} | {t.get('findings', 0):.0f} | {t.get('deep_dive', 0):.0f} "
-        f"| {sum(forwards.values())} | {peak:.0f} | {(out / 'summary.json').stat().st_size / mib:.1f} "
-        f"| {(out / 'report.html').stat().st_size / mib:.1f} | {wall / floor:.0f} (floor {floor:.1f} s) |"
-    )
+    cells = [
+        ("classes x images", f"{args.classes} x {args.per_class}"),
+        ("model", "trained" if args.train else "random"),
+        ("expensive.total", args.total),
+        ("expensive samples", summary["run"]["expensive_samples"]),
+        ("wall s", f"{wall:.0f}"),
+        ("main pass s", f"{main:.0f}"),
+        ("analyses s", f"{t.get('analyses', 0):.0f}"),
+        ("findings s", f"{t.get('findings', 0):.0f}"),
+        ("deep dive s", f"{t.get('deep_dive', 0):.0f}"),
+        ("analyses' forwards", sum(forwards.values())),
+        ("peak RSS MiB", f"{peak:.0f}"),
+        ("summary.json MB", f"{(out / 'summary.json').stat().st_size / mib:.1f}"),
+        ("report MB", f"{(out / 'report.html').stat().st_size / mib:.1f}"),
+        ("x forward+backward", f"{wall / floor:.0f} (floor {floor:.1f} s)"),
+    ]
+    print("| " + " | ".join(k for k, _ in cells) + " |")
+    print("|" + "---|" * len(cells))
+    print("| " + " | ".join(str(v) for _, v in cells) + " |")
     print("forwards by analysis:", json.dumps(forwards))
 
 
@@ -228,6 +267,7 @@ def main() -> None:
     m.add_argument("--classes", type=int, default=100)
     m.add_argument("--per-class", type=int, default=10)
     m.add_argument("--total", default="default", help="expensive.total: default (the config's), none, or a number")
+    m.add_argument("--train", type=int, default=0, help="epochs of training on the audit set (0: an untrained model)")
     c = sub.add_parser("reduce-child")
     c.add_argument("root", type=Path)
     for p in (b, r, m):
