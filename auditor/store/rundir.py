@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -92,9 +93,21 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+_SCALAR = r"(?:-?[0-9][0-9.eE+-]*|null|true|false)"
+_SCALAR_ARRAY = re.compile(rf"\[\n\s*{_SCALAR}(?:,\n\s*{_SCALAR})*\n\s*\]")
+
+
+def dumps(obj: Any) -> str:
+    """``obj`` as indented JSON with NaN as null, each array of numbers on one line: indented one number a line,
+    the grids of a 100-class ``summary.json`` took 12 MB, three quarters of it spaces. (Only arrays the indenting
+    spread over lines are joined; a newline never occurs inside a JSON string, so no string is touched.)"""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    return _SCALAR_ARRAY.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(0)[1:-1].split(",")) + "]", text)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON with NaN as null."""
-    atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode("utf-8") + b"\n")
+    """Atomically write ``obj`` as :func:`dumps` does."""
+    atomic_write_bytes(path, dumps(obj).encode("utf-8") + b"\n")
 
 
 def _holder(path: Path) -> dict[str, Any]:

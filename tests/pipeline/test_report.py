@@ -166,3 +166,16 @@ def test_many_classes_get_cards_for_the_flagged_first_and_a_row_each() -> None:
     assert pix.shape == (32, 32, 3)
     assert pix[0, 0].tolist() == [0xC0, 0x39, 0x2B] and pix[5, 5].tolist() == [0xF4, 0xF4, 0xF4]
     assert pix[31, 31, 2] > pix[31, 31, 0]  # blue: the class's maps fall short of the others'
+
+
+def test_summary_json_keeps_arrays_of_numbers_on_one_line_and_strings_untouched() -> None:
+    import json
+    import math
+
+    from auditor.store.rundir import dumps
+
+    obj = {"grid": [[1, 2.5, -3e-05], [math.nan, True]], "s": "[1,\n 2]", "names": ["x", "y"], "e": [], "n": {"m": [1]}}
+    text = dumps(obj)
+    assert "[1, 2.5, -3e-05]" in text and "[null, true]" in text and '"m": [1]' in text
+    assert json.loads(text) == {**obj, "grid": [[1, 2.5, -3e-05], [None, True]]}  # NaN written as null
+    assert '"x",\n' in text  # arrays of strings stay one item a line
