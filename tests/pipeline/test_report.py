@@ -118,7 +118,7 @@ def test_a_model_at_chance_or_an_untested_run_is_inconclusive_not_clean() -> Non
 def test_the_class_cards_chart_what_the_metric_registry_marks() -> None:
     from auditor.metrics import METRICS
     from auditor.metrics.registry import metric_columns
-    from auditor.outputs.report import CHARTED_BEFORE, charted
+    from auditor.outputs.classes import CHARTED_BEFORE, charted
 
     marked = [n for n, m in METRICS.items() if m.charted]
     assert sorted(marked) == sorted(CHARTED_BEFORE)  # the registry took over the report's hand-kept list
@@ -136,7 +136,7 @@ def test_many_classes_get_cards_for_the_flagged_first_and_a_row_each() -> None:
     import numpy as np
     from PIL import Image
 
-    from auditor.outputs.report import _class_rows, _heat, class_order
+    from auditor.outputs.classes import _heat, class_order, class_rows
 
     classes = [f"c{i}" for i in range(5)]
     flags = [
@@ -154,7 +154,7 @@ def test_many_classes_get_cards_for_the_flagged_first_and_a_row_each() -> None:
             "triage": {"cues": {"c0": "why", "c1": "why"}, "frame": {"c0": "why"}},
         },
     }
-    rows = {r["cls"]: r for r in _class_rows(summary, flags, "grad_cam")}
+    rows = {r["cls"]: r for r in class_rows(summary, flags, "grad_cam")}
     assert list(rows) == ["c3", "c1", "c0", "c2", "c4"]
     assert (rows["c3"]["flags"], rows["c3"]["severity"], rows["c3"]["rank"]) == (2, "high", 3)
     assert rows["c1"]["hotspot"] == "the top-left corner" and rows["c1"]["triaged"] == "cues"
