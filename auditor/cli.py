@@ -127,6 +127,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     only = [c.strip() for c in args.only_classes.split(",") if c.strip()] if args.only_classes else None
     shard = shard_from_env(args.num_shards, args.shard_id)
     selection = Selection(limit=args.limit, per_class=args.per_class, only_classes=only)
+    if args.dry_run:
+        from auditor.run.estimate import dry_run, format_plan
+
+        print(format_plan(dry_run(cfg, selection)))
+        return 0
     if args.backend == "ray":
         if shard is not None:
             raise ConfigError("--backend ray distributes the batches itself: drop --num-shards / --shard-id")
@@ -276,6 +281,12 @@ def _add_run(sub: Any) -> None:
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the run (exit 1 on failure)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, model and data, print each stage's forwards and a time estimate from a short "
+        "probe on this device, and stop (nothing is written to --out)",
+    )
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="where the map stage runs")
     p.add_argument("--address", help="Ray cluster address (--backend ray; default: a local Ray)")
     p.add_argument("--actors", type=_positive, default=2, help="Ray actors (--backend ray; default 2)")

@@ -70,7 +70,13 @@ def test_a_run_logs_every_stage_and_counts_each_analysis_forwards(
     dataset_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], expensive={"subset": "flagged", "per_class": 2})
+    cfg = make_config(
+        dataset_dir,
+        tmp_path,
+        methods=["grad_cam"],
+        expensive={"subset": "flagged", "per_class": 2},
+        thresholds={"triage": False},  # every test in full: the dry run's bounds are checked against them
+    )
     summary = run_audit(load_config(cfg), tmp_path / "run", progress=False)
     text = caplog.text
     for name in ("flagged pass", "analyses (2 classes)", "finding examples", "deep dive", "report"):
@@ -81,3 +87,24 @@ def test_a_run_logs_every_stage_and_counts_each_analysis_forwards(
     assert logged == forwards and set(forwards) == ran
     assert forwards["cues"] > 0 and forwards["properties"] > 0  # the scan and the colour shifts ran the model
     assert all(forwards[name] == 0 for name in ("background", "attributes"))  # read the table and maps only
+
+    # the dry run's count of each analysis's forwards is the most the run took (here, every test in full)
+    from auditor.run.estimate import analysis_bounds
+
+    bounds = analysis_bounds(summary["dataset"]["per_class"], load_config(cfg).thresholds)
+    assert all(forwards[a] <= bounds.get(a, 0) for a in forwards), (forwards, bounds)
+    assert forwards["cues"] >= 0.5 * bounds["cues"]  # a bound, not a wild guess: the scan ran on every class
+
+
+def test_a_dry_run_prints_every_stage_and_writes_nothing(
+    dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from auditor.cli import main
+
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], sanity={"n_images": 4, "n_blocks": 1})
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert not (tmp_path / "run").exists()
+    text = capsys.readouterr().out
+    for stage in ("main pass", "expensive subset", "randomization test (MPRT)", "analysis cues", "analysis concepts"):
+        assert re.search(rf"^{re.escape(stage)} +[\d,]+ +[\d,]+ +[\d.]+ (s|min|h) ", text, re.M), stage
+    assert re.search(r"a forward takes \d+\.\d+ ms an image", text) and "total: ~" in text
