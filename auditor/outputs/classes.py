@@ -129,7 +129,7 @@ def class_cards(
                 "n": acc.get("n", 0),
                 "bars": _bars(agg.get(cls, {}), metrics),
                 "curves": curves,
-                "heat": _heat(hot["diff"]) if hot else None,
+                "heat": _heat(hot["diff"]) if hot and "diff" in hot else None,
                 "hot": {k: hot[k] for k in ("location", "lift", "persistence")} if hot else None,
             }
         )

@@ -78,18 +78,22 @@ def class_hotspots(
     """
     out: dict[str, Any] = {}
     ok = np.isfinite(maps).all(axis=(1, 2))
+    total = maps[ok].sum(0, dtype=np.float64)  # the other classes' mean is the total less the class's own: a
+    # class's pass reads its own maps, not every map (1,000 classes x 5,000 maps took 92 s at five methods)
     for cls in classes:
         own, rest = ok & (labels == cls), ok & (labels != cls)
-        if own.sum() < 3 or rest.sum() < 3:
+        n_own, n_rest = int(own.sum()), int(rest.sum())
+        if n_own < 3 or n_rest < 3:
             continue
-        diff = maps[own].mean(0) - maps[rest].mean(0)
+        own_sum = maps[own].sum(0, dtype=np.float64)
+        diff = own_sum / n_own - (total - own_sum) / n_rest
         if not np.isfinite(diff).any() or np.nanmax(diff) <= 0:
             continue
         region = _region(diff, level)
         ys, xs = np.nonzero(region)
         box = [xs.min() / GRID, ys.min() / GRID, (xs.max() + 1) / GRID, (ys.max() + 1) / GRID]
-        m_own = maps[own][:, region].sum(1)
-        m_rest = maps[rest][:, region].sum(1)
+        mass = maps[:, region].sum(1)
+        m_own, m_rest = mass[own], mass[rest]
         base = float(m_rest.mean())
         out[cls] = {
             "region": [float(v) for v in box],
@@ -118,7 +122,10 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     for m, (sub, grids) in inputs.grids.items():
         rows = sub["row"].to_numpy()
         obj = np.asarray(inputs.objects[rows], dtype=np.float32) if inputs.objects is not None else None
-        hotspots[m] = class_hotspots(grids, sub["label"].to_numpy(), inputs.classes, obj)
+        found = class_hotspots(grids, sub["label"].to_numpy(), inputs.classes, obj)
+        if m != inputs.methods[0]:  # the report draws the first method's grids: the others' were 4/5 of the file
+            found = {c: {k: v for k, v in r.items() if k not in ("diff", "diff_scale")} for c, r in found.items()}
+        hotspots[m] = found
     return {"hotspots": hotspots, "interventions": {}}
 
 
