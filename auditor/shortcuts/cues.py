@@ -56,7 +56,7 @@ from auditor.shortcuts.registry import (
     tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
-from auditor.shortcuts.triage import SCAN_PROBE_IMAGES, out_of_reach, probe_reason, record
+from auditor.shortcuts.triage import SCAN_PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason, record
 
 
 class Params(SharedParams):
@@ -316,8 +316,9 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     cues: dict[str, Any] = {}
     triaged: dict[str, str] = {}
     least = max(t.cue_drop, t.intervention_effect)  # the scan's drop and the removal's effect: both needed
+    ceilings = class_ceilings(first, inputs.target)
     for cls in tracked(inputs.classes, "region scan, classes"):
-        if t.triage and record(triaged, cls, out_of_reach(first, inputs.target, cls, least)):
+        if t.triage and record(triaged, cls, out_of_reach(ceilings, cls, least)):
             continue
         found = _scan_class(inputs, cls, triaged)
         if found is None:

@@ -41,7 +41,7 @@ from auditor.shortcuts.registry import (
     tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
-from auditor.shortcuts.triage import PROBE_IMAGES, out_of_reach, probe_reason, record
+from auditor.shortcuts.triage import PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason, record
 
 
 class Params(SharedParams):
@@ -95,6 +95,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         return {"frames": {}}
     out: dict[str, Any] = {}
     triaged: dict[str, str] = {}
+    ceilings = class_ceilings(first, inputs.target)
     for cls in tracked(inputs.classes, "border test, classes"):
         mine = first[first["label"] == cls]
         own = np.sort(keyed_rows(mine, t.intervention_images, inputs.seed, "frame"))
@@ -103,7 +104,7 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
             continue
         idx = inputs.classes.index(cls)
         if t.triage and (
-            record(triaged, cls, out_of_reach(first, inputs.target, cls, t.intervention_effect))
+            record(triaged, cls, out_of_reach(ceilings, cls, t.intervention_effect))
             or record(triaged, cls, _probe(inputs, mine, idx, t))
         ):
             continue

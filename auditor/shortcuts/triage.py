@@ -46,14 +46,16 @@ def label_ceiling(first: pd.DataFrame, target: str) -> pd.Series:
     return top.where(first["correct"].astype(bool), np.minimum(top, 1.0 - top))
 
 
-def out_of_reach(first: pd.DataFrame, target: str, cls: str, least: float) -> str | None:
+def class_ceilings(first: pd.DataFrame, target: str) -> dict[str, float]:
+    """Per class, the highest :func:`label_ceiling` of its images (computed once per analysis, not per class)."""
+    return {str(c): float(v) for c, v in label_ceiling(first, target).groupby(first["label"]).max().items()}
+
+
+def out_of_reach(ceilings: dict[str, float], cls: str, least: float) -> str | None:
     """Why no intervention on ``cls``'s images can lower p(``cls``) by ``least`` (every image's p is below
-    it), or None where one could."""
-    own = first["label"] == cls
-    if not own.any():
-        return None
-    top = float(label_ceiling(first, target)[own].max())
-    if top >= least:
+    it: ``ceilings``, :func:`class_ceilings`), or None where one could (or the class has no image)."""
+    top = ceilings.get(cls)
+    if top is None or top >= least:
         return None
     return (
         f"no {cls} image has p({cls}) of {least:.2f} or more (highest {top:.3f}): no intervention can lower it "

@@ -16,7 +16,7 @@ import pytest
 from auditor.shortcuts import cues, frame, properties
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.registry import AnalysisInputs
-from auditor.shortcuts.triage import label_ceiling, out_of_reach, probe_reason, too_few_called
+from auditor.shortcuts.triage import class_ceilings, label_ceiling, out_of_reach, probe_reason, too_few_called
 
 
 def _table(p_a: float, p_b: float, n: int = 12) -> pd.DataFrame:
@@ -84,10 +84,12 @@ def test_the_ceiling_of_p_label_is_exact_for_labels_and_a_bound_for_predictions(
 def test_a_class_is_out_of_reach_only_when_every_image_is_below_the_least_effect() -> None:
     first = _table(0.1, 0.1)
     first.loc[first["id"] == "b3", "target_prob"] = 0.2  # one image of b reaches 0.15
-    reason = out_of_reach(first, "label", "a", 0.15)
+    ceilings = class_ceilings(first, "label")
+    assert ceilings == {"a": 0.1, "b": 0.2}
+    reason = out_of_reach(ceilings, "a", 0.15)
     assert reason is not None and "no a image has p(a) of 0.15 or more (highest 0.100)" in reason
-    assert out_of_reach(first, "label", "b", 0.15) is None
-    assert out_of_reach(first, "label", "c", 0.15) is None  # no image: nothing to say
+    assert out_of_reach(ceilings, "b", 0.15) is None
+    assert out_of_reach(ceilings, "c", 0.15) is None  # no image: nothing to say
     first.loc[first["label"] == "a", "pred"] = ["a"] * 4 + ["b"] * 8
     assert too_few_called(first, "a", 5) == "the model calls 4 of the 12 a images a; a test needs 5"
     assert too_few_called(first, "b", 5) is None
