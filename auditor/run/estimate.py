@@ -142,8 +142,9 @@ def dry_run(cfg: AuditConfig, selection: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         plan = plan_run(cfg, scratch, force=True, selection=selection)
         per_class = Counter(plan.classes[s.label] for s in plan.samples)
-        batch = [plan.dataset[i] for i in range(min(len(plan.dataset), plan.cfg.batch_size))]
-        images = torch.stack([b["image"] for b in batch if b["ok"]]).to(plan.device)
+        read = (plan.dataset[i] for i in range(min(len(plan.dataset), max(32, 4 * plan.cfg.batch_size))))
+        batch = [item["image"] for item in read if item["ok"]][: plan.cfg.batch_size]  # set-up read one in the first 32
+        images = torch.stack(batch).to(plan.device)
         t_f, t_fb = probe_seconds(plan.loaded.module, images)
     stages = stage_costs(plan.cfg, dict(per_class), int(plan.stratified.sum()), plan.methods)
     rows = [{**s.__dict__, "seconds": (s.forwards - s.backwards) * t_f + s.backwards * t_fb} for s in stages]
