@@ -23,7 +23,7 @@ from torch import nn
 from auditor.config import AuditConfig
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.catalog import Thresholds
-from auditor.shortcuts.cues import edge_bands, grid_boxes
+from auditor.shortcuts.cues import HELD_OUT, edge_bands, grid_boxes, scan_split
 from auditor.shortcuts.triage import PROBE_IMAGES
 
 FAITHFULNESS = ("deletion_auc", "insertion_auc")
@@ -52,7 +52,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     Per class of ``n`` images among ``N`` (a region test on ``a`` + ``b`` images forwards ``3 (a + b)``, a scan
     of ``k`` windows ``n (k + 1)``, a colour shift ``5 (a + b)``):
 
-    - ``cues``: the coarse scan and its localization on ``min(cue_images, n)`` images, and 4 region tests;
+    - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
+      ones (``cues.scan_split``);
     - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
     - ``hotspots``: one region test; ``subset_cues``: one localization on ``subset_images`` carriers and two
       region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
@@ -63,9 +64,10 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     out: Counter[str] = Counter()
     for n in per_class.values():
         own, other = min(t.intervention_images, n), min(t.intervention_images, total - n)
-        scanned = min(t.cue_images, n)
+        scanned, held = scan_split(n, t.cue_images)
         if scanned >= 4:
-            out["cues"] += scanned * (coarse + 1) + scanned * (fine + 1) + 4 * 3 * (own + other)
+            tested = min(t.intervention_images, held if held >= HELD_OUT else n)
+            out["cues"] += scanned * (coarse + 1) + scanned * (fine + 1) + 4 * 3 * (tested + other)
         if t.frame_width > 0 and min(own, other) >= t.min_group:
             out["frame"] += 3 * min(PROBE_IMAGES, n) + 3 * (own + other)
         if min(n, total - n) >= t.min_group:

@@ -39,6 +39,7 @@ from functools import partial
 from typing import Any, Self
 
 import numpy as np
+import pandas as pd
 from pydantic import Field, StrictInt, model_validator
 from scipy import ndimage
 
@@ -82,6 +83,24 @@ FINE = 64  # side of the importance grid the region is read from
 REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown and retested
 GROW_GAIN = 0.1  # ... while each growth step adds at least this share of the peak drop
 LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
+HELD_OUT = 6  # least images of a class, unseen by the scan, that a region is confirmed on above ``low``
+
+
+def scan_split(n: int, cue_images: int) -> tuple[int, int]:
+    """(images scanned, images held out for the confirmation) of a class of ``n`` images.
+
+    The scan picks the best of ~60 places on its images, so on those same images the place beats its control
+    by selection alone. The confirmation runs on images the scan did not see: ``cue_images`` are scanned and the
+    rest held out; where that leaves under ``HELD_OUT``, the scan takes fewer (down to 4) so that ``HELD_OUT``
+    remain. A class too small for both (under ``4 + HELD_OUT`` images) is scanned on ``min(cue_images, n)`` and
+    has none held out: its region is confirmed on the scanned images and graded ``low`` at most.
+    """
+    scanned = min(cue_images, n)
+    if scanned < 4 or n - scanned >= HELD_OUT:
+        return scanned, n - scanned
+    if n - 4 >= HELD_OUT:
+        return n - HELD_OUT, HELD_OUT
+    return scanned, 0
 
 
 def grid_boxes(window: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0)) -> list[list[float]]:
@@ -266,7 +285,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     own = first[first["label"] == cls]
-    rows = keyed_rows(own, t.cue_images, inputs.seed, "cue", own["correct"])
+    rows = keyed_rows(own, scan_split(len(own), t.cue_images)[0], inputs.seed, "cue", own["correct"])
     if len(rows) < 4:
         return None  # too few to call anything "the same place in most images" (or the scan is off)
     idx = inputs.classes.index(cls)
@@ -281,6 +300,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
     if _band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
         found = local  # a band holds a tag as well as the tag's own window does: the window localizes it
     out: dict[str, Any] = {"n": len(rows), "window": t.cue_window, **found, "region": None}
+    out["scanned"] = sorted(int(r) for r in rows)
     if found["effect"] < t.cue_drop:
         return out
     pb, half = found["peak_box"], t.cue_window / 2
@@ -299,6 +319,14 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
         "object_overlap": object_overlap(inputs.objects, own["row"].to_numpy(), box_cells(region)),
         "ids": own.set_index("row").loc[rows, "id"].head(6).tolist(),
     }
+
+
+def _test_rows(own: pd.DataFrame, scanned: list[int], found: dict[str, Any], t: Params, seed: int) -> np.ndarray:
+    """The class's images the region is confirmed on: a keyed draw of those the scan did not see (``scan_split``),
+    or, where too few remain, of all of them (``found["held_out"]`` says which)."""
+    unseen = own[~own["row"].isin(scanned)]
+    found["held_out"] = len(unseen) >= HELD_OUT
+    return np.sort(keyed_rows(unseen if found["held_out"] else own, t.intervention_images, seed, "cue-test"))
 
 
 def _region_test(
@@ -323,10 +351,11 @@ def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
         found = _scan_class(inputs, cls, triaged)
         if found is None:
             continue
+        scanned = found.pop("scanned")
         cues[cls] = found
         if found["region"] is None:
             continue
-        own = np.sort(keyed_rows(first[first["label"] == cls], t.intervention_images, inputs.seed, "cue-test"))
+        own = _test_rows(first[first["label"] == cls], scanned, found, t, inputs.seed)
         other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
         tight = found["region"]
         region_test = partial(_region_test, inputs, own.tolist(), other.tolist(), inputs.classes.index(cls))
@@ -384,13 +413,15 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
         f"({pct(r['consistency'])} of them drop, other places: {max(r['baseline'], 0):.2f})"
     )
     test = r.get("test")
+    unseen = "other " if r.get("held_out", False) else ""
     if test and test.get("n_pasted") == 0:
         removed = change(-test["removal_drop"], f"p({c})")
-        msg += f"; removing that region from {c} images {removed} (no other class's images to paste it into)"
+        msg += f"; removing that region from {unseen}{c} images {removed} (no other class's images to paste it into)"
     elif test:
         ctrl = test["control"]
         msg += (
-            f"; removing that region from {c} images {change(-test['removal_drop'], f'p({c})')} and pasting it "
+            f"; removing that region from {test['n_removed']} {unseen}{c} images "
+            f"{change(-test['removal_drop'], f'p({c})')} and pasting it "
             f"into other classes' images {change(test['paste_gain'], 'it')}, turning {pct(test['paste_flips'])} "
             f"of them into {c} (the same for a control box of the same size: {change(-ctrl['removal_drop'], 'it')} "
             f"and {change(ctrl['paste_gain'], 'it')})"
@@ -401,6 +432,11 @@ def _message(c: str, r: dict[str, Any], conf: dict[str, Any], masked: bool) -> s
             msg += f"; the region's removal gives {given} of the scan's drop: the cue may extend beyond it"
     if not masked and _central(r["region"]):
         msg += "; the region is central, so without masks it may be the object itself"
+    if test and not r.get("held_out", False):
+        msg += (
+            f"; the class has too few images to confirm the region on images the scan did not see ({HELD_OUT} needed "
+            "besides the 4 scanned), so the place was tested on the images it was chosen on, which favours it"
+        )
     return msg + "."
 
 
@@ -424,10 +460,13 @@ def cue_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         sev = "high" if conf["paste"] and strong else "medium"
         if not masked and _central(r["region"]):
             sev = "low"  # objects sit near the centre: without masks, the region may be the object itself
+        if not r.get("held_out", False):
+            sev = "low"  # confirmed on the images the place was chosen on: selection, not evidence
         evidence = {
             k: r[k] for k in ("n", "peak", "baseline", "effect", "consistency", "area", "object_overlap", "ids")
         }
         evidence["reproduced"] = r.get("reproduced")
+        evidence["held_out"] = bool(r.get("held_out", False))
         evidence |= {"test": r.get("test"), **conf}
         score = min(1.0, r["effect"])
         msg = _message(c, r, conf, masked)

@@ -33,6 +33,8 @@ def _test(
 ) -> dict[str, Any]:
     """A region test whose paired effects are its means minus the control box's (floored at 0)."""
     return {
+        "n_removed": 20,
+        "n_pasted": 32,
         "removal_drop": removal,
         "paste_gain": paste,
         "paste_flips": flips,
@@ -57,6 +59,7 @@ def _cue(region: list[float] | None = CORNER, overlap: float = float("nan"), **o
         "object_overlap": overlap,
         "ids": ["a"],
         "test": _test(0.8, 0.8),
+        "held_out": True,
     }
     return r | over
 
@@ -86,6 +89,14 @@ def test_region_cue_scan_effect_and_image_count_guards() -> None:
     assert _severity(_cue(effect=T.cue_drop - 0.01)) is None  # the scan's peak does not beat the baseline
     assert _severity(_cue(n=3)) is None  # too few images to call a place common to a class
     assert _severity(_cue(region=None)) is None  # the scan localized nothing
+
+
+def test_region_cue_confirmed_on_the_scanned_images_is_low_and_says_so() -> None:
+    # a class too small to hold images out: the place was tested on the images it was chosen on (selection)
+    assert _severity(_cue(held_out=False)) == "low"
+    msg = cue_flags({"cues": {"tagged": _cue(held_out=False)}}, CTX)[0]["message"]
+    assert "tested on the images it was chosen on" in msg
+    assert "20 other tagged images" in cue_flags({"cues": {"tagged": _cue()}}, CTX)[0]["message"]
 
 
 def test_region_cue_on_the_object_and_central_guards() -> None:

@@ -1,0 +1,57 @@
+"""The region cue is confirmed on images its scan did not see.
+
+The scan picks the best of ~60 places on its images; on those same images the place beats its control box by
+selection alone (73 clean classes of a 100-class benchmark were flagged that way). Oracles: the split of a class
+into scanned and held-out images, and the rows each call of a recording stand-in sees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from auditor.shortcuts import cues
+from auditor.shortcuts.cues import HELD_OUT, scan_split
+from tests.shortcuts.test_triage import Recorder, _inputs, _table
+
+
+@pytest.mark.parametrize(
+    ("n", "split"),
+    [(40, (12, 28)), (20, (12, 8)), (18, (12, 6)), (17, (11, 6)), (10, (4, 6)), (9, (9, 0)), (4, (4, 0)), (3, (3, 0))],
+)
+def test_a_class_is_split_into_scanned_and_held_out_images(n: int, split: tuple[int, int]) -> None:
+    assert scan_split(n, 12) == split
+    assert scan_split(n, 0) == (0, n)  # the scan off: nothing scanned
+
+
+class OwnRecorder(Recorder):
+    """The recorder, keeping the class's own images of each region test apart from the other classes'."""
+
+    def region_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
+        out = super().region_test(own, other, *args)
+        self.calls[-1] = ("region", list(own))
+        return out
+
+
+def _calls(n: int) -> tuple[list[int], list[list[int]], dict[str, Any]]:
+    rec = OwnRecorder(drop=0.5, removal=0.5)
+    out = cues.intervene({"cues": {}}, _inputs(_table(0.9, 0.9, n=n), rec, triage=False))
+    a_rows = set(range(n))  # class a's rows come first in the table
+    scans = [set(r) for k, r in rec.calls if k == "scan" and set(r) <= a_rows]
+    tests = [r for k, r in rec.calls if k == "region" and set(r) <= a_rows]
+    return sorted(set().union(*scans)), tests, out["cues"]["a"]
+
+
+@pytest.mark.parametrize("n", [20, 10])
+def test_the_region_is_confirmed_on_images_the_scan_did_not_see(n: int) -> None:
+    scanned, tests, found = _calls(n)
+    assert len(scanned) == scan_split(n, 12)[0]
+    assert tests and all(not set(t) & set(scanned) for t in tests)  # coarse, fine and every region test
+    assert all(len(t) == n - len(scanned) for t in tests) and found["held_out"] is True
+
+
+def test_a_class_too_small_to_hold_images_out_is_tested_on_them_and_says_so() -> None:
+    scanned, tests, found = _calls(HELD_OUT + 3)
+    assert len(scanned) == HELD_OUT + 3 and all(sorted(t) == scanned for t in tests)
+    assert found["held_out"] is False
