@@ -12,7 +12,7 @@ import yaml
 
 from auditor.cli import main
 from auditor.errors import ConfigError
-from auditor.outputs.gate import evaluate, github_outputs, passed, write_junit
+from auditor.outputs.gate import PASSES_SHOWN, evaluate, github_outputs, passed, table, write_junit
 from auditor.outputs.rules import Rule, load_rules
 
 
@@ -69,6 +69,22 @@ def test_absolute_metric_rule_per_class_and_method() -> None:
         _rules({"metric": "energy_in_mask", "class": "tank", "op": ">=", "value": 0.5, "on_fail": "warn"}), s, []
     )
     assert {c.status for c in warn} == {"WARN"} and passed(warn)
+
+
+def test_a_rule_on_each_of_1000_classes_prints_what_failed_and_counts_the_rest(tmp_path: Path) -> None:
+    """1,000 classes x 2 methods: every check is evaluated and written, the printed table lists the failures and
+    the first passes, and says how many more passed."""
+    s = _summary({"*": 0.6} | {f"c{i:04d}": 0.3 if i % 100 == 0 else 0.8 for i in range(1000)})
+    checks = evaluate(_rules({"metric": "energy_in_mask", "class": "each", "op": ">=", "value": 0.5}), s, [])
+    assert len(checks) == 2000 and sum(c.status == "FAIL" for c in checks) == 20
+    text = table(checks)
+    lines = text.splitlines()
+    assert sum(line.startswith("FAIL") for line in lines) == 20
+    assert sum(line.startswith("PASS") for line in lines) == PASSES_SHOWN
+    assert f"... and {1980 - PASSES_SHOWN} more passed checks (gate.json lists every check)" in text
+    assert lines[-1] == "20 fail, 1980 pass"
+    write_junit(checks, tmp_path / "junit.xml")
+    assert sum(1 for _ in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")) == 2000
 
 
 def test_missing_metric_is_an_error_that_fails() -> None:

@@ -16,6 +16,8 @@ from auditor.shortcuts.grids import grid_maps
 from auditor.stats import describe, spearman_rows
 from auditor.store.rundir import RunDir, atomic_write_bytes
 
+SHOWN_CLASSES = 40  # with more classes, the HTML lists the per-class deltas that changed (diff.json: every one)
+
 
 def _fmt(x: float) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
@@ -35,8 +37,9 @@ def metric_deltas(
     metrics = [c for c in a.columns if c in b.columns and c in columns]
     for (method, target), grp in merged.groupby(["method", "target"], sort=False):
         rows = []
+        by_class = dict(iter(grp.groupby("label_a", sort=False)))  # one pass, not a filter per class
         for cls in ["*", *classes]:
-            sub = grp if cls == "*" else grp[grp["label_a"] == cls]
+            sub = grp if cls == "*" else by_class.get(cls, grp.iloc[:0])
             for m in metrics:
                 va, vb = sub[f"{m}_a"].to_numpy(np.float64), sub[f"{m}_b"].to_numpy(np.float64)
                 ok = np.isfinite(va) & np.isfinite(vb)
@@ -63,6 +66,19 @@ def metric_deltas(
                 )
         blocks.append({"method": str(method), "target": str(target), "rows": rows})
     return blocks
+
+
+def shown_rows(rows: list[dict[str, Any]], n_classes: int) -> tuple[list[dict[str, Any]], int]:
+    """The rows of one method's delta table that the HTML lists, and how many it leaves to ``diff.json``.
+
+    Up to ``SHOWN_CLASSES`` classes, every row. Beyond, the all-classes rows (``*``) and the per-class rows whose
+    interval excludes 0 in a direction (worse first): 1,000 classes x every metric was tens of thousands of rows.
+    """
+    if n_classes <= SHOWN_CLASSES:
+        return rows, 0
+    changed = sorted((r for r in rows if r["cls"] != "*" and r["tone"]), key=lambda r: r["tone"] != "worse")
+    shown = [r for r in rows if r["cls"] == "*"] + changed
+    return shown, len(rows) - len(shown)
 
 
 def flag_changes(flags_a: list[dict[str, Any]], flags_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,7 +158,11 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> dict[str, Any]:
             dataset_id=summary_a["dataset"]["id"],
             n=summary_a["dataset"]["n"],
             flag_changes=changes,
-            deltas=deltas,
+            deltas=[
+                {**b, "rows": rows, "hidden": hidden}
+                for b in deltas
+                for rows, hidden in [shown_rows(b["rows"], len(classes))]
+            ],
             changed=changed,
             changed_method=method or "no common method",
         )
