@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from auditor.ops import resize_bilinear
 
 GRID = 32
+OBJECT_CHUNK = 8192  # object grids read at once by :func:`object_overlap`
 
 
 def grid_maps(maps: np.ndarray) -> np.ndarray:
@@ -44,7 +46,13 @@ def box_cells(box: Sequence[float]) -> np.ndarray:
     return cells
 
 
-def object_overlap(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarray) -> float:
+class Indexable(Protocol):
+    """An array, or anything that reads rows of one when indexed (``hotspots.RowsOf``)."""
+
+    def __getitem__(self, selection: Any, /) -> Any: ...
+
+
+def object_overlap(objects: Indexable | None, rows: np.ndarray, cells: np.ndarray) -> float:
     """Mean object fraction of ``cells`` over the ``rows`` that have a mask (NaN without masks).
 
     Args:
@@ -54,9 +62,13 @@ def object_overlap(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarr
     """
     if objects is None:
         return float("nan")
-    obj = np.asarray(objects[rows], dtype=np.float32)
-    has = np.isfinite(obj).all(axis=(1, 2))
-    return float(obj[has][:, cells].mean()) if has.any() else float("nan")
+    sel = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    total, count = 0.0, 0
+    for i in range(0, len(sel), OBJECT_CHUNK):  # a class's object grids a chunk at a time, not all in float32
+        obj = np.asarray(objects[sel[i : i + OBJECT_CHUNK]], dtype=np.float32)
+        inside = obj[np.isfinite(obj).all(axis=(1, 2))][:, cells]
+        total, count = total + float(inside.sum(dtype=np.float64)), count + inside.size
+    return total / count if count else float("nan")
 
 
 def object_inside(objects: np.ndarray | None, rows: np.ndarray, cells: np.ndarray, least: float = 0.5) -> float:

@@ -18,7 +18,7 @@ from scipy import ndimage, stats
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import GRID, control_box, describe_location, object_overlap
+from auditor.shortcuts.grids import GRID, Indexable, control_box, describe_location, object_overlap
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -50,11 +50,33 @@ def _region(diff: np.ndarray, level: float) -> np.ndarray:
     return np.asarray(labels == labels[peak])
 
 
+CHUNK = 8192  # maps summed at once: a copy of every map of a 100k-row run was 400 MB on top of the maps
+
+
+def sum_rows(maps: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``maps[rows].sum(0)`` in float64, ``CHUNK`` rows at a time (``[32, 32]``)."""
+    total = np.zeros(maps.shape[1:], dtype=np.float64)
+    for i in range(0, len(rows), CHUNK):
+        total += maps[rows[i : i + CHUNK]].sum(0, dtype=np.float64)
+    return total
+
+
+class RowsOf:
+    """``base[rows[i]]`` for a selection ``i``, read when asked: a class's object grids, not a float copy of every
+    row's (4 KiB a sample: 4 GB at a million rows)."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray) -> None:
+        self.base, self.rows = base, rows
+
+    def __getitem__(self, selection: np.ndarray) -> np.ndarray:
+        return np.asarray(self.base[self.rows[selection]], dtype=np.float32)
+
+
 def class_hotspots(
     maps: np.ndarray,
     labels: np.ndarray,
     classes: Sequence[str],
-    objects: np.ndarray | None = None,
+    objects: Indexable | None = None,
     level: float = 0.5,
 ) -> dict[str, Any]:
     """Per class: where its mean L1-normalized map exceeds the other classes' mean, on a 32 x 32 grid.
@@ -77,15 +99,15 @@ def class_hotspots(
         7 decimals the grids were half of a 100-class ``summary.json``).
     """
     out: dict[str, Any] = {}
-    ok = np.isfinite(maps).all(axis=(1, 2))
-    total = maps[ok].sum(0, dtype=np.float64)  # the other classes' mean is the total less the class's own: a
+    ok = np.concatenate([np.isfinite(maps[i : i + CHUNK]).all(axis=(1, 2)) for i in range(0, len(maps), CHUNK)])
+    total = sum_rows(maps, np.flatnonzero(ok))  # the other classes' mean is the total less the class's own: a
     # class's pass reads its own maps, not every map (1,000 classes x 5,000 maps took 92 s at five methods)
     for cls in classes:
         own, rest = ok & (labels == cls), ok & (labels != cls)
         n_own, n_rest = int(own.sum()), int(rest.sum())
         if n_own < 3 or n_rest < 3:
             continue
-        own_sum = maps[own].sum(0, dtype=np.float64)
+        own_sum = sum_rows(maps, np.flatnonzero(own))
         diff = own_sum / n_own - (total - own_sum) / n_rest
         if not np.isfinite(diff).any() or np.nanmax(diff) <= 0:
             continue
@@ -121,7 +143,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     hotspots = {}
     for m, (sub, grids) in inputs.grids.items():
         rows = sub["row"].to_numpy()
-        obj = np.asarray(inputs.objects[rows], dtype=np.float32) if inputs.objects is not None else None
+        obj = RowsOf(inputs.objects, rows) if inputs.objects is not None else None
         found = class_hotspots(grids, sub["label"].to_numpy(), inputs.classes, obj)
         if m != inputs.methods[0]:  # the report draws the first method's grids: the others' were 4/5 of the file
             found = {c: {k: v for k, v in r.items() if k not in ("diff", "diff_scale")} for c, r in found.items()}
