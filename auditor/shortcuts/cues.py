@@ -18,7 +18,8 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
    4/16, while each step adds a tenth of the peak drop; the first region that reproduces 80% is kept (else
    the one with the largest removal effect), and the share of the scan's drop it reproduces is reported
    (``reproduced``). At most four region tests per class.
-3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from more of the class's images (ROAD
+3. **Confirm** (SpRAy / ImageNet-W logic): remove the region from class images the scan did not see
+   (:func:`scan_split`: on the scanned ones the best of ~60 places beats its control by selection alone; ROAD
    imputation) and paste it into other classes' images at the same place, and do the same with a
    control box of the same size at the mirrored place, on the same images. Per image, the region's
    change minus the control's is the effect: its mean must reach ``intervention_effect`` and its paired
