@@ -65,7 +65,10 @@ class Params(SharedParams):
     """``region_cue``'s thresholds (config ``thresholds``, flat keys)."""
 
     cue_images: StrictInt = Field(
-        12, ge=0, description="images per class scanned for a region cue (mask-free); 0 turns the scan off"
+        12,
+        ge=0,
+        description="images per class scanned for a region cue (mask-free; fewer where 6 would not be left for the "
+        "confirmation); 0 turns the scan off",
     )
     cue_window: float = Field(0.25, gt=0, le=0.5, description="side of the scan's windows (share of the image side)")
     cue_drop: float = Field(
