@@ -23,7 +23,7 @@ from auditor.registry import Registry
 from auditor.shortcuts.examples import ExamplesHook
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag
-from auditor.shortcuts.grids import GRID, grid_maps
+from auditor.shortcuts.grids import CHUNK, GRID, grid_maps
 from auditor.shortcuts.removals import counterfactual_summary
 from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
@@ -31,7 +31,6 @@ from auditor.store.rundir import RunDir, one_row_per_sample
 
 NEEDS = ("maps", "masks", "counterfactuals", "model", "mprt")
 LOG_EVERY = 10.0  # seconds between two progress lines of one loop
-GRID_CHUNK = 8192  # maps put on the analysis grid at once (their float copies are ~6x the grid)
 log = logging.getLogger("auditor.analyses")
 T = TypeVar("T")
 
@@ -147,8 +146,8 @@ class AnalysisInputs:
             if maps is not None:
                 rows = sub["row"].to_numpy()
                 grids = np.empty((len(rows), GRID, GRID), dtype=np.float32)
-                for i in range(0, len(rows), GRID_CHUNK):  # the float copies and the resize, a chunk at a time
-                    grids[i : i + GRID_CHUNK] = grid_maps(maps[rows[i : i + GRID_CHUNK]])
+                for i in range(0, len(rows), CHUNK):  # the float copies and the resize (~6x the grid), by chunk
+                    grids[i : i + CHUNK] = grid_maps(maps[rows[i : i + CHUNK]])
                 out[m] = (sub, grids)
         return out
 
