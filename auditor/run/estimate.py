@@ -23,7 +23,7 @@ from torch import nn
 from auditor.config import AuditConfig
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.catalog import Thresholds
-from auditor.shortcuts.cues import HELD_OUT, edge_bands, grid_boxes, scan_split
+from auditor.shortcuts.cues import edge_bands, grid_boxes, scan_split
 from auditor.shortcuts.triage import PROBE_IMAGES
 
 FAITHFULNESS = ("deletion_auc", "insertion_auc")
@@ -66,7 +66,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         own, other = min(t.intervention_images, n), min(t.intervention_images, total - n)
         scanned, held = scan_split(n, t.cue_images)
         if scanned >= 4:
-            tested = min(t.intervention_images, held if held >= HELD_OUT else n)
+            tested = min(t.intervention_images, held or n)  # none held out: the scanned images
             out["cues"] += scanned * (coarse + 1) + scanned * (fine + 1) + 4 * 3 * (tested + other)
         if t.frame_width > 0 and min(own, other) >= t.min_group:
             out["frame"] += 3 * min(PROBE_IMAGES, n) + 3 * (own + other)
