@@ -32,8 +32,10 @@ from auditor.shortcuts.registry import (
     ANALYSES,
     Analysis,
     AnalysisInputs,
+    Executor,
     FlagContext,
     Measurement,
+    execute_here,
     log,
     unreliable_methods,
 )
@@ -133,9 +135,13 @@ def unmet(inputs: AnalysisInputs, needs: set[str], interventions: bool = True) -
     return {need: checks[need][1] for need in sorted(needs) if not checks[need][0]()}
 
 
-def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple[dict[str, Any], list[Flag]]:
+def run_analyses(
+    inputs: AnalysisInputs, *, interventions: bool = True, execute: Executor = execute_here
+) -> tuple[dict[str, Any], list[Flag]]:
     """For every analysis whose needs the run meets: measure, intervene (where the model is given and
-    ``interventions``); adjust every p-value that can raise a flag as one Benjamini-Hochberg family; flag.
+    ``interventions``; the per-class work items through ``execute``: this process by default, the Ray actors
+    under ``--backend ray``, with the run directory's item store for resuming); adjust every p-value that can
+    raise a flag as one Benjamini-Hochberg family; flag.
 
     Returns:
         ``(analyses, flags)`` for ``summary.json`` and ``flags.json`` (flags most severe first);
@@ -159,13 +165,18 @@ def run_analyses(inputs: AnalysisInputs, *, interventions: bool = True) -> tuple
             continue
         start, before = time.perf_counter(), _forwards(inputs)
         m = analysis.measure(inputs)
-        if analysis.intervene is not None:
-            m |= analysis.intervene(m, inputs) if interventions and inputs.intervener else {}
+        if analysis.intervene is not None and interventions and inputs.intervener:
+            m |= analysis.intervene(m, inputs)
+        forwards[analysis.name] = _forwards(inputs) - before
+        if analysis.per_class is not None and interventions and inputs.intervener:
+            keys = analysis.per_class.classes(m, inputs)
+            results, images = execute(analysis, m, inputs, keys)
+            m |= analysis.per_class.gather(m, {k: results[k] for k in keys})
+            forwards[analysis.name] += images
         if m.get("triage"):
             triage[analysis.name] = m["triage"]
         m.pop("triage", None)
         measured.append((analysis, m))
-        forwards[analysis.name] = _forwards(inputs) - before
         seconds = time.perf_counter() - start
         log.info("analysis %s: %.1f s, %d images forwarded", analysis.name, seconds, forwards[analysis.name])
     p = {f"{a.name}/{k}": float(v) for a, m in measured if a.tests is not None for k, v in a.tests(m).items()}

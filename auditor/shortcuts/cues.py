@@ -53,9 +53,9 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    PerClass,
     keyed_rows,
     register_analysis,
-    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.shortcuts.triage import SCAN_PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason, record
@@ -341,38 +341,52 @@ def _region_test(
     return inputs.intervener.region_test(own, other, idx, box, control_box(box), inputs.seed)
 
 
-def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Scan every class, then confirm each located region against a control box."""
+def _cue_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: scan it, then confirm its located region against a control box.
+
+    Returns:
+        ``{"cue": the class's entry of ``cues`` or None, "triage": why it was not examined in full or None}``.
+    """
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
-    cues: dict[str, Any] = {}
-    triaged: dict[str, str] = {}
     least = max(t.cue_drop, t.intervention_effect)  # the scan's drop and the removal's effect: both needed
-    ceilings = class_ceilings(first, inputs.target)
-    for cls in tracked(inputs.classes, "region scan, classes"):
-        if t.triage and record(triaged, cls, out_of_reach(ceilings, cls, least)):
-            continue
-        found = _scan_class(inputs, cls, triaged)
-        if found is None:
-            continue
-        scanned = found.pop("scanned")
-        cues[cls] = found
-        if found["region"] is None:
-            continue
-        own = _test_rows(first[first["label"] == cls], scanned, found, t, inputs.seed)
-        other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
-        tight = found["region"]
-        region_test = partial(_region_test, inputs, own.tolist(), other.tolist(), inputs.classes.index(cls))
-        region, test = reproduce(tight, found["peak"], t.cue_window / 16, region_test)  # 1 px at 64 px
-        if region != tight:
-            area = float((region[2] - region[0]) * (region[3] - region[1]))
-            found |= {"region": region, "location": describe_location(region), "area": area, "grown": True}
-        rows = first[first["label"] == cls]["row"].to_numpy()
-        found["object_overlap"] = object_overlap(inputs.objects, rows, box_cells(found["region"]))
-        found["object_inside"] = object_inside(inputs.objects, rows, box_cells(found["region"]))
-        found["test"] = test
-        found["reproduced"] = float(test["removal_drop"] / found["peak"]) if found["peak"] > 0 else float("nan")
-    return {"cues": cues, "triage": triaged}
+    ceilings = inputs.memo("ceilings", lambda: class_ceilings(first, inputs.target))
+    triaged: dict[str, str] = {}
+    if t.triage and record(triaged, cls, out_of_reach(ceilings, cls, least)):
+        return {"cue": None, "triage": triaged[cls]}
+    found = _scan_class(inputs, cls, triaged)
+    if found is None:
+        return {"cue": None, "triage": triaged.get(cls)}
+    scanned = found.pop("scanned")
+    if found["region"] is None:
+        return {"cue": found, "triage": None}
+    own = _test_rows(first[first["label"] == cls], scanned, found, t, inputs.seed)
+    other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
+    tight = found["region"]
+    region_test = partial(_region_test, inputs, own.tolist(), other.tolist(), inputs.classes.index(cls))
+    region, test = reproduce(tight, found["peak"], t.cue_window / 16, region_test)  # 1 px at 64 px
+    if region != tight:
+        area = float((region[2] - region[0]) * (region[3] - region[1]))
+        found |= {"region": region, "location": describe_location(region), "area": area, "grown": True}
+    rows = first[first["label"] == cls]["row"].to_numpy()
+    found["object_overlap"] = object_overlap(inputs.objects, rows, box_cells(found["region"]))
+    found["object_inside"] = object_inside(inputs.objects, rows, box_cells(found["region"]))
+    found["test"] = test
+    found["reproduced"] = float(test["removal_drop"] / found["peak"]) if found["peak"] > 0 else float("nan")
+    return {"cue": found, "triage": None}
+
+
+def _gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
+    cues = {c: r["cue"] for c, r in results.items() if r["cue"] is not None}
+    return {"cues": cues, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
+
+
+WORK = PerClass(
+    classes=lambda measured, inputs: list(inputs.classes),
+    run=_cue_class,
+    gather=_gather,
+    what="region scan, classes",
+)
 
 
 def tests(measured: Measurement) -> dict[str, float]:
@@ -488,7 +502,7 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=cue_flags,
         evidence_ids=("ids",),
-        intervene=intervene,
+        per_class=WORK,
         tests=tests,
     )
 )

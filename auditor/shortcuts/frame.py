@@ -36,12 +36,12 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    PerClass,
     keyed_rows,
     register_analysis,
-    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
-from auditor.shortcuts.triage import PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason, record
+from auditor.shortcuts.triage import PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason
 
 
 class Params(SharedParams):
@@ -87,33 +87,40 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     return {"frames": {}}
 
 
-def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Remove and transplant each class's border band and its control ring (keyed draws of images)."""
+def _frame_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: remove and transplant its border band and the control ring (keyed draws of
+    images). Returns ``{"frame": the class's entry of ``frames`` or None, "triage": reason or None}``."""
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
-    if t.frame_width == 0:
-        return {"frames": {}}
-    out: dict[str, Any] = {}
-    triaged: dict[str, str] = {}
-    ceilings = class_ceilings(first, inputs.target)
-    for cls in tracked(inputs.classes, "border test, classes"):
-        mine = first[first["label"] == cls]
-        own = np.sort(keyed_rows(mine, t.intervention_images, inputs.seed, "frame"))
-        other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "frame"))
-        if len(own) < t.min_group or len(other) < t.min_group:
-            continue
-        idx = inputs.classes.index(cls)
-        if t.triage and (
-            record(triaged, cls, out_of_reach(ceilings, cls, t.intervention_effect))
-            or record(triaged, cls, _probe(inputs, mine, idx, t))
-        ):
-            continue
-        test = inputs.intervener.region_test(
-            own.tolist(), other.tolist(), idx, band(t.frame_width), ring(t.frame_width), inputs.seed
-        )
-        overlap = object_overlap(inputs.objects, mine["row"].to_numpy(), band_cells(t.frame_width))
-        out[cls] = {"n": len(own), "width": t.frame_width, "object_overlap": overlap, "test": test}
-    return {"frames": out, "triage": triaged}
+    mine = first[first["label"] == cls]
+    own = np.sort(keyed_rows(mine, t.intervention_images, inputs.seed, "frame"))
+    other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "frame"))
+    if len(own) < t.min_group or len(other) < t.min_group:
+        return {"frame": None, "triage": None}
+    idx = inputs.classes.index(cls)
+    ceilings = inputs.memo("ceilings", lambda: class_ceilings(first, inputs.target))
+    if t.triage:
+        reason = out_of_reach(ceilings, cls, t.intervention_effect) or _probe(inputs, mine, idx, t)
+        if reason is not None:
+            return {"frame": None, "triage": reason}
+    test = inputs.intervener.region_test(
+        own.tolist(), other.tolist(), idx, band(t.frame_width), ring(t.frame_width), inputs.seed
+    )
+    overlap = object_overlap(inputs.objects, mine["row"].to_numpy(), band_cells(t.frame_width))
+    return {"frame": {"n": len(own), "width": t.frame_width, "object_overlap": overlap, "test": test}, "triage": None}
+
+
+def _gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
+    frames = {c: r["frame"] for c, r in results.items() if r["frame"] is not None}
+    return {"frames": frames, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
+
+
+WORK = PerClass(
+    classes=lambda measured, inputs: list(inputs.classes) if params_of(inputs.thresholds, Params).frame_width else [],
+    run=_frame_class,
+    gather=_gather,
+    what="border test, classes",
+)
 
 
 def _probe(inputs: AnalysisInputs, mine: pd.DataFrame, idx: int, t: Params) -> str | None:
@@ -180,7 +187,7 @@ ANALYSIS = register_analysis(
         needs=frozenset({"model"}),
         measure=measure,
         flag=frame_flags,
-        intervene=intervene,
+        per_class=WORK,
         tests=tests,
     )
 )

@@ -24,9 +24,9 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    PerClass,
     keyed_rows,
     register_analysis,
-    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.stats import bh_adjust
@@ -191,22 +191,30 @@ def _strongest(support: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return max(support, key=lambda mr: mr[1]["lift"])[1]
 
 
-def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Remove / paste each candidate region and its control box on keyed draws of the class's and other
-    classes' images."""
+def _hotspot_classes(measured: Measurement, inputs: AnalysisInputs) -> list[str]:
+    return list(candidates(measured["hotspots"], params_of(inputs.thresholds, Params)))
+
+
+def _hotspot_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: remove / paste its candidate region and the control box on keyed draws of the
+    class's and other classes' images."""
     assert inputs.intervener is not None
     iv, first, n = inputs.intervener, inputs.first, inputs.thresholds.intervention_images
-    out: dict[str, Any] = {}
-    for cls, support in tracked(
-        candidates(measured["hotspots"], params_of(inputs.thresholds, Params)).items(), "hotspot confirmation, classes"
-    ):
-        region = _strongest(support)["region"]  # exact grid box (the flag's copy is rounded for display)
-        own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
-        other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))
-        ctrl = control_box(region)
-        result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, ctrl, inputs.seed)
-        out[cls] = {"region": region, **result}
-    return {"interventions": out}
+    hits = candidates(measured["hotspots"], params_of(inputs.thresholds, Params))[cls]
+    region = _strongest(hits)["region"]  # exact grid box (the flag's copy is rounded for display)
+    own = np.sort(keyed_rows(first[first["label"] == cls], n, inputs.seed, "hotspot-test"))
+    other = np.sort(keyed_rows(first[first["label"] != cls], n, inputs.seed, "hotspot-test"))
+    ctrl = control_box(region)
+    result = iv.region_test(own.tolist(), other.tolist(), inputs.classes.index(cls), region, ctrl, inputs.seed)
+    return {"region": region, **result}
+
+
+WORK = PerClass(
+    classes=_hotspot_classes,
+    run=_hotspot_class,
+    gather=lambda measured, results: {"interventions": results},
+    what="hotspot confirmation, classes",
+)
 
 
 def _confirmed(c: str, test: dict[str, Any] | None, t: Params, q: dict[str, float]) -> tuple[bool, bool]:
@@ -273,7 +281,7 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=hotspot_flags,
         evidence_ids=(),
-        intervene=intervene,
+        per_class=WORK,
         tests=tests,
     )
 )

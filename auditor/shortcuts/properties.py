@@ -32,13 +32,13 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    PerClass,
     keyed_rows,
     register_analysis,
-    tracked,
 )
 from auditor.shortcuts.removals import removed_gaps
 from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
-from auditor.shortcuts.triage import PROBE_IMAGES, probe_reason, record, too_few_called
+from auditor.shortcuts.triage import PROBE_IMAGES, probe_reason, too_few_called
 
 
 class Params(SharedParams):
@@ -102,27 +102,40 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     }
 
 
-def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Shift each class's images toward the others' colour and back (keyed draws of images)."""
+def _shift_method(inputs: AnalysisInputs) -> str | None:
+    """Where an image has no mask, the finest class-sensitive map's hot places stand in for the object."""
+    return "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
+
+
+def _shift_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: shift its images toward the others' colour and back (keyed draws of images).
+    Returns ``{"test": the shift test or None, "triage": reason or None}``."""
     assert inputs.intervener is not None
-    t, first = params_of(inputs.thresholds, Params), inputs.first
-    # where an image has no mask, the finest class-sensitive map's hot places stand in for the object
-    method = "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
-    out: dict[str, Any] = {}
-    triaged: dict[str, str] = {}
-    for cls, r in tracked(measured["global"].items(), "colour shifts, classes"):
-        out[cls] = r
-        mine, rest, idx = first[first["label"] == cls], first[first["label"] != cls], inputs.classes.index(cls)
-        if t.triage and (
-            record(triaged, cls, too_few_called(first, cls, t.min_group))
-            or record(triaged, cls, _probe(inputs, mine, rest, idx, r["delta"], method))
-        ):
-            continue
-        own = keyed_rows(mine, t.intervention_images, inputs.seed, "shift")
-        other = keyed_rows(rest, t.intervention_images, inputs.seed, "shift")
-        test = inputs.intervener.shift_test(np.sort(own).tolist(), np.sort(other).tolist(), idx, r["delta"], method)
-        out[cls] = {**r, "test": test}
-    return {"global": out, "triage": triaged}
+    t, first, r = params_of(inputs.thresholds, Params), inputs.first, measured["global"][cls]
+    mine, rest, idx = first[first["label"] == cls], first[first["label"] != cls], inputs.classes.index(cls)
+    method = _shift_method(inputs)
+    if t.triage:
+        reason = too_few_called(first, cls, t.min_group) or _probe(inputs, mine, rest, idx, r["delta"], method)
+        if reason is not None:
+            return {"test": None, "triage": reason}
+    own = keyed_rows(mine, t.intervention_images, inputs.seed, "shift")
+    other = keyed_rows(rest, t.intervention_images, inputs.seed, "shift")
+    test = inputs.intervener.shift_test(np.sort(own).tolist(), np.sort(other).tolist(), idx, r["delta"], method)
+    return {"test": test, "triage": None}
+
+
+def _gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
+    out = {c: {**r, **({"test": results[c]["test"]} if results[c]["test"] is not None else {})}
+           for c, r in measured["global"].items()}  # fmt: skip
+    return {"global": out, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
+
+
+WORK = PerClass(
+    classes=lambda measured, inputs: list(measured["global"]),
+    run=_shift_class,
+    gather=_gather,
+    what="colour shifts, classes",
+)
 
 
 def _probe(
@@ -229,7 +242,7 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=global_flags,
         evidence_ids=(),
-        intervene=intervene,
+        per_class=WORK,
         tests=tests,
     )
 )

@@ -129,6 +129,14 @@ class AnalysisInputs:
     seed: int = 0
     mprt: dict[str, Any] | None = None
     intervener: Intervener | None = None
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        """``make()``, computed once per inputs object under ``key``: what every work item of an analysis reads
+        (a class's ceiling of p, say) is computed once in each process that runs items, not once per item."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @cached_property
     def first(self) -> pd.DataFrame:
@@ -188,6 +196,53 @@ Measurement = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class PerClass:
+    """An analysis's interventions as one work item per class: what an executor (this process's loop, the Ray
+    actors) runs, item by item, wherever the model and the run directory are.
+
+    Attributes:
+        classes: ``classes(measurement, inputs) -> classes`` to intervene on, in order.
+        run: ``run(measurement, inputs, cls) -> result``: one class's work through ``inputs.intervener``. It reads
+            the measurement and the inputs only, so items run in any order, in any process, and give the same
+            result; the result is JSON (numbers, strings, lists, dicts with string keys; NaN allowed).
+        gather: ``gather(measurement, {cls: result}) -> {summary key: value}``: the results, in ``classes``
+            order, into the measurement's update (with ``triage``, as ``intervene`` returns).
+        what: the progress line's label (``"region scan, classes"``).
+    """
+
+    classes: Callable[[Measurement, AnalysisInputs], list[str]]
+    run: Callable[[Measurement, AnalysisInputs, str], dict[str, Any]]
+    gather: Callable[[Measurement, dict[str, dict[str, Any]]], Measurement]
+    what: str
+
+
+def intervene_here(work: PerClass, measured: Measurement, inputs: AnalysisInputs) -> Measurement:
+    """Every work item of ``work`` in this process, in order, gathered (what tests of one analysis call)."""
+    keys = work.classes(measured, inputs)
+    return work.gather(measured, {k: work.run(measured, inputs, k) for k in tracked(keys, work.what)})
+
+
+class Executor(Protocol):
+    """Runs an analysis's work items: ``execute(analysis, measurement, inputs, classes) -> ({class: result},
+    images forwarded)``; every class in ``classes`` gets its :attr:`PerClass.run` result, equal to this
+    process's (``run.work``: the item store, the Ray actors)."""
+
+    def __call__(
+        self, analysis: Analysis, measured: Measurement, inputs: AnalysisInputs, keys: list[str]
+    ) -> tuple[dict[str, dict[str, Any]], int]: ...
+
+
+def execute_here(
+    analysis: Analysis, measured: Measurement, inputs: AnalysisInputs, keys: list[str]
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The default :class:`Executor`: every item in this process, in order, through ``inputs.intervener``."""
+    assert analysis.per_class is not None and inputs.intervener is not None
+    work, before = analysis.per_class, inputs.intervener.forwards
+    results = {k: work.run(measured, inputs, k) for k in tracked(keys, work.what)}
+    return results, inputs.intervener.forwards - before
+
+
+@dataclass(frozen=True)
 class Analysis:
     """A registered analysis.
 
@@ -207,7 +262,10 @@ class Analysis:
         flag: ``flag(measurement, ctx) -> flags``.
         evidence_ids: evidence keys whose values are lists of sample ids (report galleries, the deep dive
             and the flagged second pass read them).
-        intervene: ``intervene(measurement, inputs) -> {summary key: value}``, run only with a model.
+        intervene: ``intervene(measurement, inputs) -> {summary key: value}``, run only with a model, in the
+            process that reduces the run (an analysis that fits one model across classes, as the concepts do).
+        per_class: the interventions as one work item per class (:class:`PerClass`), run only with a model, by
+            the run's executor (the Ray actors under ``--backend ray``); an analysis gives this or ``intervene``.
         tests: ``tests(measurement) -> {test name: p-value}``, every test whose p-value can raise a flag;
             they join the run's one Benjamini-Hochberg family and the flag function reads their q-values
             with ``ctx.q_values(name, tests(measurement))``.
@@ -220,6 +278,7 @@ class Analysis:
     flag: Callable[[Measurement, FlagContext], list[Flag]]
     evidence_ids: tuple[str, ...] = ()
     intervene: Callable[[Measurement, AnalysisInputs], Measurement] | None = None
+    per_class: PerClass | None = None
     tests: Callable[[Measurement], dict[str, float]] | None = None
     params: type[SharedParams] = SharedParams
     examples: ExamplesHook | None = None
@@ -230,6 +289,8 @@ ANALYSES: Registry[Analysis] = Registry("analysis")
 
 def register_analysis(analysis: Analysis) -> Analysis:
     bad = set(analysis.needs) - set(NEEDS)
+    if analysis.intervene is not None and analysis.per_class is not None:
+        raise ValueError(f"analysis {analysis.name!r} gives both intervene and per_class; give one")
     if bad:
         raise ValueError(f"analysis {analysis.name!r} needs unknown inputs {sorted(bad)}; known: {list(NEEDS)}")
     ANALYSES.add(analysis.name, analysis)

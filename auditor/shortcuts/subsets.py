@@ -45,9 +45,9 @@ from auditor.shortcuts.registry import (
     AnalysisInputs,
     FlagContext,
     Measurement,
+    PerClass,
     keyed_rows,
     register_analysis,
-    tracked,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -205,45 +205,46 @@ def localize(drops: np.ndarray, boxes: Sequence[Sequence[float]], stride: float)
     return [float(min(max(v, 0.0), 1.0)) for v in grown]
 
 
-def intervene(measured: Measurement, inputs: AnalysisInputs) -> Measurement:
-    """Localize each class's place on its carriers and confirm it there against a control box."""
+def _subset_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: localize its place on its carriers and confirm it there against a control box."""
     assert inputs.intervener is not None
-    t, first = params_of(inputs.thresholds, Params), inputs.first
-    out: dict[str, Any] = {}
-    for cls, found in tracked(measured["subset_cues"].items(), "subset confirmation, classes"):
-        idx = inputs.classes.index(cls)
-        carriers = first[first["row"].isin(found["carrier_rows"])]
-        rows = np.sort(keyed_rows(carriers, t.subset_images, inputs.seed, "subset"))
-        half = t.subset_window / 2
-        near = _window(found["centre"], t.subset_window * 2)
-        fine = grid_boxes(half, half / 2, near)
-        region = localize(inputs.intervener.scan(rows.tolist(), idx, fine), fine, half / 2)
-        others = first[first["label"] != cls]
-        other = np.sort(keyed_rows(others, t.subset_images, inputs.seed, "subset-test"))
-        test = inputs.intervener.region_test(
-            rows.tolist(), other.tolist(), idx, region, control_box(region), inputs.seed
-        )
-        rest = first[first["row"].isin(found["other_rows"])]
-        plain = np.sort(keyed_rows(rest, t.subset_images, inputs.seed, "subset-rest"))
-        without = (
-            inputs.intervener.region_test(
-                plain.tolist(), other[:1].tolist(), idx, region, control_box(region), inputs.seed
-            )
-            if len(plain) >= 2
-            else None
-        )
-        kept = {k: v for k, v in found.items() if k not in ("carrier_rows", "other_rows")}
-        kept["ids"] = kept["ids"][:MAX_IDS]
-        rest = None if without is None else {k: without[k] for k in ("removal_drop", "removal_effect")}
-        out[cls] = {
-            **kept,
-            "region": region,
-            "location": describe_location(region),
-            "test": test,
-            "object_share": object_share(inputs.objects, rows.tolist(), region),
-            "non_carriers": None if rest is None else {"n": len(plain), **rest},
-        }
-    return {"subset_cues": out}
+    t, first, found = params_of(inputs.thresholds, Params), inputs.first, measured["subset_cues"][cls]
+    idx = inputs.classes.index(cls)
+    carriers = first[first["row"].isin(found["carrier_rows"])]
+    rows = np.sort(keyed_rows(carriers, t.subset_images, inputs.seed, "subset"))
+    half = t.subset_window / 2
+    near = _window(found["centre"], t.subset_window * 2)
+    fine = grid_boxes(half, half / 2, near)
+    region = localize(inputs.intervener.scan(rows.tolist(), idx, fine), fine, half / 2)
+    others = first[first["label"] != cls]
+    other = np.sort(keyed_rows(others, t.subset_images, inputs.seed, "subset-test"))
+    test = inputs.intervener.region_test(rows.tolist(), other.tolist(), idx, region, control_box(region), inputs.seed)
+    rest = first[first["row"].isin(found["other_rows"])]
+    plain = np.sort(keyed_rows(rest, t.subset_images, inputs.seed, "subset-rest"))
+    without = (
+        inputs.intervener.region_test(plain.tolist(), other[:1].tolist(), idx, region, control_box(region), inputs.seed)
+        if len(plain) >= 2
+        else None
+    )
+    kept = {k: v for k, v in found.items() if k not in ("carrier_rows", "other_rows")}
+    kept["ids"] = kept["ids"][:MAX_IDS]
+    rest = None if without is None else {k: without[k] for k in ("removal_drop", "removal_effect")}
+    return {
+        **kept,
+        "region": region,
+        "location": describe_location(region),
+        "test": test,
+        "object_share": object_share(inputs.objects, rows.tolist(), region),
+        "non_carriers": None if rest is None else {"n": len(plain), **rest},
+    }
+
+
+WORK = PerClass(
+    classes=lambda measured, inputs: list(measured["subset_cues"]),
+    run=_subset_class,
+    gather=lambda measured, results: {"subset_cues": results},
+    what="subset confirmation, classes",
+)
 
 
 def tests(measured: Measurement) -> dict[str, float]:
@@ -333,7 +334,7 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=subset_flags,
         evidence_ids=("ids",),
-        intervene=intervene,
+        per_class=WORK,
         tests=tests,
     )
 )

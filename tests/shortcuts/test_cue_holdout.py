@@ -13,6 +13,7 @@ import pytest
 
 from auditor.shortcuts import cues
 from auditor.shortcuts.cues import HELD_OUT, scan_split
+from auditor.shortcuts.registry import intervene_here
 from tests.shortcuts.test_triage import Recorder, _inputs, _table
 
 
@@ -36,7 +37,7 @@ class OwnRecorder(Recorder):
 
 def _calls(n: int) -> tuple[list[int], list[list[int]], dict[str, Any]]:
     rec = OwnRecorder(drop=0.5, removal=0.5)
-    out = cues.intervene({"cues": {}}, _inputs(_table(0.9, 0.9, n=n), rec, triage=False))
+    out = intervene_here(cues.WORK, {"cues": {}}, _inputs(_table(0.9, 0.9, n=n), rec, triage=False))
     a_rows = set(range(n))  # class a's rows come first in the table
     scans = [set(r) for k, r in rec.calls if k == "scan" and set(r) <= a_rows]
     tests = [r for k, r in rec.calls if k == "region" and set(r) <= a_rows]

@@ -15,7 +15,7 @@ import pytest
 
 from auditor.shortcuts import cues, frame, properties
 from auditor.shortcuts.catalog import Thresholds
-from auditor.shortcuts.registry import AnalysisInputs
+from auditor.shortcuts.registry import AnalysisInputs, intervene_here
 from auditor.shortcuts.triage import class_ceilings, label_ceiling, out_of_reach, probe_reason, too_few_called
 
 
@@ -108,13 +108,13 @@ def test_the_scan_skips_a_class_out_of_reach_and_stops_at_a_flat_probe() -> None
     so only those 4 are scanned. Triage off: both classes' scans run in full (6 of their 12 images; the other 6
     are held out for the confirmation)."""
     rec = Recorder(drop=0.0)
-    out = cues.intervene({"cues": {}}, _inputs(_table(0.1, 0.9), rec))
+    out = intervene_here(cues.WORK, {"cues": {}}, _inputs(_table(0.1, 0.9), rec))
     assert set(out["triage"]) == {"a", "b"} and out["cues"] == {}
     assert "no a image has p(a) of 0.15" in out["triage"]["a"]
     assert "probe on 4 images: the largest mean drop of p at a window" in out["triage"]["b"]
     assert [(k, len(r)) for k, r in rec.calls] == [("scan", 4)]
     rec = Recorder(drop=0.0)
-    off = cues.intervene({"cues": {}}, _inputs(_table(0.1, 0.9), rec, triage=False))
+    off = intervene_here(cues.WORK, {"cues": {}}, _inputs(_table(0.1, 0.9), rec, triage=False))
     assert off["triage"] == {} and set(off["cues"]) == {"a", "b"}
     assert [(k, len(r)) for k, r in rec.calls] == [("scan", 6), ("scan", 6)]
 
@@ -132,20 +132,20 @@ def test_the_border_and_shift_probes_decide_from_a_few_images() -> None:
     table = _table(0.9, 0.9)
     rec = Recorder(removal=0.02, shift=0.1)  # under half of 0.05 and of 0.25
     inputs = _inputs(table, rec)
-    out = frame.intervene({"frames": {}}, inputs)
+    out = intervene_here(frame.WORK, {"frames": {}}, inputs)
     assert out["frames"] == {} and set(out["triage"]) == {"a", "b"}
     assert [(k, len(r)) for k, r in rec.calls] == [("region", 8), ("region", 8)]
     rec.calls.clear()
     measured = properties.measure(inputs)
-    out = properties.intervene(measured, inputs)
+    out = intervene_here(properties.WORK, measured, inputs)
     assert set(out["triage"]) == {"a", "b"} and all("test" not in r for r in out["global"].values())
     assert [(k, len(r)) for k, r in rec.calls] == [("shift", 16), ("shift", 16)]  # 8 of the class, 8 others
     rec = Recorder(removal=0.03, shift=0.13)  # over half: the full tests run (12 of the class, 12 others)
     inputs = _inputs(table, rec)
-    assert frame.intervene({"frames": {}}, inputs)["triage"] == {}
+    assert intervene_here(frame.WORK, {"frames": {}}, inputs)["triage"] == {}
     assert [(k, len(r)) for k, r in rec.calls] == [("region", 8), ("region", 24)] * 2
     rec.calls.clear()
-    assert properties.intervene(properties.measure(inputs), inputs)["triage"] == {}
+    assert intervene_here(properties.WORK, properties.measure(inputs), inputs)["triage"] == {}
     assert [(k, len(r)) for k, r in rec.calls] == [("shift", 16), ("shift", 24)] * 2
 
 
