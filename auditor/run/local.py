@@ -26,6 +26,7 @@ from auditor.run.mapstage import MapSpec, map_batch
 from auditor.run.progress import Progress, stage
 from auditor.run.reduce import analysis_inputs, reduce_run, write_summary
 from auditor.run.setup import Plan, Selection, Shard, plan_run
+from auditor.run.work import Runner, run_here
 from auditor.shortcuts.catalog import run_analyses
 from auditor.store.rundir import DONE, FLAGGED, MAIN, RUN, SHARDS, RunDir
 from auditor.store.schema import Summary
@@ -265,10 +266,16 @@ def write_shard_done(plan: Plan) -> None:
 
 
 def finish_run(
-    plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None, started: float, processed: int
+    plan: Plan,
+    spec: MapSpec,
+    timer: Timer,
+    progress: bool | None,
+    started: float,
+    processed: int,
+    runner: Runner = run_here,
 ) -> Summary:
-    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce, summary,
-    report (every driver ends here)."""
+    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce (the analyses'
+    work items through ``runner``), summary, report (every driver ends here)."""
     main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
     table = plan.store.consolidate(plan.n_batches, plan.methods)
     if table.empty:
@@ -280,7 +287,7 @@ def finish_run(
         timer.since("flagged_pass", start)
     expensive = plan.cfg.expensive
     flagged.write_expensive(plan.store, spec, table, expensive.subset, expensive.per_class, expensive.total)
-    summary = reduce_run(plan, spec, table, timer.seconds)
+    summary = reduce_run(plan, spec, table, timer.seconds, runner)
     summary["timings"] = {
         **{k: round(v, 3) for k, v in sorted(timer.seconds.items())},
         "total_s": round(time.perf_counter() - started, 3),

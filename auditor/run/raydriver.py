@@ -4,7 +4,11 @@ One dataset row is one audit batch (its index and sample rows). An actor pool lo
 actor and calls the same map stage as the local loop. The driver commits every part under its batch
 index (a batch that Ray retries is overwritten, never counted twice; a rerun skips committed batches),
 retries a batch that failed once, stops naming the samples of a batch that failed twice, checks that
-every batch is committed, then runs the same reduce stage as a local run.
+every batch is committed, then runs the same reduce stage as a local run, with the analyses' work items
+(one class's scan, border test, colour shift or confirmation) on a second pool of as many actors
+(:class:`WorkActor`, :class:`RayRunner`): the driver measures, the actors intervene, the driver keeps each
+item's result in the run directory as it arrives and flags. The actors read the run directory's maps and
+object grids, so on a cluster of several machines it must be on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +31,34 @@ from auditor.config import AuditConfig, dump_resolved, parse_config
 from auditor.errors import ConfigError, ModelError
 from auditor.io.dataset import collate
 from auditor.run import mapstage
+from auditor.run.access import ModelAccess
 from auditor.run.local import NonFinite, Timer, commit_batch, finish_run, map_spec
 from auditor.run.progress import Progress
-from auditor.run.setup import Selection, plan_run
-from auditor.store.rundir import MAIN, RunDir
+from auditor.run.setup import Plan, Selection, plan_run
+from auditor.run.work import encode
+from auditor.shortcuts.catalog import ANALYSES
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, Measurement
+from auditor.store.rundir import MAIN, RunDir, RunStore
 from auditor.store.schema import Summary
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 2  # a batch that fails this many times stops the run
 
 
+def _actor_plan(config: str, selection: list[Any], device: str) -> Plan:
+    """The run planned once on an actor (model, dataset), in a scratch folder of its own."""
+    torch.set_num_threads(1)  # one thread per worker: two-thread workers on shared cores ran ~10x slower
+    cfg = parse_config(yaml.safe_load(config), base=Path.cwd(), source="ray driver config")
+    cfg = cfg.model_copy(update={"device": device})
+    scratch = tempfile.mkdtemp(prefix="auditor-actor-")
+    return plan_run(cfg, scratch, force=True, selection=Selection(*selection))
+
+
 class MapActor:
     """A Ray actor: plans the run once (model, dataset, spec) in a scratch folder, then maps batches."""
 
     def __init__(self, config: str, selection: list[Any], device: str) -> None:
-        torch.set_num_threads(1)  # one thread per worker: two-thread workers on shared cores ran ~10x slower
-        cfg = parse_config(yaml.safe_load(config), base=Path.cwd(), source="ray driver config")
-        cfg = cfg.model_copy(update={"device": device})
-        self.scratch = tempfile.mkdtemp(prefix="auditor-actor-")
-        plan = plan_run(cfg, self.scratch, force=True, selection=Selection(*selection))
+        plan = _actor_plan(config, selection, device)
         self.dataset = plan.dataset
         self.spec = map_spec(plan)
 
@@ -58,6 +73,64 @@ class MapActor:
             except Exception as err:  # reported to the driver, which retries the batch or stops naming it
                 payloads.append(pickle.dumps(("error", f"{type(err).__name__}: {err}", None, 0)))
         return {"batch": rows["batch"], "payload": np.array(payloads, dtype=object)}
+
+
+class WorkActor:
+    """A Ray actor for the analyses' work items: the run planned once, its model access reading the run
+    directory ``out`` (maps for the colour shifts' spared pixels), and the driver's analysis inputs."""
+
+    def __init__(self, config: str, selection: list[Any], device: str, out: str, inputs: AnalysisInputs) -> None:
+        plan = _actor_plan(config, selection, device)
+        self.access = ModelAccess(replace(plan, store=RunStore(out, len(plan.samples))))
+        inputs.intervener = self.access
+        self.inputs = inputs
+
+    def run(self, name: str, measured: Measurement, key: str) -> tuple[str, str, int]:
+        """One item: ``(class, encoded result, images forwarded)``, as ``run.work.run_here`` gives it."""
+        work = ANALYSES[name].per_class
+        assert work is not None
+        before = self.access.forwards
+        result = work.run(measured, self.inputs, key)
+        return key, encode(result), self.access.forwards - before
+
+
+class RayRunner:
+    """A ``run.work.Runner`` on a pool of :class:`WorkActor` (started on the first item, stopped by :meth:`close`)."""
+
+    def __init__(self, ray: Any, config: str, selection: list[Any], out: Path, actors: int, gpus: float) -> None:
+        self.ray, self.config, self.selection, self.out = ray, config, selection, out
+        self.actors, self.gpus = actors, gpus
+        self.pool: Any = None
+        self.handles: list[Any] = []
+
+    def _start(self, inputs: AnalysisInputs) -> Any:
+        ray = self.ray
+        shipped = replace(inputs, rundir=RunDir(self.out), intervener=None, _memo={})  # the fields, no caches
+        ref = ray.put(shipped)
+        device = "cuda" if self.gpus > 0 else "cpu"
+        remote = ray.remote(num_cpus=1, num_gpus=self.gpus)(WorkActor)
+        self.handles = [
+            remote.remote(self.config, self.selection, device, str(self.out), ref) for _ in range(self.actors)
+        ]
+        return ray.util.ActorPool(self.handles)
+
+    def __call__(
+        self, analysis: Analysis, measured: Measurement, inputs: AnalysisInputs, keys: list[str]
+    ) -> Iterator[tuple[str, str, int]]:
+        if not keys:
+            return
+        self.pool = self.pool or self._start(inputs)
+        ref = self.ray.put(measured)
+        try:
+            yield from self.pool.map_unordered(lambda actor, key: actor.run.remote(analysis.name, ref, key), keys)
+        except self.ray.exceptions.RayError as err:
+            cause = str(err).strip().splitlines()[-1]
+            raise ModelError(f"analysis {analysis.name}: a work item failed on the Ray workers: {cause}") from None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            self.ray.kill(handle)
+        self.pool, self.handles = None, []
 
 
 def _init(address: str | None) -> Any:
@@ -159,4 +232,8 @@ def run_ray(
         if missing:
             raise ModelError(f"batches {missing} were never committed by the workers; rerun to resume")
         timer.add("compute", time.perf_counter() - started)
-        return finish_run(plan, spec, timer, progress, started, processed)
+        runner = RayRunner(ray, config, chosen, Path(out), actors, gpus_per_actor)
+        try:
+            return finish_run(plan, spec, timer, progress, started, processed, runner)
+        finally:
+            runner.close()

@@ -26,6 +26,7 @@ from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
 from auditor.run.progress import stage
 from auditor.run.setup import Plan
+from auditor.run.work import Runner, run_here, stored
 from auditor.shortcuts.catalog import group_by_cause, run_analyses
 from auditor.shortcuts.flags import Flag, flags_file
 from auditor.shortcuts.registry import AnalysisInputs
@@ -100,10 +101,14 @@ def _deep_dive(plan: Plan, access: ModelAccess, flags: list[Flag], table: pd.Dat
     )
 
 
-def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str, float]) -> Summary:
+def reduce_run(
+    plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str, float], runner: Runner = run_here
+) -> Summary:
     """Everything dataset-level, written to ``summary.json`` and ``flags.json``; returns the summary.
 
     ``seconds`` collects stage timings (``analyses``, ``deep_dive``); the caller adds them to the summary.
+    ``runner`` carries out the analyses' work items (this process, or the Ray actors), each kept in the run
+    directory as it finishes (``run.work.stored``).
     """
     first = one_row_per_sample(table)
     columns = metric_columns(spec.metrics)
@@ -127,7 +132,7 @@ def reduce_run(plan: Plan, spec: MapSpec, table: pd.DataFrame, seconds: dict[str
     access = ModelAccess(plan)  # the one model-access object of everything after the map stage
     inputs.intervener = access
     with stage(f"analyses ({len(plan.classes)} classes)"):
-        summary["analyses"], flags = run_analyses(inputs)
+        summary["analyses"], flags = run_analyses(inputs, execute=stored(plan.store, runner))
     seconds["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
     with stage("finding examples"):

@@ -4,11 +4,10 @@ A shortcut such as a tag, a watermark or a hospital token sits at the same place
 class; the object moves from image to image. So, per class, on a keyed draw of its images:
 
 1. **Scan** (no map involved): fill each window of a coarse grid, and each band along the four edges of the
-   same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in
-   every image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is
-   inside two bands too),
-   and keep the *median* drop of p(class) per window. A window where the median drops is a place that
-   matters in most images at once. The class's own baseline is the same median at the windows away from
+   same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in every
+   image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is inside two
+   bands too), and keep the *median* drop of p(class) per window. A window where the median drops is a place
+   that matters in most images at once. The class's own baseline is the same median at the windows away from
    the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
 2. **Localize**: rescan the peak's neighbourhood with half-size windows (half-width bands for a band); the
    region is the connected set of pixels whose mean drop (over the windows covering them) is within half of
@@ -26,11 +25,10 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
    Wilcoxon test be significant in the run's BH family, for the removal and for the transplant. High
    severity needs both, and an effect comparable to taking the class away (``high_effect``).
 
-With masks (or boxes), a region mostly on the objects, or holding at least half of the object in most of
-the class's images, is the object, not a cue, and is not flagged.
-Without them, a region at the centre could be the object itself when objects always sit there; such a
-flag is low and says so (a cue planted at the centre is then missed without masks: the price of a clean
-model coming out clean).
+With masks (or boxes), a region mostly on the objects, or holding at least half of the object in most of the
+class's images, is the object, not a cue, and is not flagged. Without them, a region at the centre could be
+the object itself when objects always sit there; such a flag is low and says so (a cue planted at the centre
+is then missed without masks: the price of a clean model coming out clean).
 """
 
 from __future__ import annotations
@@ -54,6 +52,7 @@ from auditor.shortcuts.registry import (
     FlagContext,
     Measurement,
     PerClass,
+    gather_entries,
     keyed_rows,
     register_analysis,
 )
@@ -342,11 +341,8 @@ def _region_test(
 
 
 def _cue_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
-    """One class's work item: scan it, then confirm its located region against a control box.
-
-    Returns:
-        ``{"cue": the class's entry of ``cues`` or None, "triage": why it was not examined in full or None}``.
-    """
+    """One class's work item: scan it, then confirm its located region against a control box; returns
+    ``{"cue": the class's entry of ``cues`` or None, "triage": why it was not examined in full or None}``."""
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     least = max(t.cue_drop, t.intervention_effect)  # the scan's drop and the removal's effect: both needed
@@ -376,15 +372,10 @@ def _cue_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[
     return {"cue": found, "triage": None}
 
 
-def _gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
-    cues = {c: r["cue"] for c, r in results.items() if r["cue"] is not None}
-    return {"cues": cues, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
-
-
 WORK = PerClass(
     classes=lambda measured, inputs: list(inputs.classes),
     run=_cue_class,
-    gather=_gather,
+    gather=gather_entries("cues", "cue"),
     what="region scan, classes",
 )
 

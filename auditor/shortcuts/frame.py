@@ -37,6 +37,7 @@ from auditor.shortcuts.registry import (
     FlagContext,
     Measurement,
     PerClass,
+    gather_entries,
     keyed_rows,
     register_analysis,
 )
@@ -110,15 +111,10 @@ def _frame_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     return {"frame": {"n": len(own), "width": t.frame_width, "object_overlap": overlap, "test": test}, "triage": None}
 
 
-def _gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
-    frames = {c: r["frame"] for c, r in results.items() if r["frame"] is not None}
-    return {"frames": frames, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
-
-
 WORK = PerClass(
     classes=lambda measured, inputs: list(inputs.classes) if params_of(inputs.thresholds, Params).frame_width else [],
     run=_frame_class,
-    gather=_gather,
+    gather=gather_entries("frames", "frame"),
     what="border test, classes",
 )
 

@@ -216,6 +216,17 @@ class PerClass:
     what: str
 
 
+def gather_entries(summary_key: str, entry: str) -> Callable[[Measurement, dict[str, dict[str, Any]]], Measurement]:
+    """A :attr:`PerClass.gather` for items that return ``{entry: value or None, "triage": reason or None}``:
+    ``{summary_key: {class: value}, "triage": {class: reason}}``, each without the Nones."""
+
+    def gather(measured: Measurement, results: dict[str, dict[str, Any]]) -> Measurement:
+        found = {c: r[entry] for c, r in results.items() if r[entry] is not None}
+        return {summary_key: found, "triage": {c: r["triage"] for c, r in results.items() if r["triage"] is not None}}
+
+    return gather
+
+
 def intervene_here(work: PerClass, measured: Measurement, inputs: AnalysisInputs) -> Measurement:
     """Every work item of ``work`` in this process, in order, gathered (what tests of one analysis call)."""
     keys = work.classes(measured, inputs)

@@ -13,6 +13,7 @@ Layout::
     parts/part-<b>.parquet     rows of batch b of the main pass (committed = done)
     parts/events-<b>.json      skipped files and warnings of batch b
     parts/flagged-<b>.parquet  rows of batch b of the flagged second pass
+    items/<analysis>/<key>.json     one analysis work item's result (an interrupted analysis stage resumes)
     maps/<method>__<target>.npy     [n, h, w] float16 low-resolution maps
     maps/_object.npy                [n, 32, 32] float16 object masks on the analysis grid
     maps/deepdive.npz               arrays of the per-sample deep dive
@@ -25,6 +26,7 @@ This module imports no torch: ``auditor gate``, ``report`` and ``compare`` read 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,7 +60,8 @@ DONE = "done.json"  # a shard's main pass is committed
 SHARDS = "shards"
 LOCK = ".lock"
 MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
-_ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
+ITEMS = "items"  # the analyses' work items
+_ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", ITEMS, SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -196,6 +199,10 @@ class RunDir:
     def part_path(self, batch: int, kind: str = MAIN) -> Path:
         """``parts/<kind>-<batch>.parquet``; kind ``part`` = the main pass, ``flagged`` = the second pass."""
         return self.parts / f"{kind}-{batch:06d}.parquet"
+
+    def item_path(self, analysis: str, key: str) -> Path:
+        """``items/<analysis>/<sha1 of key>.json``: one work item's result (a class name may hold any character)."""
+        return self.root / ITEMS / analysis / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
 
     def events_path(self, batch: int) -> Path:
         return self.parts / f"events-{batch:06d}.json"

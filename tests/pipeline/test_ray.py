@@ -1,8 +1,10 @@
 """The Ray Data backend on a local 2-CPU Ray (started once for the session): the same results as the local
-backend, and a batch that fails once on an actor is retried and committed once."""
+backend, the analyses' work items on the actors, and a batch that fails once on an actor is retried and
+committed once."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,14 @@ from typing import Any
 import pytest
 
 from auditor.cli import main
+from auditor.run.access import ModelAccess
 from tests.pipeline.conftest import make_config
 from tests.pipeline.test_shards import _assert_same_run
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs pip install 'auditor[ray]'")
 
 FLAKY = '''
+import json
 import os
 from pathlib import Path
 
@@ -58,6 +62,29 @@ def test_ray_backend_equals_the_local_backend(local_ray: Any, dataset_dir: Path,
     args = ["run", str(cfg), "--out", str(tmp_path / "ray"), "--no-progress", "--backend", "ray", "--actors", "2"]
     assert main(args) == 0
     _assert_same_run(tmp_path / "local", tmp_path / "ray")
+
+
+def test_the_analyses_work_items_run_on_the_actors_and_equal_the_local_run(
+    local_ray: Any, dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam", "layer_cam"], metrics=["energy_in_mask"])
+    assert main(["run", str(cfg), "--out", str(tmp_path / "local"), "--no-progress"]) == 0
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an analysis intervention ran in the driver, not on an actor")
+
+    for name in ("region_test", "scan", "shift_test"):  # the driver may not intervene: only the actors can
+        monkeypatch.setattr(ModelAccess, name, refuse)
+    args = ["run", str(cfg), "--out", str(tmp_path / "ray"), "--no-progress", "--backend", "ray", "--actors", "2"]
+    assert main(args) == 0
+    _assert_same_run(tmp_path / "local", tmp_path / "ray")
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())["analyses"]
+    remote = json.loads((tmp_path / "ray" / "summary.json").read_text())["analyses"]
+    assert remote["forwards"] == local["forwards"] and remote["triage"] == local["triage"]
+    assert sum(local["forwards"][a] for a in ("cues", "frame", "properties")) > 0  # items did run
+    assert sorted(p.name for p in (tmp_path / "ray" / "items").rglob("*.json")) == sorted(
+        p.name for p in (tmp_path / "local" / "items").rglob("*.json")
+    )
 
 
 def test_a_batch_that_fails_once_is_retried_and_counted_once(local_ray: Any, dataset_dir: Path, tmp_path: Path) -> None:
