@@ -157,9 +157,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Reduce a sharded run once every shard is complete."""
-    from auditor.run.shards import merge
+    """Reduce a sharded run once every shard is complete (with --shard-id: only that shard's share of the
+    analyses' work items, for the final merge to read back)."""
+    from auditor.run.shards import merge, merge_share, shard_from_env
 
+    if args.num_shards is not None or args.shard_id is not None:
+        shard = shard_from_env(args.num_shards, args.shard_id)  # the arguments only, never the environment
+        if shard is not None:
+            count = merge_share(args.out, shard, progress=args.progress)
+            print(
+                f"shard {shard.index} of {shard.count}: {count} analysis work items done; once every shard's "
+                f"are, run: auditor merge {args.out}"
+            )
+            return 0
     summary = merge(args.out, progress=args.progress)
     return _after_run(summary, summary["config"].get("gates"), args.out, args.gate)
 
@@ -312,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the --out of the shards")
     p.add_argument("--gate", metavar="RULES", help="evaluate these CI rules after the merge (exit 1 on failure)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="log lines")
+    p.add_argument("--num-shards", type=int, help="with --shard-id: run only this share of the analyses' work items")
+    p.add_argument("--shard-id", type=int, help="the share (0..N-1) of the analyses' work items this process runs")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("gate", help="evaluate CI rules over a finished run (exit 1 on failure)")

@@ -384,6 +384,29 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(
     assert not (out / ".lock").exists()
 
 
+def test_a_waiting_lock_is_taken_once_its_holder_lets_go(tmp_path: Path, monkeypatch: Any) -> None:
+    import socket
+    import threading
+
+    from auditor.store import rundir
+
+    monkeypatch.setattr(rundir, "LOCK_POLL_S", 0.05)
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # held by a live process
+    taken = threading.Event()
+
+    def wait_for_it() -> None:
+        with rundir.RunDir(tmp_path).lock(wait=True):
+            taken.set()
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    assert not taken.wait(0.4)  # still held: it waits, it does not fail
+    lock.unlink()  # the holder lets go
+    waiter.join(timeout=10)
+    assert taken.is_set() and not lock.exists()
+
+
 def test_skip_reasons_are_stable_across_runs(data: Path, tmp_path: Path) -> None:
     (data / "images" / "a0.png").write_bytes(b"garbage")
     (data / "images" / "a1.png").write_bytes((data / "images" / "a2.png").read_bytes()[:60])

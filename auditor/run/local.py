@@ -265,18 +265,9 @@ def write_shard_done(plan: Plan) -> None:
     plan.store.write_json(DONE, {"identity": run["identity"], "shard": run["shard"], "batches": plan.batches})
 
 
-def finish_run(
-    plan: Plan,
-    spec: MapSpec,
-    timer: Timer,
-    progress: bool | None,
-    started: float,
-    processed: int,
-    runner: Runner = run_here,
-) -> Summary:
-    """Everything after the main pass: consolidate, the flagged pass, ``expensive.json``, reduce (the analyses'
-    work items through ``runner``), summary, report (every driver ends here)."""
-    main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
+def prepare_table(plan: Plan, spec: MapSpec, timer: Timer, progress: bool | None) -> tuple[MapSpec, Any]:
+    """The audited table: consolidate the main pass, run (or resume) the flagged pass, write
+    ``expensive.json``; returns the spec of the expensive methods and the table the reduce stage reads."""
     table = plan.store.consolidate(plan.n_batches, plan.methods)
     if table.empty:
         raise DataError("no image could be audited: every sample was skipped (see parts/events-*.json)")
@@ -287,6 +278,22 @@ def finish_run(
         timer.since("flagged_pass", start)
     expensive = plan.cfg.expensive
     flagged.write_expensive(plan.store, spec, table, expensive.subset, expensive.per_class, expensive.total)
+    return spec, table
+
+
+def finish_run(
+    plan: Plan,
+    spec: MapSpec,
+    timer: Timer,
+    progress: bool | None,
+    started: float,
+    processed: int,
+    runner: Runner = run_here,
+) -> Summary:
+    """Everything after the main pass: the table (:func:`prepare_table`), reduce (the analyses' work items
+    through ``runner``), summary, report (every driver ends here)."""
+    main_pass = sum(timer.seconds.get(k, 0.0) for k in ("data_wait", "compute", "write"))
+    spec, table = prepare_table(plan, spec, timer, progress)
     summary = reduce_run(plan, spec, table, timer.seconds, runner)
     summary["timings"] = {
         **{k: round(v, 3) for k, v in sorted(timer.seconds.items())},

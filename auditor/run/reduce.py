@@ -25,9 +25,9 @@ from auditor.run.deepdive import run_deepdive
 from auditor.run.examples import finding_examples
 from auditor.run.mapstage import MapSpec
 from auditor.run.progress import stage
-from auditor.run.setup import Plan
+from auditor.run.setup import Plan, Shard, shard_of
 from auditor.run.work import Runner, run_here, stored
-from auditor.shortcuts.catalog import group_by_cause, run_analyses
+from auditor.shortcuts.catalog import group_by_cause, run_analyses, run_items
 from auditor.shortcuts.flags import Flag, flags_file
 from auditor.shortcuts.registry import AnalysisInputs
 from auditor.store.rundir import FLAGS, SUMMARY, RunDir, one_row_per_sample
@@ -144,6 +144,19 @@ def reduce_run(
         summary["deep_dive"] = _deep_dive(plan, access, flags, table)
     seconds["deep_dive"] = time.perf_counter() - start
     return summary
+
+
+def analyse_share(plan: Plan, table: pd.DataFrame, shard: Shard) -> int:
+    """This shard's share of the analyses' work items (an item belongs to shard ``sha1("<analysis>/<class>")
+    mod N``), kept in the run directory for the merge's reduce stage to read back; returns the items run."""
+    inputs = analysis_inputs(plan, table, plan.methods, None)
+    inputs.intervener = ModelAccess(plan)
+
+    def mine(analysis: str, key: str) -> bool:
+        return shard_of(f"{analysis}/{key}", shard.count) == shard.index
+
+    with stage(f"analyses: shard {shard.index} of {shard.count}'s work items"):
+        return run_items(inputs, stored(plan.store), mine)
 
 
 def write_summary(plan: Plan, summary: Summary) -> None:

@@ -5,7 +5,9 @@ shard plans the whole run (the expensive subset and the counterfactual partners 
 sample list, identically), maps its own samples into ``DIR/shards/<i>-of-<n>/`` and resumes on its own.
 :func:`merge` checks that every shard is complete and belongs to the same run, gathers their parts and
 arrays into ``DIR`` and runs the rest exactly as a one-process run does (the flagged pass, the reduce
-stage, the report).
+stage, the report). The analyses' work items can be shared out too: ``auditor merge DIR --num-shards N
+--shard-id I`` in N processes (:func:`merge_share`) runs each one's share and keeps it under ``DIR/items/``;
+the final ``auditor merge DIR`` reads them back and reduces.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import yaml
 
 from auditor.config import AuditConfig, parse_config
 from auditor.errors import ConfigError
-from auditor.run.local import Timer, finish_run, map_spec
+from auditor.run.local import Timer, finish_run, map_spec, prepare_table
+from auditor.run.reduce import analyse_share
 from auditor.run.setup import Plan, Selection, Shard, plan_run, shard_of
-from auditor.store.rundir import DONE, RESOLVED, RUN, SHARDS, RunDir
+from auditor.store.rundir import DONE, MERGED, RESOLVED, RUN, SHARDS, SUMMARY, RunDir
 from auditor.store.schema import Summary
 
 
@@ -90,20 +93,49 @@ def _gather(plan: Plan, dirs: list[RunDir], n: int) -> None:
     store.flush()
 
 
-def merge(out: str | Path, *, progress: bool | None = None) -> Summary:
-    """Reduce a sharded run in ``out`` once every shard is complete; returns the summary."""
-    out = Path(out)
-    n, dirs = _shard_dirs(out)
+def _merged_plan(out: Path, dirs: list[RunDir], n: int) -> Plan:
+    """The plan of the merged run in ``out``: its shards' parts and arrays gathered there, once. A merge that
+    finds them already gathered from the same shards (``merged.json``) and no finished run resumes from them
+    (the flagged pass's batches, the analyses' work items); otherwise everything is gathered again."""
     raw = yaml.safe_load((dirs[0].root / RESOLVED).read_text())
     cfg: AuditConfig = parse_config(raw, base=dirs[0].root, source=str(dirs[0].root / RESOLVED))
     limit, per_class, only = dirs[0].read_json(RUN)["selection"]
-    selection = Selection(limit, per_class, only)
     batches = [b for d in dirs for b in d.read_json(DONE)["batches"]]
+    done = [d.read_json(DONE) for d in dirs]
+    here = RunDir(out)
+    reuse = here.has(MERGED) and not here.has(SUMMARY) and here.read_json(MERGED) == done
+    # not reused: an earlier merge's files (parts, maps, items, summary) are removed and gathered again
+    plan = plan_run(cfg, out, force=not reuse, selection=Selection(limit, per_class, only), batches=batches)
+    if plan.store.read_json(RUN)["identity"] != dirs[0].read_json(DONE)["identity"]:
+        raise ConfigError(f"{out}: the shards were run on other data or another config than their own; rerun them")
+    if not reuse:
+        _gather(plan, dirs, n)
+        plan.store.write_json(MERGED, done)
+    return plan
+
+
+def merge(out: str | Path, *, progress: bool | None = None) -> Summary:
+    """Reduce a sharded run in ``out`` once every shard is complete; returns the summary. The analyses' work
+    items that :func:`merge_share` processes computed are read back, the rest are run here."""
+    out = Path(out)
+    n, dirs = _shard_dirs(out)
     with RunDir(out).lock():
         started = time.perf_counter()
-        # force: an earlier merge's files (parts, maps, summary) are removed and gathered again
-        plan = plan_run(cfg, out, force=True, selection=selection, batches=batches)
-        if plan.store.read_json(RUN)["identity"] != dirs[0].read_json(DONE)["identity"]:
-            raise ConfigError(f"{out}: the shards were run on other data or another config than their own; rerun them")
-        _gather(plan, dirs, n)
+        plan = _merged_plan(out, dirs, n)
         return finish_run(plan, map_spec(plan), Timer(), progress, started, 0)
+
+
+def merge_share(out: str | Path, shard: Shard, *, progress: bool | None = None) -> int:
+    """``auditor merge OUT --num-shards N --shard-id I``: the analyses' work items of shard ``I`` of ``N``,
+    in N processes, after every map shard is complete and before the final ``auditor merge OUT``.
+
+    The first process to take the lock gathers the shards and runs the flagged pass; the others wait for it
+    and resume from what it gathered. Each then runs its share of the items without the lock and writes them
+    under ``items/``. Returns the number of items this process ran or read back.
+    """
+    out = Path(out)
+    n, dirs = _shard_dirs(out)
+    with RunDir(out).lock(wait=True):
+        plan = _merged_plan(out, dirs, n)
+        _, table = prepare_table(plan, map_spec(plan), Timer(), progress)
+    return analyse_share(plan, table, shard)

@@ -9,6 +9,7 @@ and the run stage import from here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ConfigDict
@@ -195,6 +196,24 @@ def run_analyses(
     analyses["forwards"] = forwards
     analyses["triage"] = triage
     return analyses, order_flags(flags)
+
+
+def run_items(inputs: AnalysisInputs, execute: Executor, keep: Callable[[str, str], bool]) -> int:
+    """Measure every analysis that has work items and whose needs the run meets, and run the items ``keep``
+    (``keep(analysis, class)``) selects through ``execute``, flagging nothing: a shard's share of the items
+    (``auditor merge --shard-id``), which :func:`run_analyses` later reads back. Returns the items run."""
+    if inputs.intervener is None:
+        return 0
+    lacks = unmet(inputs, {n for a in registered() for n in a.needs})
+    count = 0
+    for analysis in registered():
+        if analysis.per_class is None or set(analysis.needs) & set(lacks):
+            continue
+        m = analysis.measure(inputs)
+        keys = [k for k in analysis.per_class.classes(m, inputs) if keep(analysis.name, k)]
+        execute(analysis, m, inputs, keys)
+        count += len(keys)
+    return count
 
 
 def _forwards(inputs: AnalysisInputs) -> int:

@@ -9,6 +9,7 @@ Layout::
 
     .lock                      PID and host of the run that holds the directory
     shards/<i>-of-<n>/         a shard's own run directory (run.json, parts/, maps/, curves/, done.json)
+    merged.json                the shards' done.json records gathered here by ``auditor merge``
     run.json                   identity of the run (config + sample list) and settings kept on resume
     parts/part-<b>.parquet     rows of batch b of the main pass (committed = done)
     parts/events-<b>.json      skipped files and warnings of batch b
@@ -35,6 +36,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,11 +59,27 @@ SAMPLES = "samples.parquet"
 REPORT = "report.html"
 GATE = "gate.json"
 DONE = "done.json"  # a shard's main pass is committed
+MERGED = "merged.json"  # the shards' done.json records whose parts and arrays a merge gathered here
+LOCK_POLL_S = 1.0
 SHARDS = "shards"
 LOCK = ".lock"
 MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
 ITEMS = "items"  # the analyses' work items
-_ARTIFACTS = (REPORT, DEEPDIVE, "parts", "maps", "curves", ITEMS, SAMPLES, SUMMARY, FLAGS, RESOLVED, RUN, EXPENSIVE)
+_ARTIFACTS = (
+    REPORT,
+    DEEPDIVE,
+    "parts",
+    "maps",
+    "curves",
+    ITEMS,
+    MERGED,
+    SAMPLES,
+    SUMMARY,
+    FLAGS,
+    RESOLVED,
+    RUN,
+    EXPENSIVE,
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -135,12 +153,19 @@ def _alive(holder: dict[str, Any]) -> bool:
     return True
 
 
-def _acquire(path: Path) -> None:
-    for _ in range(3):
+def _acquire(path: Path, wait: bool = False) -> None:
+    takeovers, waiting = 0, False
+    while takeovers < 3:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(path)
+            if _alive(holder) and wait:
+                if not waiting:
+                    log.info("waiting for the lock %s (PID %s)", path, holder.get("pid"))
+                    waiting = True
+                time.sleep(LOCK_POLL_S)
+                continue
             if _alive(holder):
                 raise ConfigError(
                     f"{path.parent} is in use by another auditor run (PID {holder.get('pid')} on "
@@ -149,6 +174,7 @@ def _acquire(path: Path) -> None:
                 ) from None
             log.warning("taking over the stale lock %s of PID %s", path, holder.get("pid"))
             path.unlink(missing_ok=True)
+            takeovers += 1
             continue
         with os.fdopen(fd, "w") as fh:
             json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
@@ -243,8 +269,9 @@ class RunDir:
             ) from None
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold ``<out>/.lock`` (PID and host) for a run: a second run on the same ``--out`` is refused.
+    def lock(self, wait: bool = False) -> Iterator[None]:
+        """Hold ``<out>/.lock`` (PID and host) for a run: a second run on the same ``--out`` is refused, or,
+        with ``wait``, waits until the first lets go (the shards of ``auditor merge --shard-id``).
 
         A lock left by a process that no longer exists on this host is taken over. A folder created here
         and left empty (a start that failed validation) is removed again.
@@ -252,7 +279,7 @@ class RunDir:
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK
-        _acquire(path)
+        _acquire(path, wait)
         try:
             yield
         finally:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from auditor.cli import main
+from auditor.run.access import ModelAccess
 from auditor.run.setup import shard_of
 from tests.pipeline.conftest import kill_after_parts, make_config
 from tests.pipeline.test_golden import _round, assert_close
@@ -109,3 +110,40 @@ def test_a_shard_killed_mid_run_resumes_and_the_merge_is_unchanged(dataset_dir: 
         assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", str(i)) == 0
     assert _run("merge", str(out)) == 0
     _assert_same_run(tmp_path / "one", out)
+
+
+def test_the_analyses_work_items_shared_out_by_merge_shards_equal_the_one_process_run(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(
+        dataset_dir, tmp_path, methods=["grad_cam", "layer_cam"], expensive={"subset": "flagged", "per_class": 3}
+    )
+    assert _run("run", str(cfg), "--out", str(tmp_path / "one")) == 0
+    out = tmp_path / "sharded"
+    for i in range(2):
+        assert _run("run", str(cfg), "--out", str(out), "--num-shards", "2", "--shard-id", str(i)) == 0
+    # the two shares at once: one in another process; whichever takes the lock first gathers the shards and
+    # runs the flagged pass, the other waits for it and resumes from what it gathered
+    other = subprocess.Popen(
+        [sys.executable, "-m", "auditor", "merge", str(out), "--no-progress", "--num-shards", "2", "--shard-id", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _run("merge", str(out), "--num-shards", "2", "--shard-id", "0") == 0
+    stdout, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, stderr
+    assert "analysis work items done" in stdout and not (out / "summary.json").exists()
+    one_items = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "items").rglob("*.json"))
+    assert one_items and sorted(p.relative_to(out) for p in (out / "items").rglob("*.json")) == one_items
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the final merge ran an item the shards had done")
+
+    for name in ("region_test", "scan", "shift_test"):
+        monkeypatch.setattr(ModelAccess, name, refuse)
+    assert _run("merge", str(out)) == 0
+    _assert_same_run(tmp_path / "one", out)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["analyses"]
+    merged = json.loads((out / "summary.json").read_text())["analyses"]
+    assert merged["forwards"] == one["forwards"] and sum(one["forwards"].values()) > 0
