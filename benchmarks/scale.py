@@ -3,6 +3,7 @@
     python benchmarks/scale.py backends --images 400     # auditor run, local vs --backend ray (1, 2 actors)
     python benchmarks/scale.py reduce --rows 10000 100000 # aggregates + analyses + flags on synthetic rows
     python benchmarks/scale.py classes --classes 100 --per-class 10   # a many-class audit, by stage
+    python benchmarks/scale.py classes --train 10 --backend ray      # ... on 2 Ray actors (or: shards)
 
 ``backends`` runs ``python -m auditor run`` in child processes (resnet18 @ 64², grad_cam + localization,
 untrained) and reports the main pass's images/s from each run's own timings and the whole command's wall
@@ -14,14 +15,19 @@ trained ``--train`` epochs on a training split of ``--train-images`` scenes a cl
 ``classes x per-class`` random scenes (a coloured square on noise) with the default config in a child process,
 and reports its stages' seconds (``summary.json → timings``), the analyses' counted forwards, the peak RSS,
 ``summary.json`` and ``report.html`` sizes, and the whole as a multiple of the default methods' shared
-forward + backward over every image, measured here on the same model and batch.
+forward + backward over every image, measured here on the same model and batch. ``--backend ray`` runs it on 2
+Ray actors (the map stage and the analyses' work items); ``--backend shards`` as 2 map shards, 2 shares of the
+analyses' work items (``auditor merge --shard-id``) and the final merge, each pair at once with one torch thread
+per process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -223,6 +229,37 @@ def _train(data: Path, classes: int, epochs: int, seed: int = 0) -> tuple[torchv
     return model, _accuracy(model, x, y), _accuracy(model, *_tensors(data, "audit"))
 
 
+def _together(commands: list[list[str]]) -> None:
+    """Run ``commands`` at once, one torch thread each (two cores, two processes), and wait for all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    for proc, command in zip(running, commands, strict=True):
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
+
+
+def _audit(config: Path, out: Path, backend: str) -> dict[str, float]:
+    """The audit of ``config`` into ``out`` on ``backend`` (``local``; ``ray``: 2 actors; ``shards``: 2 map
+    shards, 2 shares of the analyses' work items, the final merge); the wall seconds of each step."""
+    auditor = [sys.executable, "-m", "auditor"]
+    run = [*auditor, "run", str(config), "--out", str(out), "--no-progress"]
+    if backend != "shards":
+        extra = ["--backend", "ray", "--actors", "2"] if backend == "ray" else []
+        subprocess.run([*run, "--force", *extra], check=True, capture_output=True)
+        return {}
+    shutil.rmtree(out, ignore_errors=True)
+    steps, start = {}, time.perf_counter()
+    _together([[*run, "--num-shards", "2", "--shard-id", str(i)] for i in range(2)])
+    steps["map shards"], start = time.perf_counter() - start, time.perf_counter()
+    merge = [*auditor, "merge", str(out), "--no-progress"]
+    _together([[*merge, "--num-shards", "2", "--shard-id", str(i)] for i in range(2)])
+    steps["work-item shares"], start = time.perf_counter() - start, time.perf_counter()
+    subprocess.run(merge, check=True, capture_output=True)
+    steps["final merge"] = time.perf_counter() - start
+    return steps
+
+
 def many_classes(args: argparse.Namespace) -> None:
     work, n = args.work, args.classes * args.per_class
     n_train = args.train_images if args.train else 0
@@ -243,11 +280,12 @@ def many_classes(args: argparse.Namespace) -> None:
     if args.total != "default":
         cfg["expensive"] = {"total": None if args.total == "none" else int(args.total)}
     (work / "classes.yaml").write_text(yaml.safe_dump(cfg))
-    out = work / "run-classes"
+    out = work / f"run-classes-{args.backend}"
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "auditor", "run", str(work / "classes.yaml"), "--out", str(out), "--force"]
-    subprocess.run([*cmd, "--no-progress"], check=True, capture_output=True)
+    steps = _audit(work / "classes.yaml", out, args.backend)
     wall = time.perf_counter() - start
+    if len(steps) > 1:
+        print("steps (wall s):", ", ".join(f"{k} {v:.0f}" for k, v in steps.items()))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     summary = json.loads((out / "summary.json").read_text())
     t = summary["timings"]
@@ -257,6 +295,7 @@ def many_classes(args: argparse.Namespace) -> None:
     mib = 1024 * 1024
     cells = [
         ("classes x images", f"{args.classes} x {args.per_class}"),
+        ("backend", args.backend),
         ("model", "trained" if args.train else "random"),
         ("expensive.total", args.total),
         ("expensive samples", summary["run"]["expensive_samples"]),
@@ -291,6 +330,7 @@ def main() -> None:
     m.add_argument("--train", type=int, default=0, help="epochs of training (0: an untrained model)")
     m.add_argument("--train-images", type=int, default=30, help="training scenes a class (apart from the audit's)")
     m.add_argument("--seed", type=int, default=0, help="the scenes' colours, noise and places, and the training")
+    m.add_argument("--backend", choices=["local", "ray", "shards"], default="local", help="where the audit runs")
     c = sub.add_parser("reduce-child")
     c.add_argument("root", type=Path)
     for p in (b, r, m):
