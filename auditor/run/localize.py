@@ -56,10 +56,13 @@ def plan_localization(
         return cfg, info | {"note": "localization: off"}
     if "layer_cam" not in methods:
         return cfg, info | {"note": "layer_cam is not among the methods: no finer map"}
+    chosen = info | {"fine_layer": fine, "method": "layer_cam"}
     if "layers" in cfg.method_options.get("layer_cam", {}):
+        if fine is not None and list(cfg.method_options["layer_cam"]["layers"]) == [fine, name]:
+            return cfg, chosen  # this rule's own choice, read back from a resolved config (merge, Ray actors)
         return cfg, info | {"note": "method_options.layer_cam.layers set by the config: kept"}
     if fine is None:
         return cfg, info | {"note": "no earlier layer has a finer grid"}
     log.warning("LayerCAM also reads %r and fuses it with %r for a finer map", fine, name)
     options = {**cfg.method_options, "layer_cam": {**cfg.method_options.get("layer_cam", {}), "layers": [fine, name]}}
-    return cfg.model_copy(update={"method_options": options}), info | {"fine_layer": fine, "method": "layer_cam"}
+    return cfg.model_copy(update={"method_options": options}), chosen
