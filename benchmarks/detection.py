@@ -28,7 +28,7 @@ from auditor import load_config, run_audit
 from tests.shortcuts.planted import accuracy, make, train, write, write_config
 
 REGION = frozenset({"region_cue", "subset_cue", "spatial_hotspot"})
-BACKGROUND = frozenset({"background_reliance", "counterfactual_background", "frame_cue", "concept"})
+BACKGROUND = frozenset({"background_reliance", "counterfactual_background", "frame_cue", "backdrop_cue", "concept"})
 COLOUR = frozenset({"global_cue", "attribute_leak"})
 
 
@@ -44,6 +44,7 @@ class Family:
     expected: frozenset[str]
     mirror: frozenset[str] = frozenset()
     cued: tuple[str, ...] = ("a",)  # the classes that carry a cue: each must be found
+    area: float | None = None  # the objects' share of the frame (None: small objects, 8-15%)
 
 
 FAMILIES = {
@@ -60,15 +61,18 @@ FAMILIES = {
     "two": Family("two", (1.0, 1.0), REGION, REGION | BACKGROUND, ("a", "b")),  # a tag per class, two places
     "control": Family("control", (0.0, 0.0), frozenset()),
     "decoy": Family("decoy", (0.5, 0.5), frozenset()),  # a tag on half of both classes, predicting nothing
+    # written after the background graft: objects half the frame, clean and with the corner tag
+    "large": Family("control", (0.0, 0.0), frozenset(), area=0.5),
+    "large-stamp": Family("stamp", (1.0, 0.0), REGION, REGION | BACKGROUND, area=0.5),
 }
 
 
 def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     """One trained model, one audit; the flags and whether the cue was found or a false alarm raised."""
     fam = FAMILIES[name]
-    model = train(make(fam.kind, 80, 100 * seed, cue_rate=fam.rate), seed=seed)
-    acc = accuracy(model, make(fam.kind, 30, 100 * seed + 5, cue_rate=fam.rate))
-    write(root, make(fam.kind, 40, 100 * seed + 1, cue_rate=fam.rate), masks=masks)
+    model = train(make(fam.kind, 80, 100 * seed, cue_rate=fam.rate, area=fam.area), seed=seed)
+    acc = accuracy(model, make(fam.kind, 30, 100 * seed + 5, cue_rate=fam.rate, area=fam.area))
+    write(root, make(fam.kind, 40, 100 * seed + 1, cue_rate=fam.rate, area=fam.area), masks=masks)
     torch.save(model.state_dict(), root / "model.pt")
     write_config(root, seed=seed)
     run_audit(load_config(root / "audit.yaml"), root / "run", progress=False)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from auditor.cams import CAMS
@@ -23,7 +24,13 @@ from auditor.cams.layers import layer_pass, resolve_layer
 from auditor.io.sources import sample_key
 from auditor.ops import from_pixels, to_pixels
 from auditor.run.setup import Plan
-from auditor.shortcuts.interventions import Region, occlusion_scan, region_intervention, shift_intervention
+from auditor.shortcuts.interventions import (
+    Region,
+    graft_intervention,
+    occlusion_scan,
+    region_intervention,
+    shift_intervention,
+)
 from auditor.shortcuts.probes import margin_masks
 
 HOT_MASS = 0.5  # without a mask, the spared pixels hold this share of the map's mass ...
@@ -110,6 +117,31 @@ class ModelAccess:
             self.counted, self.load, own_rows, other_rows, cls, delta,
             to_pixels=self.to_pixels, from_pixels=self.from_pixels, keep=lambda rows: self.spared(rows, method),
         )  # fmt: skip
+
+    def graft_test(
+        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, method: str | None
+    ) -> dict[str, Any]:
+        result = graft_intervention(
+            self.counted, self.load, own_rows, other_rows, cls, keep=lambda rows: self.spared(rows, method)
+        )
+        return result | {"own_compact": self.compactness(own_rows, method)}
+
+    def compactness(self, rows: Sequence[int], method: str | None) -> float | None:
+        """Over the images without a mask, the mean share of their hot pixels (:meth:`spared`) in its largest
+        connected part: near 1 where the map points at one place (an object), lower where it spreads over the
+        image (a texture); None where every image has a mask or no map."""
+        found = [self.plan.store.load_maps(method, t) for t in ("label", "prediction")] if method else []
+        maps = next((m for m in found if m is not None), None)
+        shares = []
+        for row in rows:
+            item = self.plan.dataset.load(int(row))
+            if maps is None or (item["ok"] and item["has_mask"] and bool(item["mask"].any())):
+                continue
+            if np.isfinite(maps[row]).all() and float(np.max(maps[row])) > 0:
+                hot = _hot_pixels(np.asarray(maps[row], np.float32), self.plan.cfg.data.image_size).numpy()
+                parts, n = ndimage.label(hot)
+                shares.append(float(np.bincount(parts.ravel())[1:].max() / hot.sum()) if n else 0.0)
+        return float(np.mean(shares)) if shares else None
 
     @property
     def has_activations(self) -> bool:

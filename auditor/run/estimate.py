@@ -55,6 +55,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
       ones (``cues.scan_split``);
     - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
+    - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``, no triage);
     - ``hotspots``: one region test; ``subset_cues``: one localization on ``subset_images`` carriers and two
       region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
     """
@@ -73,6 +74,9 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         if min(n, total - n) >= t.min_group:
             out["properties"] += 5 * (min(PROBE_IMAGES, n) + min(PROBE_IMAGES, total - n)) + 5 * (own + other)
         out["hotspots"] += 3 * (own + other)
+        grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
+        if min(grafted, recipients) >= t.min_group:
+            out["backdrop"] += 2 * (grafted + recipients)
         carriers, others = min(t.subset_images, n), min(t.subset_images, total - n)
         out["subset_cues"] += carriers * (sub_fine + 1) + 3 * (carriers + others) + 3 * (carriers + 1)
         if min(t.concept_images, n) >= t.min_group:

@@ -16,6 +16,7 @@ from pydantic import ConfigDict
 
 from auditor.shortcuts import (
     attributes,
+    backdrop,
     background,
     clusters,
     concepts,
@@ -49,6 +50,7 @@ MODULES = (
     cues,
     subsets,
     frame,
+    backdrop,
     properties,
     attributes,
     counterfactual,
@@ -64,6 +66,7 @@ class Thresholds(  # fields in reverse base order: shared, background, hotspots,
     counterfactual.Params,
     attributes.Params,
     properties.Params,
+    backdrop.Params,
     frame.Params,
     subsets.Params,
     cues.Params,

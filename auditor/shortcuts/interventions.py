@@ -292,3 +292,66 @@ def shift_intervention(
 
 def _share(v: np.ndarray) -> float:
     return float(v.mean()) if v.size else float("nan")
+
+
+def graft_intervention(
+    model: nn.Module,
+    load: Callable[[Sequence[int]], Tensor],
+    own_rows: Sequence[int],
+    other_rows: Sequence[int],
+    cls: int,
+    keep: Callable[[Sequence[int]], Tensor],
+) -> dict[str, Any]:
+    """Graft the class's backgrounds behind other classes' objects, against other classes' backgrounds.
+
+    Each other-class image (the recipient) keeps the pixels ``keep`` spares in it (its object: the mask with a
+    margin, else where its map is hot) and the places the donor's own spared pixels cover (so no part of the
+    donor's object comes along); every other pixel comes from the donor. The donor is a class image (the test)
+    or the next other-class image (the null: any background with its object left out). Per recipient, the
+    test's p(class) minus the null's is the effect; a one-sided Wilcoxon test of them gives ``paste_p``. The
+    reverse, on the class's images: the next other-class image's background against the next class image's.
+
+    Args:
+        model: classifier in eval mode.
+        load: rows -> ``[n, 3, S, S]`` normalized images on the model's device.
+        own_rows / other_rows: the class's images and other classes' images (each at least 2).
+        cls: the class index.
+        keep: rows -> ``[n, S, S]`` bool, the pixels of each image that stay its own.
+
+    Returns:
+        ``{n_removed, n_pasted, paste_gain, paste_flips, null_flips, paste_effect, paste_p, removal_drop,
+        removal_effect, removal_p}``: the mean p(class) gain of the recipients over the null, the shares of them
+        the class's and the null's backgrounds turn into the class, and the effect and p-value of both
+        directions (the removal: p(class) of the class's images with a class background minus with another's).
+    """
+    own, other = load(own_rows), load(other_rows)
+    k_own, k_other = keep(own_rows).to(own.device), keep(other_rows).to(own.device)
+
+    def graft(rec: Tensor, k_rec: Tensor, don: Tensor, k_don: Tensor) -> Tensor:
+        stay = (k_rec | k_don)[:, None]
+        return torch.where(stay, rec, don)
+
+    def shift(x: Tensor) -> Tensor:
+        return torch.roll(x, 1, dims=0)  # image i takes image i-1's background: never its own
+
+    donors = torch.arange(len(other_rows), device=own.device) % len(own_rows)
+    with torch.no_grad():
+        test = _prob(model, graft(other, k_other, own[donors], k_own[donors]))
+        null = _prob(model, graft(other, k_other, shift(other), shift(k_other)))
+        recipients = torch.arange(len(own_rows), device=own.device) % len(other_rows)
+        swapped = _prob(model, graft(own, k_own, other[recipients], k_other[recipients]))
+        kept = _prob(model, graft(own, k_own, shift(own), shift(k_own)))
+    paste = (test[:, cls] - null[:, cls]).cpu().numpy()
+    removal = (kept[:, cls] - swapped[:, cls]).cpu().numpy()
+    return {
+        "n_removed": len(own_rows),
+        "n_pasted": len(other_rows),
+        "paste_gain": _mean(paste),
+        "paste_flips": _share((test.argmax(1) == cls).cpu().numpy()),
+        "null_flips": _share((null.argmax(1) == cls).cpu().numpy()),
+        "paste_effect": _mean(paste),
+        "paste_p": _wilcoxon_greater(paste),
+        "removal_drop": _mean(removal),
+        "removal_effect": _mean(removal),
+        "removal_p": _wilcoxon_greater(removal),
+    }

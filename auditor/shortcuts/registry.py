@@ -78,6 +78,14 @@ class Intervener(Protocol):
         image has no mask, ``method``'s hot places stand in for the object the spared test leaves alone."""
         ...
 
+    def graft_test(
+        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, method: str | None
+    ) -> dict[str, Any]:
+        """Graft ``own_rows``' backgrounds behind ``other_rows``' objects, against other classes' backgrounds
+        (``interventions.graft_intervention``); an image's object is its mask with a margin, else ``method``'s
+        hot places, as the colour shift spares them."""
+        ...
+
     @property
     def has_activations(self) -> bool:
         """Whether :meth:`activations` can run (a hookable model with a target layer)."""

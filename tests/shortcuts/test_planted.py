@@ -128,7 +128,15 @@ def test_large_objects_do_not_switch_the_background_detectors_off(tmp_path: Path
     for masks in (True, False):
         clean = _audit("control", tmp_path / f"clean-{masks}", masks=masks, cue_rate=(0.0, 0.0), area=area)
         assert [f for f in clean if f["severity"] != "low"] == [], [f["message"] for f in clean]
-    # without masks a texture cue is a known miss (README): no region to scan, no colour to shift
+
+
+def test_a_background_texture_is_found_without_masks_by_grafting_it(tmp_path: Path) -> None:
+    """No region to scan, no colour to shift: grass behind other classes' objects makes them a."""
+    flags = _audit("texture", tmp_path, masks=False, cue_rate=(1.0, 0.0))
+    graft = [f for f in flags if f["kind"] == "backdrop_cue" and f["severity"] == "high"]
+    assert [f["class"] for f in graft] == ["a"], [f["message"] for f in flags]
+    test = graft[0]["evidence"]["test"]
+    assert test["paste_flips"] - test["null_flips"] > 0.5 and test["own_compact"] < 0.75
 
 
 @pytest.mark.slow
