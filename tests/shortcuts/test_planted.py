@@ -130,6 +130,7 @@ def test_large_objects_do_not_switch_the_background_detectors_off(tmp_path: Path
         assert [f for f in clean if f["severity"] != "low"] == [], [f["message"] for f in clean]
 
 
+@pytest.mark.slow
 def test_a_background_texture_is_found_without_masks_by_grafting_it(tmp_path: Path) -> None:
     """No region to scan, no colour to shift: grass behind other classes' objects makes them a."""
     flags = _audit("texture", tmp_path, masks=False, cue_rate=(1.0, 0.0))
