@@ -130,8 +130,7 @@ class ModelAccess:
         """Over the images without a mask, the mean share of their hot pixels (:meth:`spared`) in its largest
         connected part: near 1 where the map points at one place (an object), lower where it spreads over the
         image (a texture); None where every image has a mask or no map."""
-        found = [self.plan.store.load_maps(method, t) for t in ("label", "prediction")] if method else []
-        maps = next((m for m in found if m is not None), None)
+        maps = self._maps(method)
         shares = []
         for row in rows:
             item = self.plan.dataset.load(int(row))
@@ -173,12 +172,16 @@ class ModelAccess:
 
     # -- the pixels a colour shift spares -------------------------------------------------------------------
 
+    def _maps(self, method: str | None) -> np.ndarray | None:
+        """``method``'s stored maps (of the labels, else of the predictions), or None."""
+        found = [self.plan.store.load_maps(method, t) for t in ("label", "prediction")] if method else []
+        return next((m for m in found if m is not None), None)
+
     def spared(self, rows: Sequence[int], method: str | None) -> Tensor:
         """``[n, S, S]`` bool: each image's object grown by a margin where it has a mask or boxes; else the
         smallest set of pixels holding half of ``method``'s map mass, at most a quarter of the image (where the
         model looks; a diffuse map, as a colour cast gives, spares little); else nothing."""
-        found = [self.plan.store.load_maps(method, t) for t in ("label", "prediction")] if method else []
-        maps = next((m for m in found if m is not None), None)
+        maps = self._maps(method)
         size = self.plan.cfg.data.image_size
         out = torch.zeros(len(rows), size, size, dtype=torch.bool)
         for i, row in enumerate(rows):

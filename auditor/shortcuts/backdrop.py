@@ -54,11 +54,6 @@ class Params(SharedParams):
     )
 
 
-def _method(inputs: AnalysisInputs) -> str | None:
-    """Where an image has no mask, the finest class-sensitive map's hot places stand in for its object."""
-    return "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
-
-
 def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
     """One class's work item: the graft on keyed draws (no triage probe: on 8 images it missed a background a
     32-image graft found, 0.19 against 0.67, on a planted marker). Returns ``{"backdrop": the class's entry or
@@ -70,7 +65,7 @@ def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     other = np.sort(keyed_rows(rest, t.backdrop_images, inputs.seed, "backdrop")).tolist()
     if len(own) < t.min_group or len(other) < t.min_group:
         return {"backdrop": None, "triage": None}
-    method = _method(inputs)
+    method = inputs.hot_method
     test = inputs.intervener.graft_test(own, other, inputs.classes.index(cls), method)
     return {"backdrop": {"n": len(own), "method": method, "test": test}, "triage": None}
 
@@ -97,11 +92,12 @@ def tests(measured: Measurement) -> dict[str, float]:
 
 def _message(c: str, r: dict[str, Any]) -> str:
     test = r["test"]
+    gain = change(test["paste_effect"], f"p({c})")
     return (
-        f"Grafting the background of {c} images behind other classes' objects {change(test['paste_gain'], f'p({c})')} "
+        f"Grafting the background of {c} images behind other classes' objects {gain} "
         f"over other classes' backgrounds and turns {pct(test['paste_flips'])} of {test['n_pasted']} images into {c} "
         f"(other backgrounds: {pct(test['null_flips'])}); {c} images on other classes' backgrounds: "
-        f"{change(-test['removal_drop'], f'p({c})')}."
+        f"{change(-test['removal_effect'], f'p({c})')}."
     )
 
 

@@ -319,10 +319,10 @@ def graft_intervention(
         keep: rows -> ``[n, S, S]`` bool, the pixels of each image that stay its own.
 
     Returns:
-        ``{n_removed, n_pasted, paste_gain, paste_flips, null_flips, paste_effect, paste_p, removal_drop,
-        removal_effect, removal_p}``: the mean p(class) gain of the recipients over the null, the shares of them
-        the class's and the null's backgrounds turn into the class, and the effect and p-value of both
-        directions (the removal: p(class) of the class's images with a class background minus with another's).
+        ``{n_removed, n_pasted, paste_flips, null_flips, paste_effect, paste_p, removal_effect, removal_p}``: the
+        shares of the recipients the class's and the null's backgrounds turn into the class; the mean p(class) gain
+        of the recipients over the null and its p-value; the same for the reverse (the removal: p(class) of the
+        class's images with a class background minus with another's).
     """
     own, other = load(own_rows), load(other_rows)
     k_own, k_other = keep(own_rows).to(own.device), keep(other_rows).to(own.device)
@@ -346,12 +346,10 @@ def graft_intervention(
     return {
         "n_removed": len(own_rows),
         "n_pasted": len(other_rows),
-        "paste_gain": _mean(paste),
         "paste_flips": _share((test.argmax(1) == cls).cpu().numpy()),
         "null_flips": _share((null.argmax(1) == cls).cpu().numpy()),
         "paste_effect": _mean(paste),
         "paste_p": _wilcoxon_greater(paste),
-        "removal_drop": _mean(removal),
         "removal_effect": _mean(removal),
         "removal_p": _wilcoxon_greater(removal),
     }

@@ -102,18 +102,13 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     }
 
 
-def _shift_method(inputs: AnalysisInputs) -> str | None:
-    """Where an image has no mask, the finest class-sensitive map's hot places stand in for the object."""
-    return "layer_cam" if "layer_cam" in inputs.methods else (inputs.methods[0] if inputs.methods else None)
-
-
 def _shift_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
     """One class's work item: shift its images toward the others' colour and back (keyed draws of images).
     Returns ``{"test": the shift test or None, "triage": reason or None}``."""
     assert inputs.intervener is not None
     t, first, r = params_of(inputs.thresholds, Params), inputs.first, measured["global"][cls]
     mine, rest, idx = first[first["label"] == cls], first[first["label"] != cls], inputs.classes.index(cls)
-    method = _shift_method(inputs)
+    method = inputs.hot_method
     if t.triage:
         reason = too_few_called(first, cls, t.min_group) or _probe(inputs, mine, rest, idx, r["delta"], method)
         if reason is not None:

@@ -167,6 +167,12 @@ class AnalysisInputs:
                 out[m] = (sub, grids)
         return out
 
+    @property
+    def hot_method(self) -> str | None:
+        """The map method whose hot places stand in for an image's object where it has no mask (the colour
+        shifts and the background graft spare them): the finest class-sensitive one, ``layer_cam`` where it ran."""
+        return "layer_cam" if "layer_cam" in self.methods else (self.methods[0] if self.methods else None)
+
     @cached_property
     def objects(self) -> np.ndarray | None:
         return self.rundir.load_objects()

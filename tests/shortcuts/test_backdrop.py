@@ -66,8 +66,8 @@ def test_a_model_that_reads_the_object_gains_nothing() -> None:
 
 
 def _measured(effect: float, flips: float, null: float, p: float, compact: float | None) -> dict[str, Any]:
-    test = {"paste_effect": effect, "paste_gain": effect, "paste_flips": flips, "null_flips": null, "paste_p": p}
-    test |= {"n_pasted": 32, "removal_drop": 0.0, "own_compact": compact}
+    test = {"paste_effect": effect, "paste_flips": flips, "null_flips": null, "paste_p": p}
+    test |= {"n_pasted": 32, "removal_effect": 0.0, "own_compact": compact}
     return {"backdrops": {"a": {"n": 32, "method": "layer_cam", "test": test}}}
 
 
