@@ -73,7 +73,7 @@ def test_the_analyses_work_items_run_on_the_actors_and_equal_the_local_run(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("an analysis intervention ran in the driver, not on an actor")
 
-    for name in ("region_test", "scan", "shift_test"):  # the driver may not intervene: only the actors can
+    for name in ("region_test", "scan", "shift_test", "graft_test"):  # only the actors intervene
         monkeypatch.setattr(ModelAccess, name, refuse)
     args = ["run", str(cfg), "--out", str(tmp_path / "ray"), "--no-progress", "--backend", "ray", "--actors", "2"]
     assert main(args) == 0

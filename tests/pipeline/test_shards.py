@@ -140,7 +140,7 @@ def test_the_analyses_work_items_shared_out_by_merge_shards_equal_the_one_proces
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the final merge ran an item the shards had done")
 
-    for name in ("region_test", "scan", "shift_test"):
+    for name in ("region_test", "scan", "shift_test", "graft_test"):
         monkeypatch.setattr(ModelAccess, name, refuse)
     assert _run("merge", str(out)) == 0
     _assert_same_run(tmp_path / "one", out)
