@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from auditor.shortcuts.registry import LOG_EVERY, Analysis, AnalysisInputs, Executor, Measurement
+from auditor.shortcuts.registry import Analysis, AnalysisInputs, Executor, Measurement, tracked
 from auditor.store.rundir import RunDir, atomic_write_bytes
 
 log = logging.getLogger("auditor.analyses")
@@ -95,17 +94,6 @@ def _read(path: Path, key: str, digest: str) -> tuple[Any, int] | None:
     return stored["result"], int(stored["forwards"])
 
 
-def _progress(items: Iterable[tuple[str, str, int]], total: int, what: str) -> Iterator[tuple[str, str, int]]:
-    """``items`` as they arrive, logging ``<what>: 37/1000, 12 s, ETA 5 min`` at most every ``LOG_EVERY`` s."""
-    start = last = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        now = time.perf_counter()
-        if now - last >= LOG_EVERY and i < total:
-            log.info("%s: %d/%d, %.0f s, ETA %.0f s", what, i, total, now - start, (total - i) * (now - start) / i)
-            last = now
-        yield item
-
-
 def stored(rundir: RunDir, runner: Runner = run_here) -> Executor:
     """The executor of a run: items already in ``rundir`` are read back, the rest go to ``runner`` and are
     written as they finish. Every result is decoded from its JSON, stored or fresh."""
@@ -127,7 +115,7 @@ def stored(rundir: RunDir, runner: Runner = run_here) -> Executor:
             kept = len(keys) - len(todo)
             log.info("%s: %d of %d work items read back from %s", analysis.name, kept, len(keys), rundir.root)
         arriving = runner(analysis, measured, inputs, todo) if todo else iter(())
-        for key, text, n in _progress(arriving, len(todo), analysis.per_class.what):
+        for key, text, n in tracked(arriving, analysis.per_class.what, total=len(todo)):
             record = {"key": key, "fingerprint": digest, "forwards": n}
             body = json.dumps(record)[:-1] + f', "result": {text}}}'
             atomic_write_bytes(rundir.item_path(analysis.name, key), body.encode("utf-8"))

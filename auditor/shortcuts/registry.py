@@ -35,16 +35,19 @@ log = logging.getLogger("auditor.analyses")
 T = TypeVar("T")
 
 
-def tracked(items: Iterable[T], what: str, every: float = LOG_EVERY) -> Iterator[T]:
+def tracked(items: Iterable[T], what: str, every: float = LOG_EVERY, total: int | None = None) -> Iterator[T]:
     """``items``, logging ``<what>: 37/1000, 12 s, ETA 5 min`` at most every ``every`` seconds: an analysis
-    looping over 1,000 classes shows where it is (the map stage has its own bar)."""
-    todo = list(items)
+    looping over 1,000 classes shows where it is (the map stage has its own bar). With ``total``, the items are
+    consumed as they arrive (work items finishing on other processes); else they are listed first to count."""
+    if total is None:
+        items = list(items)
+        total = len(items)
     start = last = time.perf_counter()
-    for i, item in enumerate(todo):
+    for i, item in enumerate(items):
         now = time.perf_counter()
         if i and now - last >= every:
-            left = (len(todo) - i) * (now - start) / i
-            log.info("%s: %d/%d, %.0f s, ETA %.0f s", what, i, len(todo), now - start, left)
+            left = (total - i) * (now - start) / i
+            log.info("%s: %d/%d, %.0f s, ETA %.0f s", what, i, total, now - start, left)
             last = now
         yield item
 
