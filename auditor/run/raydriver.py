@@ -93,6 +93,10 @@ class WorkActor:
         result = work.run(measured, self.inputs, key)
         return key, encode(result), self.access.forwards - before
 
+    def release(self) -> None:
+        """Remove this actor's analysis grid files (see ``AnalysisInputs.release``)."""
+        self.inputs.release()
+
 
 class RayRunner:
     """A ``run.work.Runner`` on a pool of :class:`WorkActor` (started on the first item, stopped by :meth:`close`)."""
@@ -128,6 +132,12 @@ class RayRunner:
             raise ModelError(f"analysis {analysis.name}: a work item failed on the Ray workers: {cause}") from None
 
     def close(self) -> None:
+        """Stop the actors, each first removing its grid files from the run directory (a killed process runs
+        no exit handler)."""
+        try:
+            self.ray.get([handle.release.remote() for handle in self.handles])
+        except self.ray.exceptions.RayError as err:  # an actor already lost: the next --force run removes its files
+            log.warning("a Ray work actor could not remove its analysis files: %s", str(err).strip().splitlines()[-1])
         for handle in self.handles:
             self.ray.kill(handle)
         self.pool, self.handles = None, []

@@ -132,7 +132,10 @@ def reduce_run(
     access = ModelAccess(plan)  # the one model-access object of everything after the map stage
     inputs.intervener = access
     with stage(f"analyses ({len(plan.classes)} classes)"):
-        summary["analyses"], flags = run_analyses(inputs, execute=stored(plan.store, runner))
+        try:
+            summary["analyses"], flags = run_analyses(inputs, execute=stored(plan.store, runner))
+        finally:
+            inputs.release()
     seconds["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
     with stage("finding examples"):
@@ -156,7 +159,10 @@ def analyse_share(plan: Plan, table: pd.DataFrame, shard: Shard) -> int:
         return shard_of(f"{analysis}/{key}", shard.count) == shard.index
 
     with stage(f"analyses: shard {shard.index} of {shard.count}'s work items"):
-        return run_items(inputs, stored(plan.store), mine)
+        try:
+            return run_items(inputs, stored(plan.store), mine)
+        finally:
+            inputs.release()
 
 
 def write_summary(plan: Plan, summary: Summary) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field
 from auditor.io.sources import keyed_order
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, make_flag, pct
+from auditor.shortcuts.grids import Indexable, finite_rows
 from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
 from auditor.shortcuts.thresholds import SharedParams, params_of
 
@@ -113,7 +114,7 @@ def null_low(values: np.ndarray, size: int, seed: int, draws: int = 200, q: floa
 
 
 def _cluster_entries(
-    res: dict[str, Any], idx: np.ndarray, sub: pd.DataFrame, grids: np.ndarray, ratio: np.ndarray | None, seed: int
+    res: dict[str, Any], idx: np.ndarray, sub: pd.DataFrame, grids: Indexable, ratio: np.ndarray | None, seed: int
 ) -> list[dict[str, Any]]:
     labels = np.asarray(res["labels"])
     clusters = []
@@ -137,11 +138,11 @@ def _cluster_entries(
 
 
 def class_clusters(
-    sub: pd.DataFrame, grids: np.ndarray, classes: Sequence[str], method: str, seed: int
+    sub: pd.DataFrame, grids: Indexable, classes: Sequence[str], method: str, seed: int
 ) -> dict[str, Any]:
     """Per class (at least 6 finite maps; at most ``CLUSTER_CAP``, keyed by sample id): its clusters of maps."""
     out: dict[str, Any] = {}
-    ok = np.isfinite(grids).all(axis=(1, 2))
+    ok = finite_rows(grids)
     ratio = _ratio(sub)
     for cls in classes:
         idx = np.flatnonzero(ok & (sub["label"].to_numpy() == cls))

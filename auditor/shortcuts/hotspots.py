@@ -18,7 +18,17 @@ from scipy import ndimage, stats
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import CHUNK, GRID, Indexable, RowsOf, control_box, describe_location, object_overlap
+from auditor.shortcuts.grids import (
+    GRID,
+    Indexable,
+    RowsOf,
+    by_chunk,
+    control_box,
+    describe_location,
+    finite_rows,
+    object_overlap,
+    sum_rows,
+)
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -50,25 +60,17 @@ def _region(diff: np.ndarray, level: float) -> np.ndarray:
     return np.asarray(labels == labels[peak])
 
 
-def sum_rows(maps: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``maps[rows].sum(0)`` in float64, ``CHUNK`` rows at a time (``[32, 32]``): a copy of every map of a
-    100k-row run was 400 MB on top of the maps."""
-    total = np.zeros(maps.shape[1:], dtype=np.float64)
-    for i in range(0, len(rows), CHUNK):
-        total += maps[rows[i : i + CHUNK]].sum(0, dtype=np.float64)
-    return total
+def region_mass(maps: Indexable, region: np.ndarray) -> np.ndarray:
+    """``[n]`` each map's mass in the ``[32, 32]`` bool ``region``, a chunk of maps read at a time."""
 
+    def mass(chunk: np.ndarray) -> np.ndarray:
+        return np.asarray(chunk[:, region].sum(1))
 
-def finite_rows(maps: np.ndarray) -> np.ndarray:
-    """``[n]`` bool: the maps with no NaN, ``CHUNK`` rows at a time."""
-    ok = np.ones(len(maps), dtype=bool)
-    for i in range(0, len(maps), CHUNK):
-        ok[i : i + CHUNK] = np.isfinite(maps[i : i + CHUNK]).all(axis=(1, 2))
-    return ok
+    return by_chunk(maps, mass)
 
 
 def class_hotspots(
-    maps: np.ndarray,
+    maps: Indexable,
     labels: np.ndarray,
     classes: Sequence[str],
     objects: Indexable | None = None,
@@ -109,7 +111,7 @@ def class_hotspots(
         region = _region(diff, level)
         ys, xs = np.nonzero(region)
         box = [xs.min() / GRID, ys.min() / GRID, (xs.max() + 1) / GRID, (ys.max() + 1) / GRID]
-        mass = maps[:, region].sum(1)
+        mass = region_mass(maps, region)
         m_own, m_rest = mass[own], mass[rest]
         base = float(m_rest.mean())
         out[cls] = {

@@ -9,10 +9,14 @@ in registration order: measure, intervene, then flag. Adding a flag kind = one m
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -27,7 +31,8 @@ from auditor.shortcuts.grids import CHUNK, GRID, grid_maps
 from auditor.shortcuts.removals import counterfactual_summary
 from auditor.shortcuts.thresholds import SharedParams
 from auditor.stats import bh_adjust
-from auditor.store.rundir import RunDir, one_row_per_sample
+from auditor.store.rows import DiskRows, write_rows
+from auditor.store.rundir import SCRATCH, RunDir, one_row_per_sample
 
 NEEDS = ("maps", "masks", "counterfactuals", "model", "mprt")
 LOG_EVERY = 10.0  # seconds between two progress lines of one loop
@@ -156,19 +161,35 @@ class AnalysisInputs:
         return one_row_per_sample(self.table)
 
     @cached_property
-    def grids(self) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
-        """Per map method: its rows and ``[n, 32, 32]`` L1-normalized maps (computed once, shared)."""
+    def grids(self) -> dict[str, tuple[pd.DataFrame, DiskRows]]:
+        """Per map method: its rows and ``[n, 32, 32]`` L1-normalized maps (computed once, shared), on disk: a
+        float32 grid is 4 KiB a map, 4 GB at a million rows, so the analyses read them by class or by chunk. The
+        files live in a directory of the run's own (same disk, removed with these inputs or at exit)."""
         out = {}
         for m in self.methods:
             sub = self.table[self.table["method"] == m]
-            maps = self.rundir.load_maps(m, self.target)
+            maps = self.rundir.map_rows(m, self.target)
             if maps is not None:
                 rows = sub["row"].to_numpy()
-                grids = np.empty((len(rows), GRID, GRID), dtype=np.float32)
-                for i in range(0, len(rows), CHUNK):  # the float copies and the resize (~6x the grid), by chunk
-                    grids[i : i + CHUNK] = grid_maps(maps[rows[i : i + CHUNK]])
-                out[m] = (sub, grids)
+                chunks = (grid_maps(maps[rows[i : i + CHUNK]]) for i in range(0, len(rows), CHUNK))
+                out[m] = (sub, write_rows(self._scratch / f"{m}.npy", len(rows), (GRID, GRID), "float32", chunks))
         return out
+
+    @cached_property
+    def _scratch(self) -> Path:
+        """A directory for this object's files in the run directory, removed by :meth:`release`, with the object,
+        or at exit."""
+        path = Path(tempfile.mkdtemp(prefix=SCRATCH, dir=self.rundir.root))
+        self._memo["_release"] = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)
+        return path
+
+    def release(self) -> None:
+        """Remove the grid files now (the analyses are done); a later read of :attr:`grids` writes them again."""
+        done = self._memo.pop("_release", None)
+        if done is not None:
+            done()
+        for name in ("grids", "objects", "_scratch"):
+            self.__dict__.pop(name, None)
 
     @property
     def hot_method(self) -> str | None:
@@ -177,8 +198,9 @@ class AnalysisInputs:
         return "layer_cam" if "layer_cam" in self.methods else (self.methods[0] if self.methods else None)
 
     @cached_property
-    def objects(self) -> np.ndarray | None:
-        return self.rundir.load_objects()
+    def objects(self) -> DiskRows | None:
+        """``[n, 32, 32]`` object masks on the analysis grid, read by selection (None when no sample had one)."""
+        return self.rundir.object_rows()
 
     @cached_property
     def counterfactual(self) -> dict[str, Any]:

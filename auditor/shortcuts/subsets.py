@@ -39,7 +39,7 @@ from auditor.shortcuts.cues import grid_boxes, importance, locate
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import GRID, box_cells, control_box, describe_location
+from auditor.shortcuts.grids import GRID, Indexable, box_cells, by_chunk, control_box, describe_location
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -158,7 +158,7 @@ def propose(own: np.ndarray, other: np.ndarray, t: Params, seed: int = 0, draws:
             "p": float(p), "lift": float(share / max(other_share, 1 / len(other)))}  # fmt: skip
 
 
-def _maps(inputs: AnalysisInputs) -> tuple[Any, np.ndarray] | None:
+def _maps(inputs: AnalysisInputs) -> tuple[Any, Indexable] | None:
     """The rows and ``[n, 32, 32]`` maps of the method the proposal reads (grad_cam where it ran)."""
     grids = inputs.grids
     for m in ["grad_cam", *inputs.methods]:
@@ -174,7 +174,7 @@ def measure(inputs: AnalysisInputs) -> Measurement:
         return {"subset_cues": {}}
     rows, maps = found
     t = params_of(inputs.thresholds, Params)
-    points = peaks(maps)
+    points = by_chunk(maps, peaks)
     labels = rows["label"].to_numpy()
     out: dict[str, Any] = {}
     for cls in inputs.classes:
@@ -256,9 +256,7 @@ def tests(measured: Measurement) -> dict[str, float]:
     return out
 
 
-def object_share(
-    objects: np.ndarray | None, rows: Sequence[int], region: Sequence[float], cover: float = 0.25
-) -> float:
+def object_share(objects: Indexable | None, rows: Sequence[int], region: Sequence[float], cover: float = 0.25) -> float:
     """Share of the ``rows`` images (with masks) whose object covers at least ``cover`` of the region's cells;
     NaN without masks."""
     if objects is None:

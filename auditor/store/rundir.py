@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from auditor.errors import ConfigError
+from auditor.store.rows import DiskRows
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ SHARDS = "shards"
 LOCK = ".lock"
 MAIN, FLAGGED = "part", "flagged"  # kinds of parquet parts
 ITEMS = "items"  # the analyses' work items
+SCRATCH = ".analysis-"  # prefix of a process's directory of analysis grid files (removed when it is done)
 _ARTIFACTS = (
     REPORT,
     DEEPDIVE,
@@ -311,6 +313,16 @@ class RunDir:
         """``[n, 32, 32]`` object masks on the analysis grid, or None when no sample had a mask."""
         return np.load(self.objects_path, mmap_mode="r") if self.objects_path.exists() else None
 
+    def map_rows(self, method: str, target: str) -> DiskRows | None:
+        """A method's maps read a selection at a time and let go after (the reduce stage's passes over a large
+        run); None when the run has none."""
+        path = self.map_path(method, target)
+        return DiskRows(path) if path.exists() else None
+
+    def object_rows(self) -> DiskRows | None:
+        """The object grids read a selection at a time (:meth:`load_objects` maps them whole)."""
+        return DiskRows(self.objects_path) if self.objects_path.exists() else None
+
     def done_batches(self, kind: str = MAIN) -> set[int]:
         """Indices of the batches of ``kind`` whose part exists."""
         return {int(p.stem.split("-")[1]) for p in self.parts.glob(f"{kind}-*.parquet")}
@@ -336,6 +348,8 @@ class RunDir:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
+            for path in self.root.glob(f"{SCRATCH}*"):  # the analyses' grid files of a process that was killed
+                shutil.rmtree(path, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
 
 

@@ -85,6 +85,7 @@ def test_the_analyses_work_items_run_on_the_actors_and_equal_the_local_run(
     assert sorted(p.name for p in (tmp_path / "ray" / "items").rglob("*.json")) == sorted(
         p.name for p in (tmp_path / "local" / "items").rglob("*.json")
     )
+    assert not list((tmp_path / "ray").glob(".analysis-*"))  # the actors removed their grid files before they stopped
 
 
 def test_a_batch_that_fails_once_is_retried_and_counted_once(local_ray: Any, dataset_dir: Path, tmp_path: Path) -> None:

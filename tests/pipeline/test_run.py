@@ -92,8 +92,12 @@ def test_finished_run_is_not_overwritten_without_force(dataset_dir: Path, tmp_pa
     cfg = make_config(dataset_dir, tmp_path, methods=["grad_cam"], metrics=["energy_in_mask"])
     out = tmp_path / "run"
     assert _run(cfg, out) == 0
+    assert not list(out.glob(".analysis-*"))  # the analyses' grid files went when they were done
     assert _run(cfg, out) == 2
+    (out / ".analysis-killed").mkdir()  # a killed process's grid files
+    (out / ".analysis-killed" / "grad_cam.npy").write_bytes(b"")
     assert _run(cfg, out, "--force") == 0
+    assert not (out / ".analysis-killed").exists()
 
 
 def _same_outputs(a: Path, b: Path) -> None:

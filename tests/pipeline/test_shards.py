@@ -147,3 +147,5 @@ def test_the_analyses_work_items_shared_out_by_merge_shards_equal_the_one_proces
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["analyses"]
     merged = json.loads((out / "summary.json").read_text())["analyses"]
     assert merged["forwards"] == one["forwards"] and sum(one["forwards"].values()) > 0
+    for run in (tmp_path / "one", out):  # every process removed its analysis grid files when it was done
+        assert not list(run.glob(".analysis-*")), run

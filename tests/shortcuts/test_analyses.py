@@ -482,7 +482,7 @@ def _no_inputs() -> Any:
         {"row": [0, 1], "id": ["x", "y"], "label": ["a", "b"], "pred": ["a", "b"], "correct": [True, True]}
         | {"method": [None, None], "target": [None, None]}
     )
-    run = SimpleNamespace(load_maps=lambda m, t: None, load_objects=lambda: None)
+    run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: None)
     return registry.AnalysisInputs(table, "label", [], ["a", "b"], [], run, T)  # type: ignore[arg-type]
 
 

@@ -66,7 +66,7 @@ class Recorder:
 
 
 def _inputs(table: pd.DataFrame, recorder: Recorder, triage: bool = True) -> AnalysisInputs:
-    run = SimpleNamespace(load_maps=lambda m, t: None, load_objects=lambda: None)
+    run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: None)
     t = Thresholds(triage=triage)
     return AnalysisInputs(table, "label", [], ["a", "b"], [], run, t, intervener=recorder)  # type: ignore[arg-type]
 
