@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from auditor.metrics import METRICS
 from auditor.synthetic import write_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
+from peak import peak_mib, wrapped
 from run import floors  # benchmarks/ is a folder of scripts, not a package
 
 LOCALIZATION = [name for name, m in METRICS.items() if m.family == "localization"]  # registry order
@@ -102,18 +102,13 @@ def main() -> None:
         cfg_path = args.work / f"audit-{n}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         out = args.work / f"run-{n}"
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "auditor", "run", str(cfg_path), "--out", str(out), "--force", "--no-progress"],
-            check=True,
-        )
+        cmd = [sys.executable, "-m", "auditor", "run", str(cfg_path), "--out", str(out), "--force", "--no-progress"]
+        subprocess.run(wrapped(cmd, args.work / f"peak-{n}.kib"), check=True)
         wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if peak <= before:
-            print(f"(peak RSS of this child not above an earlier child's {before} KiB; run sizes separately)")
+        peak = peak_mib([args.work / f"peak-{n}.kib"])  # this run's own (benchmarks/peak.py)
         summary = json.loads((out / "summary.json").read_text())
-        rows.append((n, wall, peak / 1024, summary))
+        rows.append((n, wall, peak, summary))
     if args.fast:
         fast_table(rows, floor, fmt, args)
     else:

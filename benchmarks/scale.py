@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,9 @@ import yaml
 
 from auditor.config import IMAGENET_MEAN, IMAGENET_STD
 from auditor.synthetic import write_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peak import own_peak_mib, peak_mib, wrapped  # benchmarks/ is a folder of scripts, not a package
 
 
 def backends(args: argparse.Namespace) -> None:
@@ -136,7 +138,7 @@ def _reduce_child(root: Path) -> None:
     inputs = AnalysisInputs(table, "label", ["grad_cam"], ["a", "b"], ["site"], rundir, Thresholds())
     _, flags = run_analyses(inputs)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = own_peak_mib()  # not ru_maxrss: a child's counts its parent's memory at the spawn (benchmarks/peak.py)
     print(json.dumps({"seconds": seconds, "peak_mib": peak, "flags": len(flags)}))
 
 
@@ -244,20 +246,21 @@ def _audit(config: Path, out: Path, backend: str) -> dict[str, float]:
     shards, 2 shares of the analyses' work items, the final merge); the wall seconds of each step."""
     auditor = [sys.executable, "-m", "auditor"]
     run = [*auditor, "run", str(config), "--out", str(out), "--no-progress"]
+    peaks = [out.parent / f"peak-{out.name}-{i}.kib" for i in range(5)]
     if backend != "shards":
         extra = ["--backend", "ray", "--actors", "2"] if backend == "ray" else []
-        subprocess.run([*run, "--force", *extra], check=True, capture_output=True)
-        return {}
+        subprocess.run(wrapped([*run, "--force", *extra], peaks[0]), check=True, capture_output=True)
+        return {"peak MiB": peak_mib(peaks[:1])}
     shutil.rmtree(out, ignore_errors=True)
     steps, start = {}, time.perf_counter()
-    _together([[*run, "--num-shards", "2", "--shard-id", str(i)] for i in range(2)])
+    _together([wrapped([*run, "--num-shards", "2", "--shard-id", str(i)], peaks[i]) for i in range(2)])
     steps["map shards"], start = time.perf_counter() - start, time.perf_counter()
     merge = [*auditor, "merge", str(out), "--no-progress"]
-    _together([[*merge, "--num-shards", "2", "--shard-id", str(i)] for i in range(2)])
+    _together([wrapped([*merge, "--num-shards", "2", "--shard-id", str(i)], peaks[2 + i]) for i in range(2)])
     steps["work-item shares"], start = time.perf_counter() - start, time.perf_counter()
-    subprocess.run(merge, check=True, capture_output=True)
+    subprocess.run(wrapped(merge, peaks[4]), check=True, capture_output=True)
     steps["final merge"] = time.perf_counter() - start
-    return steps
+    return {**steps, "peak MiB": peak_mib(peaks)}  # the largest of one process (Ray's actors are not counted)
 
 
 def many_classes(args: argparse.Namespace) -> None:
@@ -284,9 +287,9 @@ def many_classes(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     steps = _audit(work / "classes.yaml", out, args.backend)
     wall = time.perf_counter() - start
-    if len(steps) > 1:
+    peak = steps.pop("peak MiB")
+    if steps:
         print("steps (wall s):", ", ".join(f"{k} {v:.0f}" for k, v in steps.items()))
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     summary = json.loads((out / "summary.json").read_text())
     t = summary["timings"]
     floor = _fb_floor(args.classes, n, 64, 32)
