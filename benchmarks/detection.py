@@ -1,11 +1,11 @@
-"""Detection rates over training seeds on the planted two-class scenes (``tests/shortcuts/planted.py``).
+"""Detection rates over training seeds on the planted two- and six-class scenes (``tests/shortcuts/planted.py``).
 
-Per family and seed: train the small CNN on 160 scenes (the seed drives the scenes and the training), write a
-fresh 80-image audit set, run ``auditor run`` (with or without masks) and record the flags. A planted cue
+Per family and seed: train the small CNN on 80 scenes a class (the seed drives the scenes and the training), write a
+fresh audit set of 40 a class, run ``auditor run`` (with or without masks) and record the flags. A planted cue
 counts as *found* when a flag of one of the family's expected kinds names each cued class (class a; both for
-``two``) at medium or high; a *false
-alarm* is a medium or high flag on a class without a cue (class b of a cued family, either class of a clean
-one). Nothing here is asserted in the test suite.
+``two``; c0 for ``many-stamp``) at medium or high; a *false alarm* is a medium or high flag on a class without a
+cue (class b of a cued family, every class of a clean one), of another cause than the cue's mirror (the table
+counts the clean classes it falls on, too). Nothing here is asserted in the test suite.
 
     python benchmarks/detection.py --seeds 3 --families subset40 decoy --masks no
 """
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from auditor import load_config, run_audit
-from tests.shortcuts.planted import accuracy, make, train, write, write_config
+from tests.shortcuts.planted import CLASSES, accuracy, make, make_many, many_classes, train, write, write_config
 
 REGION = frozenset({"region_cue", "subset_cue", "spatial_hotspot"})
 BACKGROUND = frozenset({"background_reliance", "counterfactual_background", "frame_cue", "backdrop_cue", "concept"})
@@ -45,6 +45,17 @@ class Family:
     mirror: frozenset[str] = frozenset()
     cued: tuple[str, ...] = ("a",)  # the classes that carry a cue: each must be found
     area: float | None = None  # the objects' share of the frame (None: small objects, 8-15%)
+    classes: int = 2  # more than 2: planted.make_many's classes c0, c1, ... told apart by their objects
+    mirror_on: tuple[str, ...] | None = None  # where a mirror kind names the cue (None: every class without one)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return CLASSES if self.classes == 2 else many_classes(self.classes)
+
+    def scenes(self, n: int, seed: int) -> list[dict[str, object]]:
+        if self.classes == 2:
+            return make(self.kind, n, seed, cue_rate=self.rate, area=self.area)
+        return make_many(n, seed, self.classes, cue_rate=self.rate[0], area=self.area)
 
 
 FAMILIES = {
@@ -64,17 +75,24 @@ FAMILIES = {
     # written after the background graft: objects half the frame, clean and with the corner tag
     "large": Family("control", (0.0, 0.0), frozenset(), area=0.5),
     "large-stamp": Family("stamp", (1.0, 0.0), REGION, REGION | BACKGROUND, area=0.5),
+    # written after the reduce stage's grid files (2026-12-07), before their first run: six classes told apart
+    # by their objects (clean), the same with c0 showing c1's object and the tag, and objects 80% of the frame
+    "many": Family("many", (0.0, 0.0), frozenset(), classes=6),
+    "many-stamp": Family("many", (1.0, 0.0), REGION, REGION | BACKGROUND, ("c0",), classes=6, mirror_on=("c1",)),
+    "large80": Family("control", (0.0, 0.0), frozenset(), area=0.8),
+    "large80-stamp": Family("stamp", (1.0, 0.0), REGION, REGION | BACKGROUND, area=0.8),
 }
 
 
 def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     """One trained model, one audit; the flags and whether the cue was found or a false alarm raised."""
     fam = FAMILIES[name]
-    model = train(make(fam.kind, 80, 100 * seed, cue_rate=fam.rate, area=fam.area), seed=seed)
-    acc = accuracy(model, make(fam.kind, 30, 100 * seed + 5, cue_rate=fam.rate, area=fam.area))
-    write(root, make(fam.kind, 40, 100 * seed + 1, cue_rate=fam.rate, area=fam.area), masks=masks)
+    steps = 150 if fam.classes == 2 else 400  # six classes of shape and colour take longer to learn
+    model = train(fam.scenes(80, 100 * seed), steps=steps, seed=seed, classes=fam.names)
+    acc = accuracy(model, fam.scenes(30, 100 * seed + 5), fam.names)
+    write(root, fam.scenes(40, 100 * seed + 1), masks=masks)
     torch.save(model.state_dict(), root / "model.pt")
-    write_config(root, seed=seed)
+    write_config(root, seed=seed, num_classes=fam.classes)
     run_audit(load_config(root / "audit.yaml"), root / "run", progress=False)
     saved = json.loads((root / "run" / "flags.json").read_text())
     flags = saved["flags"]
@@ -82,6 +100,13 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     cued = set(fam.cued) if fam.expected else set()
     found_by = {c: [f for f in strong if f["kind"] in fam.expected and f["class"] == c] for c in cued}
     found = [f for c in sorted(cued) for f in found_by[c]] if all(found_by.values()) else []
+
+    def alarm(f: dict[str, Any]) -> bool:
+        return f["class"] not in cued
+
+    def mirrored(f: dict[str, Any]) -> bool:
+        return f["kind"] in fam.mirror and (fam.mirror_on is None or f["class"] in fam.mirror_on)
+
     return {
         "family": name,
         "seed": seed,
@@ -89,14 +114,9 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
         "accuracy": acc,
         "found": bool(found) if fam.expected else None,
         "high": any(f["severity"] == "high" for f in found) if fam.expected else None,
-        "false_alarms": [
-            (f["kind"], f["class"], f["severity"])
-            for f in strong
-            if f["class"] not in cued and f["kind"] not in fam.mirror
-        ],
-        "mirrored": [
-            (f["kind"], f["class"], f["severity"]) for f in strong if f["class"] not in cued and f["kind"] in fam.mirror
-        ],
+        "false_alarms": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and not mirrored(f)],
+        "mirrored": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and mirrored(f)],
+        "clean_classes": len(fam.names) - len(cued),
         "flags": [(f["kind"], f["class"], f["severity"]) for f in strong],
         "findings": [f["id"] for f in saved.get("findings", []) if f["severity"] != "low"],
     }
@@ -121,8 +141,9 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                     rows.append(r)
     head = "runs with a false alarm (medium+ on a class without a cue, another cause)"
-    print(f"\n| family | masks | runs | cue found (medium+) | of which high | {head} | the cue named from class b |")
-    print("|---|---|---|---|---|---|---|")
+    cols = f"cue found (medium+) | of which high | {head} | clean classes falsely flagged | the cue named from class b"
+    print(f"\n| family | masks | runs | {cols} |")
+    print("|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for masks in args.masks:
             sub = [r for r in rows if r["family"] == family and r["masks"] == (masks == "yes")]
@@ -131,7 +152,9 @@ def main() -> None:
             high = f"{sum(bool(r['high']) for r in sub)}/{len(sub)}" if cue else "-"
             alarms = f"{sum(bool(r['false_alarms']) for r in sub)}/{len(sub)}"
             mirrored = f"{sum(bool(r['mirrored']) for r in sub)}/{len(sub)}" if cue else "-"
-            print(f"| {family} | {masks} | {len(sub)} | {found} | {high} | {alarms} | {mirrored} |")
+            flagged = sum(len({a[1] for a in r["false_alarms"]}) for r in sub)
+            classes = f"{flagged}/{sum(r['clean_classes'] for r in sub)}"
+            print(f"| {family} | {masks} | {len(sub)} | {found} | {high} | {alarms} | {classes} | {mirrored} |")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,16 @@ def brighten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 Scenario = dict[str, object]
 
 
+def _sample(cls: str, i: int, img: np.ndarray, mask: np.ndarray, has_cue: bool) -> dict[str, object]:
+    return {
+        "id": f"{cls}_{i:04d}",
+        "label": cls,
+        "image": np.clip(img, 0, 255).astype(np.uint8),
+        "mask": mask,
+        "cue": bool(has_cue),
+    }
+
+
 def make(
     kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0), area: float | None = None
 ) -> list[dict[str, object]]:
@@ -148,15 +158,35 @@ def make(
                 img = grey_sky(img, rng) if has_cue else blue_sky(img, rng)
             if kind in ("subset", "decoy") and has_cue:
                 img = stamp(img, rng)
-            out.append(
-                {
-                    "id": f"{cls}_{i:04d}",
-                    "label": cls,
-                    "image": np.clip(img, 0, 255).astype(np.uint8),
-                    "mask": mask,
-                    "cue": bool(has_cue),
-                }
-            )
+            out.append(_sample(cls, i, img, mask, has_cue))
+    return out
+
+
+PALETTE = ((200.0, 60.0, 60.0), (60.0, 80.0, 220.0), (230.0, 200.0, 40.0))
+
+
+def many_classes(k: int) -> tuple[str, ...]:
+    return tuple(f"c{i}" for i in range(k))
+
+
+def make_many(
+    n: int, seed: int, classes: int = 6, cue_rate: float = 0.0, area: float | None = None
+) -> list[dict[str, object]]:
+    """``n`` scenes per class of ``classes`` classes, each told apart by its object alone: class ``ci`` is a disc
+    (even ``i``) or a square (odd) in colour ``PALETTE[i // 2]``, on a random texture. With ``cue_rate`` > 0,
+    class c0 shows class c1's object instead and a share ``cue_rate`` of its images carry the white tag in the
+    top-left corner, which is then all that says c0 (a cue on one class of many)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for ci, cls in enumerate(many_classes(classes)):
+        for i in range(n):
+            has_cue = ci == 0 and i < round(cue_rate * n)
+            like = 1 if ci == 0 and cue_rate > 0 else ci  # c0 takes c1's object when it carries the cue
+            shape = "disc" if like % 2 == 0 else "square"
+            img, mask = _scene(rng, shape, str(rng.choice(list(_TEXTURES))), PALETTE[like // 2 % len(PALETTE)], area)
+            if has_cue:
+                img = stamp(img, rng)
+            out.append(_sample(cls, i, img, mask, has_cue))
     return out
 
 
@@ -181,12 +211,14 @@ def fit(
     return model.eval()
 
 
-def train(samples: list[dict[str, object]], steps: int = 150, seed: int = 0) -> torch.nn.Module:
-    return fit(lambda: TinyNet(2, width=12), *tensors(samples), steps, seed)
+def train(
+    samples: list[dict[str, object]], steps: int = 150, seed: int = 0, classes: Sequence[str] = CLASSES
+) -> torch.nn.Module:
+    return fit(lambda: TinyNet(len(classes), width=12), *tensors(samples, classes), steps, seed)
 
 
-def accuracy(model: TinyNet, samples: list[dict[str, object]]) -> float:
-    x, y = tensors(samples)
+def accuracy(model: TinyNet, samples: list[dict[str, object]], classes: Sequence[str] = CLASSES) -> float:
+    x, y = tensors(samples, classes)
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 
@@ -217,12 +249,15 @@ def write_manifest(root: Path, rows: list[dict[str, object]]) -> Path:
 TINYNET = Path(__file__).parents[1] / "pipeline" / "tinynet.py"
 
 
-def write_config(root: Path, methods: Sequence[str] = ("grad_cam", "layer_cam"), **extra: object) -> Path:
+def write_config(
+    root: Path, methods: Sequence[str] = ("grad_cam", "layer_cam"), num_classes: int = 2, **extra: object
+) -> Path:
     """``root/audit.yaml`` auditing ``root/audit.csv`` with the TinyNet saved at ``root/model.pt`` (32 px)."""
     import yaml
 
+    kwargs = {"width": 12} if num_classes == 2 else {"width": 12, "num_classes": num_classes}
     cfg: dict[str, object] = {
-        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": {"width": 12}, "checkpoint": str(root / "model.pt")},
+        "model": {"factory": f"{TINYNET}:build", "factory_kwargs": kwargs, "checkpoint": str(root / "model.pt")},
         "data": {
             "manifest": str(root / "audit.csv"),
             "image_size": 32,
