@@ -39,7 +39,15 @@ from auditor.shortcuts.cues import grid_boxes, importance, locate
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
-from auditor.shortcuts.grids import GRID, Indexable, box_cells, by_chunk, control_box, describe_location
+from auditor.shortcuts.grids import (
+    GRID,
+    Indexable,
+    box_cells,
+    by_chunk,
+    control_box,
+    describe_location,
+    object_inside,
+)
 from auditor.shortcuts.registry import (
     Analysis,
     AnalysisInputs,
@@ -235,6 +243,7 @@ def _subset_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> di
         "location": describe_location(region),
         "test": test,
         "object_share": object_share(inputs.objects, rows.tolist(), region),
+        "object_inside": object_inside(inputs.objects, rows, box_cells(region)),
         "non_carriers": None if rest is None else {"n": len(plain), **rest},
     }
 
@@ -283,10 +292,10 @@ def subset_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         test = r.get("test")
         if not test:
             continue
-        on_object = r["object_share"]
+        on_object, inside = r["object_share"], r.get("object_inside", float("nan"))
         masked = bool(np.isfinite(on_object))
-        if masked and on_object > 0.5:
-            continue  # the region is where most carriers' objects are: the object itself
+        if masked and (on_object > 0.5 or inside > 0.5):
+            continue  # the object itself: on most carriers' objects, or (a large region) holding most of their object
         paste = test["paste_effect"] >= t.intervention_effect and q[f"paste/{c}"] < t.alpha
         # a paired signed-rank test of n carriers cannot go below 2^-n (8 carriers: 0.004, which a run's family
         # of 50 tests adjusts past 0.05): the removal's effect must be large, and one of the two tests significant
@@ -313,6 +322,7 @@ def subset_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         evidence |= {
             "test": test,
             "object_share": on_object,
+            "object_inside": inside,
             "removal_q": q[f"removal/{c}"],
             "paste_q": q[f"paste/{c}"],
         }

@@ -73,6 +73,7 @@ def _measured(
     p: float = 1e-4,
     region: list[float] | None = None,
     on_object: float = float("nan"),
+    inside: float = float("nan"),
 ) -> dict[str, Any]:
     test = {
         "removal_drop": removal,
@@ -87,7 +88,7 @@ def _measured(
     cue = {
         "centre": [3.0, 3.0], "share": 0.2, "other_share": 0.0, "k": 8, "n": 40, "p": 0.005, "lift": 8.0,
         "ids": [f"a_{i}" for i in range(8)], "region": region or [0.0, 0.0, 0.25, 0.25],
-        "location": "the top-left corner", "test": test, "object_share": on_object,
+        "location": "the top-left corner", "test": test, "object_share": on_object, "object_inside": inside,
         "non_carriers": {"n": 16, "removal_drop": 0.0, "removal_effect": 0.0},
     }  # fmt: skip
     return {"subset_cues": {"a": cue}}
@@ -106,6 +107,10 @@ def test_the_subset_cue_rules() -> None:
     assert _severity(_measured(p=0.3)) is None  # effects without significance
     assert _severity(_measured(on_object=0.8)) is None  # the carriers' objects are there: the object
     assert _severity(_measured(on_object=0.1)) == "high"
+    # a region far larger than the objects: they cover little of it, but it holds most of the object in most
+    # carriers (a clean six-class model's central region in a held-out benchmark run: object_share 0.5)
+    assert _severity(_measured(region=[0.1, 0.1, 0.8, 0.7], on_object=0.5, inside=0.83)) is None
+    assert _severity(_measured(on_object=0.1, inside=0.5)) == "high"  # half the carriers: not most
     assert _severity(_measured(region=[0.4, 0.4, 0.6, 0.6])) == "low"  # central, no masks: maybe the object
     assert _severity(_measured(region=[0.4, 0.4, 0.6, 0.6], on_object=0.1)) == "high"  # masks say it is not
     flag = subset_flags(_measured(), FlagContext(T))[0]
