@@ -296,6 +296,7 @@ def many_classes(args: argparse.Namespace) -> None:
     main = t.get("compute", 0) + t.get("data_wait", 0) + t.get("write", 0)
     forwards = summary["analyses"].get("forwards", {})
     mib = 1024 * 1024
+    severities = [f["severity"] for f in json.loads((out / "flags.json").read_text())["flags"]]
     cells = [
         ("classes x images", f"{args.classes} x {args.per_class}"),
         ("backend", args.backend),
@@ -312,6 +313,7 @@ def many_classes(args: argparse.Namespace) -> None:
         ("summary.json MB", f"{(out / 'summary.json').stat().st_size / mib:.1f}"),
         ("report MB", f"{(out / 'report.html').stat().st_size / mib:.1f}"),
         ("x forward+backward", f"{wall / floor:.0f} (floor {floor:.1f} s)"),
+        ("flags high/medium/low", "/".join(str(severities.count(s)) for s in ("high", "medium", "low"))),
     ]
     print("| " + " | ".join(k for k, _ in cells) + " |")
     print("|" + "---|" * len(cells))

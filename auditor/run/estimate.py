@@ -55,7 +55,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
       ones (``cues.scan_split``);
     - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
-    - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``, no triage);
+    - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``);
     - ``hotspots``: one region test; ``subset_cues``: one localization on ``subset_images`` carriers and two
       region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
     """

@@ -40,6 +40,7 @@ from auditor.shortcuts.registry import (
     register_analysis,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
+from auditor.shortcuts.triage import class_ceilings, not_recognized
 
 COMPACT = 0.75  # without masks, maps whose hot pixels lie this much in one connected part point at an object
 
@@ -55,9 +56,10 @@ class Params(SharedParams):
 
 
 def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
-    """One class's work item: the graft on keyed draws (no triage probe: on 8 images it missed a background a
-    32-image graft found, 0.19 against 0.67, on a planted marker). Returns ``{"backdrop": the class's entry or
-    None, "triage": None}``."""
+    """One class's work item: the graft on keyed draws. The triage skips a class the model does not recognise
+    (``shortcuts.triage.not_recognized``; no probe: on 8 images it missed a background a 32-image graft found,
+    0.19 against 0.67, on a planted marker). Returns ``{"backdrop": the class's entry or None, "triage": reason
+    or None}``."""
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
     mine, rest = first[first["label"] == cls], first[first["label"] != cls]
@@ -65,6 +67,11 @@ def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     other = np.sort(keyed_rows(rest, t.backdrop_images, inputs.seed, "backdrop")).tolist()
     if len(own) < t.min_group or len(other) < t.min_group:
         return {"backdrop": None, "triage": None}
+    if t.triage:
+        ceilings = inputs.memo("ceilings", lambda: class_ceilings(first, inputs.target))
+        reason = not_recognized(ceilings, cls, t.high_effect)
+        if reason is not None:
+            return {"backdrop": None, "triage": reason}
     method = inputs.hot_method
     test = inputs.intervener.graft_test(own, other, inputs.classes.index(cls), method)
     return {"backdrop": {"n": len(own), "method": method, "test": test}, "triage": None}

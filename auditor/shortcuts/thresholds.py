@@ -60,8 +60,9 @@ class SharedParams(BaseModel):
         True,
         description="run the region scan, border test and colour shifts in full only on classes where a flag is "
         "within reach (some image's p(class) reaches the flag's least effect) and a probe on a few images reaches "
-        "half of that effect; summary.json analyses.triage gives each class left out and why (false: every test "
-        "on every class)",
+        "half of that effect, and the background graft only on classes some image of which has p(class) of "
+        "high_effect; summary.json analyses.triage gives each class left out and why (false: every test on every "
+        "class)",
     )
     counterfactual_min_kept: float = Field(
         0.25,

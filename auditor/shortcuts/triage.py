@@ -10,6 +10,12 @@ whether the full test runs (``triage``, on by default); each class left out gets
    model calls the class. An intervention cannot lower p(class) by more than p(class): where no image of the
    class has p(class) that high (an untrained model, a class the model never calls), no flag can stand,
    and the test is not run. Nothing is lost.
+   The background graft has a step of its own here that is **not exact**: its flag needs the class's backgrounds
+   to raise p(class) by ``high_effect`` on *other* classes' images, which no bound on the class's own images
+   limits. It is skipped where no image of the class reaches p(class) ``high_effect`` (:func:`not_recognized`),
+   on the assumption that a background alone does not make an image more the class than the class's own
+   images, background and object together, ever are. Its recall is measured, not assumed (tests,
+   ``benchmarks/detection.py``).
 2. **Probe** (a few forwards): the test's own measurement on the first images of its keyed draw (the
    full test's draw starts with the same images), against half of the flag's least effect. The scan's
    probe is the scan of its first :data:`SCAN_PROBE_IMAGES` images, which the full scan reuses; the border
@@ -60,6 +66,19 @@ def out_of_reach(ceilings: dict[str, float], cls: str, least: float) -> str | No
     return (
         f"no {cls} image has p({cls}) of {least:.2f} or more (highest {top:.3f}): no intervention can lower it "
         f"by the {least:.2f} a flag needs"
+    )
+
+
+def not_recognized(ceilings: dict[str, float], cls: str, least: float) -> str | None:
+    """Why the background graft skips ``cls`` (no image of it reaches p(``cls``) ``least``), or None: not exact
+    (see the module), so the reason says what it assumes."""
+    top = ceilings.get(cls)
+    if top is None or top >= least:
+        return None
+    return (
+        f"no {cls} image has p({cls}) of {least:.2f} or more (highest {top:.3f}): the model does not recognise "
+        f"{cls} on its own images, so its backgrounds were not grafted (assumed unable to raise p({cls}) by "
+        f"the {least:.2f} a flag needs on other images)"
     )
 
 

@@ -13,10 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from auditor.shortcuts import cues, frame, properties
+from auditor.shortcuts import backdrop, cues, frame, properties
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.registry import AnalysisInputs, intervene_here
-from auditor.shortcuts.triage import class_ceilings, label_ceiling, out_of_reach, probe_reason, too_few_called
+from auditor.shortcuts.triage import (
+    class_ceilings,
+    label_ceiling,
+    not_recognized,
+    out_of_reach,
+    probe_reason,
+    too_few_called,
+)
 
 
 def _table(p_a: float, p_b: float, n: int = 12) -> pd.DataFrame:
@@ -54,6 +61,10 @@ class Recorder:
             "paste_effect": 0.0,
             "paste_p": 1.0,
         }
+
+    def graft_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
+        self.calls.append(("graft", list(own) + list(other)))
+        return {"n_pasted": len(other), "paste_effect": 0.0, "paste_flips": 0.0, "null_flips": 0.0, "paste_p": 1.0}
 
     def shift_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
         self.calls.append(("shift", list(own) + list(other)))
@@ -168,3 +179,21 @@ def test_the_triage_loses_no_flag_on_planted_scenarios(tmp_path: Path, kind: str
         assert summaries[0]["forwards"][a] < summaries[1]["forwards"][a], a
     html = (tmp_path / "on" / "run" / "report.html").read_text()
     assert ('id="triage"' in html) == bool(saved)  # the report lists the classes left out
+
+
+def test_the_graft_skips_a_class_the_model_does_not_recognise_and_says_what_it_assumes() -> None:
+    """Class a: no image reaches p(a) 0.5 (high_effect), so its backgrounds are not grafted; class b (0.9) is.
+    One image at 0.5 is enough to graft; with the triage off both classes are grafted."""
+    first = _table(0.3, 0.9)
+    assert not_recognized(class_ceilings(first, "label"), "b", 0.5) is None
+    rec = Recorder()
+    out = intervene_here(backdrop.WORK, {"backdrops": {}}, _inputs(first, rec))
+    assert set(out["backdrops"]) == {"b"} and set(out["triage"]) == {"a"}
+    assert "no a image has p(a) of 0.50 or more (highest 0.300)" in out["triage"]["a"]
+    assert "assumed unable to raise p(a) by the 0.50 a flag needs on other images" in out["triage"]["a"]
+    assert [k for k, _ in rec.calls] == ["graft"]
+    first.loc[first["id"] == "a3", "target_prob"] = 0.5
+    assert intervene_here(backdrop.WORK, {"backdrops": {}}, _inputs(first, Recorder()))["triage"] == {}
+    rec = Recorder()
+    off = intervene_here(backdrop.WORK, {"backdrops": {}}, _inputs(_table(0.3, 0.9), rec, triage=False))
+    assert off["triage"] == {} and set(off["backdrops"]) == {"a", "b"} and len(rec.calls) == 2
