@@ -195,7 +195,11 @@ def _flagged_pass(plan: Plan, spec: MapSpec, table: Any, timer: Timer, progress:
     chosen = flagged.saved_choice(plan.store)
     if chosen is None:
         cheap = [m for m in plan.methods if not CAMS[m].expensive]
-        _, flags = run_analyses(analysis_inputs(plan, table, cheap or plan.methods, None))
+        inputs = analysis_inputs(plan, table, cheap or plan.methods, None)
+        try:
+            _, flags = run_analyses(inputs)
+        finally:
+            inputs.release()  # its grid files, now rather than when it is collected
         chosen = flagged.select_flagged(
             flags, table, spec.probe, plan.cfg.expensive.per_class, plan.cfg.expensive.total
         )

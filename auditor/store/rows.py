@@ -23,10 +23,10 @@ class DiskRows:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        mapped = np.load(self.path, mmap_mode="r")
+        mapped = np.load(self.path, mmap_mode="r")  # reads the header only
         self.shape: tuple[int, ...] = tuple(mapped.shape)
         self.dtype = mapped.dtype
-        del mapped
+        _unmap(mapped)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -35,7 +35,8 @@ class DiskRows:
         """A copy of ``rows[selection]`` (any numpy index: an int, a slice, indices, a bool mask, a tuple)."""
         mapped = np.load(self.path, mmap_mode="r")
         try:
-            return np.array(mapped[selection])
+            got = mapped[selection]  # a view of the map (a memmap) for a basic index, else already a copy
+            return np.array(got) if isinstance(got, np.memmap) else np.asarray(got)
         finally:
             _unmap(mapped)
 
