@@ -57,11 +57,18 @@ def class_ceilings(first: pd.DataFrame, target: str) -> dict[str, float]:
     return {str(c): float(v) for c, v in label_ceiling(first, target).groupby(first["label"]).max().items()}
 
 
+def _below(ceilings: dict[str, float], cls: str, least: float) -> float | None:
+    """``cls``'s highest p(``cls``) where every image of it is below ``least``; None where one reaches it, or
+    where the class has no image."""
+    top = ceilings.get(cls)
+    return None if top is None or top >= least else top
+
+
 def out_of_reach(ceilings: dict[str, float], cls: str, least: float) -> str | None:
     """Why no intervention on ``cls``'s images can lower p(``cls``) by ``least`` (every image's p is below
     it: ``ceilings``, :func:`class_ceilings`), or None where one could (or the class has no image)."""
-    top = ceilings.get(cls)
-    if top is None or top >= least:
+    top = _below(ceilings, cls, least)
+    if top is None:
         return None
     return (
         f"no {cls} image has p({cls}) of {least:.2f} or more (highest {top:.3f}): no intervention can lower it "
@@ -72,8 +79,8 @@ def out_of_reach(ceilings: dict[str, float], cls: str, least: float) -> str | No
 def not_recognized(ceilings: dict[str, float], cls: str, least: float) -> str | None:
     """Why the background graft skips ``cls`` (no image of it reaches p(``cls``) ``least``), or None: not exact
     (see the module), so the reason says what it assumes."""
-    top = ceilings.get(cls)
-    if top is None or top >= least:
+    top = _below(ceilings, cls, least)
+    if top is None:
         return None
     return (
         f"no {cls} image has p({cls}) of {least:.2f} or more (highest {top:.3f}): the model does not recognise "
