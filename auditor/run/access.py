@@ -9,7 +9,7 @@ first use), and implements :class:`~auditor.shortcuts.registry.Intervener`, what
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from auditor.shortcuts.interventions import (
     graft_intervention,
     occlusion_scan,
     region_intervention,
+    region_mask,
     shift_intervention,
 )
 from auditor.shortcuts.probes import margin_masks
@@ -119,11 +120,23 @@ class ModelAccess:
         )  # fmt: skip
 
     def graft_test(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, method: str | None
+        self,
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        method: str | None,
+        spare: Mapping[int, Sequence[Sequence[float]]] | None = None,
     ) -> dict[str, Any]:
-        result = graft_intervention(
-            self.counted, self.load, own_rows, other_rows, cls, keep=lambda rows: self.spared(rows, method)
-        )
+        size = self.plan.cfg.data.image_size
+
+        def keep(rows: Sequence[int]) -> Tensor:
+            out = self.spared(rows, method)
+            for i, row in enumerate(rows):
+                if boxes := (spare or {}).get(int(row)):
+                    out[i] |= region_mask([list(b) for b in boxes], size).to(out.device)
+            return out
+
+        result = graft_intervention(self.counted, self.load, own_rows, other_rows, cls, keep=keep)
         return result | {"own_compact": self.compactness(own_rows, method)}
 
     def compactness(self, rows: Sequence[int], method: str | None) -> float | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from auditor.config import AuditConfig
 from auditor.metrics import FAST_METRICS, METRICS
+from auditor.shortcuts.backdrop import object_windows
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.cues import edge_bands, grid_boxes, scan_split
 from auditor.shortcuts.triage import PROBE_IMAGES
@@ -55,7 +56,9 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
       ones (``cues.scan_split``);
     - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
-    - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``);
+    - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``) and, where it reaches the
+      flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
+      and a second graft;
     - ``hotspots``: one region test; ``subset_cues``: one localization on ``subset_images`` carriers and two
       region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
     """
@@ -76,7 +79,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         out["hotspots"] += 3 * (own + other)
         grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
         if min(grafted, recipients) >= t.min_group:
-            out["backdrop"] += 2 * (grafted + recipients)
+            refined = grafted * (len(object_windows()) + 1) + 2 * (grafted + recipients)
+            out["backdrop"] += 2 * (grafted + recipients) + refined
         carriers, others = min(t.subset_images, n), min(t.subset_images, total - n)
         out["subset_cues"] += carriers * (sub_fine + 1) + 3 * (carriers + others) + 3 * (carriers + 1)
         if min(t.concept_images, n) >= t.min_group:

@@ -93,6 +93,18 @@ class RowsOf:
         return np.asarray(self.base[self.rows[selection]], dtype=np.float32)
 
 
+def has_object(objects: Indexable | None, rows: np.ndarray) -> np.ndarray:
+    """``[len(rows)]`` bool: the images with a mask or boxes (a finite, non-empty object grid)."""
+    if objects is None:
+        return np.zeros(len(rows), dtype=bool)
+    return _with_object(np.asarray(objects[rows], dtype=np.float32))
+
+
+def _with_object(obj: np.ndarray) -> np.ndarray:
+    """``[n, 32, 32]`` object grids -> ``[n]`` bool: finite and not empty."""
+    return np.isfinite(obj).all(axis=(1, 2)) & (np.nan_to_num(obj).sum(axis=(1, 2)) > 0)
+
+
 def object_overlap(objects: Indexable | None, rows: np.ndarray, cells: np.ndarray) -> float:
     """Mean object fraction of ``cells`` over the ``rows`` that have a mask (NaN without masks).
 
@@ -125,7 +137,7 @@ def object_inside(objects: Indexable | None, rows: np.ndarray, cells: np.ndarray
     if objects is None:
         return float("nan")
     obj = np.asarray(objects[rows], dtype=np.float32)
-    has = np.isfinite(obj).all(axis=(1, 2)) & (np.nan_to_num(obj).sum(axis=(1, 2)) > 0)
+    has = _with_object(obj)
     if not has.any():
         return float("nan")
     inside = obj[has][:, cells].sum(1) / obj[has].sum(axis=(1, 2))

@@ -87,11 +87,17 @@ class Intervener(Protocol):
         ...
 
     def graft_test(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, method: str | None
+        self,
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        method: str | None,
+        spare: Mapping[int, Sequence[Sequence[float]]] | None = None,
     ) -> dict[str, Any]:
         """Graft ``own_rows``' backgrounds behind ``other_rows``' objects, against other classes' backgrounds
         (``interventions.graft_intervention``); an image's object is its mask with a margin, else ``method``'s
-        hot places, as the colour shift spares them."""
+        hot places, as the colour shift spares them; ``spare`` adds normalized boxes per row to what an image
+        keeps (where the model, not the map, found the object)."""
         ...
 
     @property

@@ -4,6 +4,7 @@ flag rule at its thresholds."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,8 @@ from torch import Tensor, nn
 from auditor.shortcuts import backdrop
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.interventions import graft_intervention
-from auditor.shortcuts.registry import FlagContext
+from auditor.shortcuts.registry import AnalysisInputs, FlagContext
+from tests.shortcuts.test_triage import _table
 
 S = 8
 CENTRE = torch.zeros(S, S, dtype=torch.bool)
@@ -85,3 +87,62 @@ def test_the_flag_needs_an_effect_like_taking_the_class_away_and_a_majority_turn
     assert _severity(0.6, 0.8, 0.1, 0.2, 0.5) is None  # not significant
     # without masks, maps that point at one place: a large object may have come along
     assert _severity(0.6, 0.8, 0.1, 1e-4, backdrop.COMPACT) == "low"
+
+
+class Grafter:
+    """A model access whose class images hold the class at one place (rows ``OBJECT``: filling in a window over
+    the point (0.6, 0.6) takes p(class) away) or everywhere (the others: no window matters). Its graft carries
+    the class (effect 0.8) unless the second graft spares every object's windows."""
+
+    def __init__(self) -> None:
+        self.grafts: list[dict[int, list[list[float]]] | None] = []
+
+    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        over = np.array([b[0] <= 0.6 < b[2] and b[1] <= 0.6 < b[3] for b in boxes])
+        return np.array([np.where(over, 0.9, 0.01) if r in OBJECT else np.full(len(boxes), 0.02) for r in rows])
+
+    def graft_test(
+        self, own: Sequence[int], other: Sequence[int], cls: int, method: str | None, spare: Any = None
+    ) -> dict[str, Any]:
+        self.grafts.append(spare)
+        carried = spare is None or not OBJECT & set(spare)
+        effect, flips = (0.8, 0.9) if carried else (0.1, 0.1)
+        test = {"paste_effect": effect, "paste_flips": flips, "null_flips": 0.0, "paste_p": 1e-6}
+        return test | {"n_pasted": len(other), "removal_effect": 0.0, "own_compact": None}
+
+
+OBJECT = {0, 1, 2, 3}  # class a's images 0-3 hold an object the maps missed; 4-9 a texture
+
+
+def _graft(objects: np.ndarray | None) -> tuple[dict[str, Any], Grafter]:
+    grafter = Grafter()
+    run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: objects)
+    table = _table(0.9, 0.9, n=10)
+    inputs = AnalysisInputs(table, "label", [], ["a", "b"], [], run, Thresholds(), intervener=grafter)  # type: ignore[arg-type]
+    return backdrop._graft_class({}, inputs, "a")["backdrop"], grafter
+
+
+def test_without_masks_the_windows_that_hold_the_class_in_an_image_are_found() -> None:
+    run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: None)
+    inputs = AnalysisInputs(_table(0.9, 0.9), "label", [], ["a", "b"], [], run, Thresholds(), intervener=Grafter())  # type: ignore[arg-type]
+    found = backdrop.model_objects(inputs, [0, 5], 0, 0.5)
+    assert list(found) == [0]  # the texture image: no window takes the class away
+    windows = [b for b in backdrop.object_windows() if b[0] <= 0.6 < b[2] and b[1] <= 0.6 < b[3]]
+    assert sorted(found[0]) == sorted(windows) and len(windows) == 4  # half the side, half-overlapping
+    assert backdrop.model_objects(inputs, [0, 5], 0, 0.95) == {}  # no window takes 0.95 away
+
+
+def test_a_graft_that_carries_the_donors_objects_along_is_redone_sparing_them_and_not_flagged() -> None:
+    entry, grafter = _graft(None)
+    assert grafter.grafts[0] is None and set(grafter.grafts[1]) == OBJECT  # the second spares the objects
+    assert entry["unspared"]["paste_effect"] == 0.8 and entry["test"]["paste_effect"] == 0.1
+    assert (entry["spared_images"], entry["bare_images"]) == (4, 10)
+    assert backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds())) == []
+
+
+def test_with_masks_the_graft_runs_once() -> None:
+    objects = np.zeros((20, 32, 32), np.float32)
+    objects[:, 10:20, 10:20] = 1.0  # every image has a mask: it spares the object
+    entry, grafter = _graft(objects)
+    assert grafter.grafts == [None] and "unspared" not in entry
+    assert backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds()))[0]["severity"] == "high"
