@@ -6,6 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+# One torch thread per process: the suite runs in two pytest-xdist workers (pyproject addopts), and two
+# two-thread processes on two cores ran each other ~3x slower. One thread in a plain run too, so a model trained
+# by a test is the same however the suite is run.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
