@@ -20,6 +20,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "shortcuts.flags",
         "shortcuts.thresholds",
         "shortcuts.grids",
+        "shortcuts.windows",
         "shortcuts.removals",
         "io.sources",
         "io.images",

@@ -24,8 +24,9 @@ from auditor.config import AuditConfig
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.backdrop import object_windows
 from auditor.shortcuts.catalog import Thresholds
-from auditor.shortcuts.cues import edge_bands, grid_boxes, scan_split
+from auditor.shortcuts.cues import scan_split
 from auditor.shortcuts.triage import PROBE_IMAGES
+from auditor.shortcuts.windows import edge_bands, grid_boxes
 
 FAITHFULNESS = ("deletion_auc", "insertion_auc")
 
@@ -54,7 +55,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     of ``k`` windows ``n (k + 1)``, a colour shift ``5 (a + b)``):
 
     - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
-      ones (``cues.scan_split``);
+      ones (``cues.scan_split``): with ``triage``, removals only, then one with the transplant;
     - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
     - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``) and, where it reaches the
       flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
@@ -71,7 +72,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         scanned, held = scan_split(n, t.cue_images)
         if scanned >= 4:
             tested = min(t.intervention_images, held or n)  # none held out: the scanned images
-            out["cues"] += scanned * (coarse + 1) + scanned * (fine + 1) + 4 * 3 * (tested + other)
+            tests = 4 * 3 * tested + 3 * (tested + other) if t.triage else 4 * 3 * (tested + other)
+            out["cues"] += scanned * (coarse + 1) + scanned * (fine + 1) + tests
         if t.frame_width > 0 and min(own, other) >= t.min_group:
             out["frame"] += 3 * min(PROBE_IMAGES, n) + 3 * (own + other)
         if min(n, total - n) >= t.min_group:

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from auditor.shortcuts.cues import grid_boxes
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
 from auditor.shortcuts.grids import has_object
@@ -48,6 +47,7 @@ from auditor.shortcuts.registry import (
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.shortcuts.triage import class_ceilings, not_recognized
+from auditor.shortcuts.windows import grid_boxes
 
 COMPACT = 0.75  # without masks, maps whose hot pixels lie this much in one connected part point at an object
 WINDOW = 0.5  # side of the windows that find, without a mask, where the model sees the class in an image

@@ -40,7 +40,6 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 from pydantic import Field, StrictInt, model_validator
-from scipy import ndimage
 
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
@@ -58,6 +57,7 @@ from auditor.shortcuts.registry import (
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
 from auditor.shortcuts.triage import SCAN_PROBE_IMAGES, class_ceilings, out_of_reach, probe_reason, record
+from auditor.shortcuts.windows import anchor, band_axis, band_boxes, edge_bands, grid_boxes, grow, importance, locate
 
 
 class Params(SharedParams):
@@ -82,7 +82,6 @@ class Params(SharedParams):
         return self
 
 
-FINE = 64  # side of the importance grid the region is read from
 REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown and retested
 GROW_GAIN = 0.1  # ... while each growth step adds at least this share of the peak drop
 LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
@@ -104,77 +103,6 @@ def scan_split(n: int, cue_images: int) -> tuple[int, int]:
     if n - 4 >= HELD_OUT:
         return n - HELD_OUT, HELD_OUT
     return scanned, 0
-
-
-def grid_boxes(window: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0)) -> list[list[float]]:
-    """Normalized ``[x0, y0, x1, y1]`` windows of side ``window`` every ``stride`` inside ``within``, the
-    last flush with its edge (row-major)."""
-
-    def starts(lo: float, hi: float) -> list[float]:
-        span = max(hi - lo - window, 0.0)
-        k = int(np.floor(span / stride + 1e-9))
-        out = [lo + i * stride for i in range(k + 1)]
-        if out[-1] < lo + span - 1e-9:
-            out.append(lo + span)
-        return out
-
-    return [
-        [x, y, min(x + window, 1.0), min(y + window, 1.0)]
-        for y in starts(within[1], within[3])
-        for x in starts(within[0], within[2])
-    ]
-
-
-def band_boxes(
-    width: float, stride: float, within: Sequence[float] = (0.0, 0.0, 1.0, 1.0), axis: str = "both"
-) -> list[list[float]]:
-    """Bands of ``width`` every ``stride`` across ``within``: horizontal (full width of ``within``; ``axis``
-    ``"h"``), vertical (``"v"``) or both. A cue that spans the image (a sky, a letterbox bar) has no window of
-    the grid that holds it; a band does."""
-
-    def starts(lo: float, hi: float) -> list[float]:
-        n = max(1, int(np.floor((hi - lo - width) / stride + 1e-9)) + 1)
-        return [min(lo + i * stride, hi - width) for i in range(n)]
-
-    x0, y0, x1, y1 = within
-    out = []
-    if axis in ("h", "both"):
-        out += [[x0, y, x1, y + width] for y in starts(y0, y1)]
-    if axis in ("v", "both"):
-        out += [[x, y0, x + width, y1] for x in starts(x0, x1)]
-    return [[float(v) for v in b] for b in out]
-
-
-def edge_bands(width: float) -> list[list[float]]:
-    """The four bands of ``width`` along the image's edges (top, bottom, left, right). Cues that span the image
-    sit there (a sky, the ground, a letterbox bar, a scanner's ruler); a band across the middle would hold the
-    objects, which sit near the centre, in most images."""
-    return [[0.0, 0.0, 1.0, width], [0.0, 1 - width, 1.0, 1.0], [0.0, 0.0, width, 1.0], [1 - width, 0.0, 1.0, 1.0]]
-
-
-def _band_axis(box: Sequence[float]) -> str | None:
-    """``"h"`` for a full-width band, ``"v"`` for a full-height one, else None."""
-    if box[2] - box[0] >= 0.999 and box[3] - box[1] < 0.999:
-        return "h"
-    if box[3] - box[1] >= 0.999 and box[2] - box[0] < 0.999:
-        return "v"
-    return None
-
-
-def grow(region: Sequence[float], by: float) -> list[float]:
-    """``region`` grown by ``by`` on each side, within the image."""
-    x0, y0, x1, y1 = (float(v) for v in region)
-    return [max(x0 - by, 0.0), max(y0 - by, 0.0), min(x1 + by, 1.0), min(y1 + by, 1.0)]
-
-
-def anchor(region: Sequence[float], band: Sequence[float]) -> list[float]:
-    """``region`` extended to every image edge ``band`` lies along. A sky or a letterbox bar starts at the edge:
-    a refined region that stops short of it leaves a strip of the cue, from which the removal refills the rest."""
-    out = [float(v) for v in region]
-    for i, edge in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
-        if abs(band[i] - edge) < 1e-9:
-            out[i] = edge
-    return out
 
 
 def reproduce(
@@ -200,28 +128,6 @@ def reproduce(
         before = test["removal_drop"]
     assert best is not None
     return best
-
-
-def importance(boxes: Sequence[Sequence[float]], values: np.ndarray, side: int = FINE) -> np.ndarray:
-    """``[side, side]``: per pixel, the mean of ``values`` over the boxes that cover it (NaN: none)."""
-    total, count = np.zeros((side, side)), np.zeros((side, side))
-    for box, v in zip(boxes, values, strict=True):
-        x0, y0 = int(np.floor(box[0] * side)), int(np.floor(box[1] * side))
-        x1, y1 = int(np.ceil(box[2] * side)), int(np.ceil(box[3] * side))
-        total[y0:y1, x0:x1] += v
-        count[y0:y1, x0:x1] += 1
-    with np.errstate(invalid="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def locate(imp: np.ndarray, level: float = 0.5) -> list[float]:
-    """The bounding box (normalized) of the connected pixels within ``level`` of the peak of ``imp``."""
-    filled = np.nan_to_num(imp, nan=-np.inf)
-    peak = np.unravel_index(np.argmax(filled), filled.shape)
-    labels, _ = ndimage.label(filled >= level * filled[peak])
-    ys, xs = np.nonzero(labels == labels[peak])
-    side = imp.shape[0]
-    return [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side]
 
 
 def scan_summary(
@@ -300,7 +206,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
         return None
     found = scan_summary(drops, coarse, t.cue_drop)
     local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
-    if _band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
+    if band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
         found = local  # a band holds a tag as well as the tag's own window does: the window localizes it
     out: dict[str, Any] = {"n": len(rows), "window": t.cue_window, **found, "region": None}
     out["scanned"] = sorted(int(r) for r in rows)
@@ -308,7 +214,7 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
         return out
     pb, half = found["peak_box"], t.cue_window / 2
     near = grow(pb, half)
-    axis = _band_axis(pb)  # a band is refined across its width only
+    axis = band_axis(pb)  # a band is refined across its width only
     fine = grid_boxes(half, half / 2, near) if axis is None else band_boxes(half, half / 2, near, axis)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
     region = locate(importance(fine, np.clip(fine_drops, 0, None)))
@@ -358,9 +264,16 @@ def _cue_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[
         return {"cue": found, "triage": None}
     own = _test_rows(first[first["label"] == cls], scanned, found, t, inputs.seed)
     other = np.sort(keyed_rows(first[first["label"] != cls], t.intervention_images, inputs.seed, "cue-test"))
-    tight = found["region"]
-    region_test = partial(_region_test, inputs, own.tolist(), other.tolist(), inputs.classes.index(cls))
-    region, test = reproduce(tight, found["peak"], t.cue_window / 16, region_test)  # 1 px at 64 px
+    tight, idx = found["region"], inputs.classes.index(cls)
+    removal = partial(_region_test, inputs, own.tolist(), [] if t.triage else other.tolist(), idx)
+    region, test = reproduce(tight, found["peak"], t.cue_window / 16, removal)  # 1 px at 64 px
+    if t.triage and len(other) and test["removal_effect"] >= t.intervention_effect:
+        test = _region_test(inputs, own.tolist(), other.tolist(), idx, region)  # the transplant too
+    elif t.triage and len(other):
+        found["transplant"] = (
+            f"not run: removing the region lowers p({cls}) by {test['removal_effect']:.3f} beyond the control, "
+            f"under the {t.intervention_effect} any flag needs"
+        )
     if region != tight:
         area = float((region[2] - region[0]) * (region[3] - region[1]))
         found |= {"region": region, "location": describe_location(region), "area": area, "grown": True}
@@ -385,14 +298,16 @@ def tests(measured: Measurement) -> dict[str, float]:
     out: dict[str, float] = {}
     for c, r in measured["cues"].items():
         if r.get("test"):
-            out |= {f"removal/{c}": r["test"]["removal_p"], f"paste/{c}": r["test"]["paste_p"]}
+            out[f"removal/{c}"] = r["test"]["removal_p"]
+            if r["test"]["n_pasted"]:  # a transplant that did not run is no test
+                out[f"paste/{c}"] = r["test"]["paste_p"]
     return out
 
 
 def _central(region: Sequence[float]) -> bool:
     """Does the region touch the central ninth of the image? (A full-width or full-height band: is its middle
     line in the middle third? Every band crosses the centre along its length.)"""
-    axis = _band_axis(region)
+    axis = band_axis(region)
     if axis is not None:
         mid = (region[1] + region[3]) / 2 if axis == "h" else (region[0] + region[2]) / 2
         return 1 / 3 < mid < 2 / 3
@@ -405,7 +320,7 @@ def confirmation(c: str, r: dict[str, Any], t: Params, q: dict[str, float]) -> d
     test = r.get("test")
     if not test:
         return {"removal_effect": float("nan"), "paste_effect": float("nan"), "removal": False, "paste": False}
-    qr, qp = q[f"removal/{c}"], q[f"paste/{c}"]
+    qr, qp = q[f"removal/{c}"], q.get(f"paste/{c}", 1.0)
     return {
         "removal_effect": float(test["removal_effect"]),
         "paste_effect": float(test["paste_effect"]),

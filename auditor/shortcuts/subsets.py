@@ -35,7 +35,6 @@ from pydantic import Field, StrictInt
 from scipy import ndimage
 
 from auditor.io.sources import sample_key
-from auditor.shortcuts.cues import grid_boxes, importance, locate
 from auditor.shortcuts.examples import finding_region_examples
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, change, make_flag, pct
@@ -58,6 +57,7 @@ from auditor.shortcuts.registry import (
     register_analysis,
 )
 from auditor.shortcuts.thresholds import SharedParams, params_of
+from auditor.shortcuts.windows import grid_boxes, importance, locate
 
 MAX_IDS = 500  # carrier ids kept in the evidence (the share and count cover them all)
 

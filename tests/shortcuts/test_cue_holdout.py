@@ -73,3 +73,29 @@ def test_the_confirmation_holds_at_least_as_many_images_as_the_scan() -> None:
     for n in range(4 + HELD_OUT, 200):
         scanned, held = scan_split(n, 12)
         assert held >= scanned >= 4 and scanned + held == n, n
+
+
+class PairRecorder(Recorder):
+    """The recorder, keeping each region test's class images and other images apart."""
+
+    def __init__(self, **kw: float) -> None:
+        super().__init__(**kw)
+        self.region_calls: list[tuple[list[int], list[int]]] = []
+
+    def region_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
+        self.region_calls.append((list(own), list(other)))
+        return super().region_test(own, other, *args)
+
+
+@pytest.mark.parametrize(("removal", "pasted"), [(0.0, False), (0.5, True)])
+def test_the_transplant_runs_only_where_the_removal_can_carry_a_flag(removal: float, pasted: bool) -> None:
+    # a region_cue of any severity needs the removal's effect to reach intervention_effect (0.05): the growth
+    # steps remove only, and the transplant (32 other images, 3 forwards each) runs on the final region if it does
+    rec = PairRecorder(drop=0.5, removal=removal)
+    out = intervene_here(cues.WORK, {"cues": {}}, _inputs(_table(0.9, 0.9, n=20), rec, triage=True))
+    mine = [(own, other) for own, other in rec.region_calls if set(own) <= set(range(20))]  # class a's tests
+    assert mine and all(other == [] for _, other in mine[:-1])
+    assert bool(mine[-1][1]) is pasted and ("transplant" in out["cues"]["a"]) is not pasted
+    rec = PairRecorder(drop=0.5, removal=removal)  # the triage off: every test transplants as well
+    intervene_here(cues.WORK, {"cues": {}}, _inputs(_table(0.9, 0.9, n=20), rec, triage=False))
+    assert all(other for own, other in rec.region_calls)

@@ -12,7 +12,7 @@ from torch import nn
 from auditor.cams.layers import finer_layer, resolve_layer
 from auditor.outputs.render import overlay
 from auditor.outputs.report import _timing
-from auditor.shortcuts import cues
+from auditor.shortcuts import cues, windows
 from auditor.shortcuts.catalog import Thresholds
 from auditor.shortcuts.catalog import group_by_cause as group_findings
 from auditor.shortcuts.flags import make_flag
@@ -81,13 +81,13 @@ def test_counterfactual_evidence_is_the_weakest_margin_version() -> None:
 
 
 def test_scan_geometry_and_region() -> None:
-    boxes = cues.grid_boxes(0.25, 0.125)
+    boxes = windows.grid_boxes(0.25, 0.125)
     assert len(boxes) == 49 and boxes[0] == [0.0, 0.0, 0.25, 0.25] and boxes[-1] == [0.75, 0.75, 1.0, 1.0]
     # a cue in the cell [0, 0.125] x [0.875, 1]: every window covering it drops by 1, the others by 0
     drops = np.array([[1.0 if b[0] < 0.125 and b[3] > 0.875 else 0.0 for b in boxes]] * 5)
     found = cues.scan_summary(drops, boxes, 0.15)
     assert found["peak"] == 1.0 and found["baseline"] == 0.0 and found["consistency"] == 1.0
-    region = cues.locate(cues.importance(boxes, drops[0]))
+    region = windows.locate(windows.importance(boxes, drops[0]))
     assert region[0] == 0.0 and region[3] == 1.0 and region[2] <= 0.25 and region[1] >= 0.75
     assert cues.control_box([0.0, 0.75, 0.25, 1.0]) == [0.75, 0.0, 1.0, 0.25]  # mirrored through the centre
     central = cues.control_box([0.4, 0.4, 0.6, 0.6])

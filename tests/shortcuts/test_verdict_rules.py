@@ -127,7 +127,7 @@ def test_region_cue_holding_the_object_in_most_images_is_the_object() -> None:
 
 
 def test_bands_along_the_edges_are_not_central() -> None:
-    from auditor.shortcuts.cues import edge_bands, grow
+    from auditor.shortcuts.windows import edge_bands, grow
 
     top, bottom, left, right = edge_bands(0.25)
     assert left == [0.0, 0.0, 0.25, 1.0]
@@ -320,7 +320,7 @@ def test_the_region_is_the_tightest_that_reproduces_the_scan() -> None:
 
 
 def test_a_band_region_reaches_the_edge_it_lies_along() -> None:
-    from auditor.shortcuts.cues import anchor
+    from auditor.shortcuts.windows import anchor
 
     # a sky: the refined band stopped 1/8 short of the top edge, where a strip of sky would refill the rest
     assert anchor([0.0, 0.125, 1.0, 0.375], [0.0, 0.0, 1.0, 0.5]) == [0.0, 0.0, 1.0, 0.375]
