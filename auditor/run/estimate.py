@@ -60,7 +60,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``) and, where it reaches the
       flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
       and a second graft;
-    - ``hotspots``: one region test; ``subset_cues``: one localization on ``subset_images`` carriers and two
+    - ``hotspots``: one region test; ``attributes``: one colour shift of a property group and the rest of its
+      class (only where a group's accuracy gap is within reach of a flag); ``subset_cues``: one localization on ``subset_images`` carriers and two
       region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
     """
     total = sum(per_class.values())
@@ -79,6 +80,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         if min(n, total - n) >= t.min_group:
             out["properties"] += 5 * (min(PROBE_IMAGES, n) + min(PROBE_IMAGES, total - n)) + 5 * (own + other)
         out["hotspots"] += 3 * (own + other)
+        out["attributes"] += 5 * min(n, 2 * t.intervention_images)  # the group and the rest, 32 each at most
         grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
         if min(grafted, recipients) >= t.min_group:
             refined = grafted * (len(object_windows()) + 1) + 2 * (grafted + recipients)

@@ -2,6 +2,14 @@
 
 Attributes are the metadata columns and the image properties measured in the map stage (``prop_*``:
 brightness, contrast, mean colour, sharpness, binned in quartiles), whether or not metadata is given.
+
+An accuracy gap is an observation: a group of bright images may be misclassified for what comes with the
+brightness (a white tag on 20% of a class made its images brighter and was what the model read; the brightness
+quartile then flagged the class). Where the model is given, a gap on a property a mean-colour shift moves
+(brightness, red, green, blue) is put to the test: the group's images are shifted to the rest of the class's
+mean colour and the rest to the group's, against the opposite shifts (``interventions.shift_intervention``). A
+property whose shift changes under ``attribute_shift`` of the predictions beyond the opposite shift does not
+explain the gap: its flag is low and says so. Metadata, contrast and sharpness have no such test.
 """
 
 from __future__ import annotations
@@ -16,7 +24,16 @@ from scipy import stats
 
 from auditor.shortcuts.findings import Cause
 from auditor.shortcuts.flags import Flag, level, make_flag, pct
-from auditor.shortcuts.registry import Analysis, AnalysisInputs, FlagContext, Measurement, register_analysis
+from auditor.shortcuts.registry import (
+    Analysis,
+    AnalysisInputs,
+    FlagContext,
+    Measurement,
+    PerClass,
+    gather_entries,
+    keyed_rows,
+    register_analysis,
+)
 from auditor.shortcuts.thresholds import SharedParams, ordered, params_of
 from auditor.stats import NAN
 
@@ -27,6 +44,14 @@ class Params(SharedParams):
     attribute_gap: float = Field(0.15, gt=0, le=1, description="least accuracy gap of a (class, value) group")
     attribute_medium: float = Field(0.25, gt=0, le=1, description="medium from this accuracy gap")
     attribute_high: float = Field(0.4, gt=0, le=1, description="high from this accuracy gap")
+    attribute_shift: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="least share of a property group's errors that shifting it to the rest of its class's mean "
+        "colour fixes (or of the rest's right calls it breaks), beyond the opposite shift, for the property's "
+        "flag to stand above low",
+    )
 
     @model_validator(mode="after")
     def _attributes_levels_in_order(self) -> Self:  # a unique name: Thresholds inherits every analysis's
@@ -35,6 +60,7 @@ class Params(SharedParams):
 
 
 PROPERTIES = ("brightness", "contrast", "red", "green", "blue", "sharpness")
+SHIFTABLE = ("brightness", "red", "green", "blue")  # the properties a mean-colour shift moves
 
 
 def _purity(values: np.ndarray, target: np.ndarray) -> float:
@@ -159,6 +185,51 @@ def measure(inputs: AnalysisInputs) -> Measurement:
     return {"attributes": attribute_leakage(inputs.first, inputs.metadata, inputs.classes, inputs.thresholds.min_group)}
 
 
+def _candidate(measured: Measurement, cls: str, t: Params) -> tuple[str, dict[str, Any]] | None:
+    """The class's shiftable property group with the largest gap that reaches ``attribute_gap`` at an unadjusted
+    ``alpha`` (every group a flag can name passes both), or None."""
+    found = [
+        (a, x)
+        for a, info in measured["attributes"].items()
+        if info["kind"] == "property" and a in SHIFTABLE
+        for x in info["tests"]
+        if x["class"] == cls and x["gap"] >= t.attribute_gap and x["p_value"] < t.alpha
+    ]
+    return max(found, key=lambda ax: ax[1]["gap"]) if found else None
+
+
+def _shift_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dict[str, Any]:
+    """One class's work item: its candidate group shifted to the rest's mean colour and the rest to the group's
+    (keyed draws of ``intervention_images`` each). Returns ``{"shift": entry or None, "triage": None}``."""
+    assert inputs.intervener is not None
+    t, first = params_of(inputs.thresholds, Params), inputs.first
+    picked = _candidate(measured, cls, t)
+    if picked is None:
+        return {"shift": None, "triage": None}
+    a, x = picked
+    mine = first[first["label"] == cls]
+    in_group = property_bins(first[f"prop_{a}"].to_numpy(np.float64))[first["label"].to_numpy() == cls] == x["value"]
+    group, rest = mine[in_group], mine[~in_group]
+    cols = [f"prop_{c}" for c in ("red", "green", "blue")]
+    delta = group[cols].to_numpy(np.float64).mean(0) - rest[cols].to_numpy(np.float64).mean(0)
+    own = np.sort(keyed_rows(rest, t.intervention_images, inputs.seed, "attribute")).tolist()
+    other = np.sort(keyed_rows(group, t.intervention_images, inputs.seed, "attribute")).tolist()
+    test = inputs.intervener.shift_test(own, other, inputs.classes.index(cls), delta.tolist(), None)["whole"]
+    effect = max(test["flip"] - test["flip_control"], test["leave"] - test["leave_control"])
+    entry = {"attribute": a, "value": x["value"], "delta": [float(v) for v in delta], "effect": float(effect)}
+    return {"shift": entry | {"test": test}, "triage": None}
+
+
+WORK = PerClass(
+    classes=lambda measured, inputs: [
+        c for c in inputs.classes if _candidate(measured, c, params_of(inputs.thresholds, Params)) is not None
+    ],
+    run=_shift_class,
+    gather=gather_entries("attribute_shifts", "shift"),
+    what="attribute shifts, classes",
+)
+
+
 def _test_name(attribute: str, x: dict[str, Any]) -> str:
     return f"{attribute}/{x['class']}/{x['value']}"
 
@@ -217,8 +288,24 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
             "correlated_properties": also.get((a, c), []),
         }
         sev = level(x["gap"], t.attribute_medium, t.attribute_high)
+        shift = measured.get("attribute_shifts", {}).get(c)
+        if info["kind"] == "property" and shift and (shift["attribute"], shift["value"]) == (a, x["value"]):
+            evidence["shift"] = shift
+            if shift["effect"] < t.attribute_shift:
+                sev = "low"
+                msg += _unexplained(c, shift)
         flags.append(make_flag("attribute_leak", c, a, sev, x["gap"], msg, evidence))
     return flags
+
+
+def _unexplained(c: str, shift: dict[str, Any]) -> str:
+    test = shift["test"]
+    return (
+        f" Shifting these images to the other {c} images' mean colour turns {pct(test['flip'])} of their errors "
+        f"into {c} (the opposite shift: {pct(test['flip_control'])}), and the others to theirs turns "
+        f"{pct(test['leave'])} away from {c} ({pct(test['leave_control'])}): the property does not explain the "
+        "gap; something that comes with it may."
+    )
 
 
 ANALYSIS = register_analysis(
@@ -230,6 +317,7 @@ ANALYSIS = register_analysis(
         measure=measure,
         flag=attribute_flags,
         evidence_ids=("error_ids",),
+        per_class=WORK,
         tests=tests,
     )
 )

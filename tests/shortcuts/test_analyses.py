@@ -610,3 +610,53 @@ def test_each_analysis_chooses_the_intervention_images_of_the_findings_it_leads(
     got = hooks["background_reliance"](finding, {}, first, [], rec, 3)  # type: ignore[misc, arg-type]
     assert {c[0] for c in rec.calls} == {"object"} and len(got) == 3 and len(rec.calls) == 4  # 99 is skipped
     assert hooks["attribute_leak"] is None and hooks["cluster"] is None  # nothing to intervene on
+
+
+def _leak(kind: str, gap: float, effect: float | None, value: str = "> 0.5") -> dict[str, Any]:
+    """The attribute flag of class a's ``brightness`` group (``value``) with that gap, and a shift test of the
+    ``> 0.5`` group with that effect (None: none ran)."""
+    from auditor.shortcuts import attributes
+
+    test = {"class": "a", "value": value, "n": 10, "accuracy": 0.5, "rest_accuracy": 0.5 + gap}
+    test |= {"gap": gap, "p_value": 1e-6, "ids": []}
+    info = {"kind": kind, "tests": [test], "worst_group_accuracy": 0.5, "predicts_label": 0.1}
+    measured: dict[str, Any] = {"attributes": {"brightness": info | {"predicts_prediction": 0.2}}}
+    if effect is not None:
+        shift = {"flip": effect, "flip_control": 0.0, "leave": 0.0, "leave_control": 0.0}
+        measured["attribute_shifts"] = {
+            "a": {"attribute": "brightness", "value": "> 0.5", "effect": effect, "test": shift}
+        }
+    return attributes.attribute_flags(measured, FlagContext(Thresholds()))[0]
+
+
+def test_a_property_gap_the_colour_shift_does_not_explain_is_low() -> None:
+    assert _leak("property", 0.5, None)["severity"] == "high"  # no model: the observation stands
+    assert _leak("property", 0.5, 0.25)["severity"] == "high"  # the shift fixes a quarter of the errors
+    low = _leak("property", 0.5, 0.24)
+    assert low["severity"] == "low" and "does not explain the gap" in low["message"]
+    assert low["evidence"]["shift"]["effect"] == 0.24
+    assert _leak("metadata", 0.5, 0.0)["severity"] == "high"  # metadata has no shift test
+    assert _leak("property", 0.5, 0.0, value="<= 0.2")["severity"] == "high"  # another group was shifted
+
+
+def test_the_shift_moves_the_group_to_the_rest_of_its_class_and_back() -> None:
+    from auditor.shortcuts import attributes
+    from auditor.shortcuts.registry import intervene_here
+    from tests.shortcuts.test_triage import Recorder, _inputs
+
+    table = pd.DataFrame(
+        {"row": range(20), "id": [f"i{k}" for k in range(20)], "label": ["a"] * 10 + ["b"] * 10}
+        | {"prop_red": [0.9] * 5 + [0.1] * 15, "prop_green": [0.5] * 20, "prop_blue": [0.2] * 20}
+        | {"prop_brightness": [0.6] * 5 + [0.2] * 15}
+    )
+    table["correct"] = [False] * 5 + [True] * 15  # a's five bright, red images are wrong
+    table["pred"] = np.where(table["correct"], table["label"], "b")
+    table["prob"] = table["target_prob"] = 0.9
+    rec = Recorder(shift=0.5)
+    inputs = _inputs(table, rec)
+    measured = attributes.measure(inputs)
+    out = intervene_here(attributes.WORK, measured, inputs)
+    shift = out["attribute_shifts"]["a"]
+    assert shift["attribute"] in ("brightness", "red") and shift["delta"] == pytest.approx([0.8, 0.0, 0.0])
+    assert shift["effect"] == 0.5 and list(out["attribute_shifts"]) == ["a"]  # b has no gap: no forward
+    assert [sorted(rows) for kind, rows in rec.calls] == [list(range(10))]  # the rest, then the group: class a
