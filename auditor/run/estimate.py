@@ -61,8 +61,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
       flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
       and a second graft;
     - ``hotspots``: one region test; ``attributes``: one colour shift of a property group and the rest of its
-      class (only where a group's accuracy gap is within reach of a flag); ``subset_cues``: one localization on ``subset_images`` carriers and two
-      region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
+      class (only where a group's accuracy gap is within reach of a flag); ``subset_cues``: one localization on
+      ``subset_images`` carriers and two region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
     """
     total = sum(per_class.values())
     coarse, fine = _scan_windows(t.cue_window)
