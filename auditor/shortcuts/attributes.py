@@ -215,7 +215,8 @@ def _shift_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     own = np.sort(keyed_rows(rest, t.intervention_images, inputs.seed, "attribute")).tolist()
     other = np.sort(keyed_rows(group, t.intervention_images, inputs.seed, "attribute")).tolist()
     test = inputs.intervener.shift_test(own, other, inputs.classes.index(cls), delta.tolist(), None)["whole"]
-    effect = max(test["flip"] - test["flip_control"], test["leave"] - test["leave_control"])
+    both = np.array([test["flip"] - test["flip_control"], test["leave"] - test["leave_control"]], dtype=float)
+    effect = float(np.max(both[np.isfinite(both)])) if np.isfinite(both).any() else NAN  # NaN: nothing to move
     entry = {"attribute": a, "value": x["value"], "delta": [float(v) for v in delta], "effect": float(effect)}
     return {"shift": entry | {"test": test}, "triage": None}
 
@@ -291,7 +292,7 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
         shift = measured.get("attribute_shifts", {}).get(c)
         if info["kind"] == "property" and shift and (shift["attribute"], shift["value"]) == (a, x["value"]):
             evidence["shift"] = shift
-            if shift["effect"] < t.attribute_shift:
+            if np.isfinite(shift["effect"]) and shift["effect"] < t.attribute_shift:
                 sev = "low"
                 msg += _unexplained(c, shift)
         flags.append(make_flag("attribute_leak", c, a, sev, x["gap"], msg, evidence))

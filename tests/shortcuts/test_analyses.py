@@ -636,6 +636,7 @@ def test_a_property_gap_the_colour_shift_does_not_explain_is_low() -> None:
     assert low["severity"] == "low" and "does not explain the gap" in low["message"]
     assert low["evidence"]["shift"]["effect"] == 0.24
     assert _leak("metadata", 0.5, 0.0)["severity"] == "high"  # metadata has no shift test
+    assert _leak("property", 0.5, float("nan"))["severity"] == "high"  # no image to move: not measured
     assert _leak("property", 0.5, 0.0, value="<= 0.2")["severity"] == "high"  # another group was shifted
 
 
