@@ -112,11 +112,18 @@ class ModelAccess:
         return occlusion_scan(self.counted, self.load(rows), cls, boxes, chunk=self.plan.chunk)
 
     def shift_test(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
+        self,
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        delta: Sequence[float],
+        method: str | None,
+        outside: bool = True,
     ) -> dict[str, Any]:
+        keep = (lambda rows: self.spared(rows, method)) if outside else None
         return shift_intervention(
             self.counted, self.load, own_rows, other_rows, cls, delta,
-            to_pixels=self.to_pixels, from_pixels=self.from_pixels, keep=lambda rows: self.spared(rows, method),
+            to_pixels=self.to_pixels, from_pixels=self.from_pixels, keep=keep,
         )  # fmt: skip
 
     def graft_test(

@@ -52,11 +52,12 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
     """The most images each model-using analysis forwards, from the class sizes and the thresholds.
 
     Per class of ``n`` images among ``N`` (a region test on ``a`` + ``b`` images forwards ``3 (a + b)``, a scan
-    of ``k`` windows ``n (k + 1)``, a colour shift ``5 (a + b)``):
+    of ``k`` windows ``n (k + 1)``, a colour shift ``5 (a + b)``, ``3 (a + b)`` on the whole image only):
 
     - ``cues``: the coarse scan and its localization on the scanned images, and 4 region tests on the held-out
       ones (``cues.scan_split``): with ``triage``, removals only, then one with the transplant;
-    - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe and one shift test;
+    - ``frame``: its probe (``PROBE_IMAGES``) and one band test; ``properties``: its probe (whole image only) and
+      one shift test;
     - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``) and, where it reaches the
       flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
       and a second graft;
@@ -78,9 +79,9 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         if t.frame_width > 0 and min(own, other) >= t.min_group:
             out["frame"] += 3 * min(PROBE_IMAGES, n) + 3 * (own + other)
         if min(n, total - n) >= t.min_group:
-            out["properties"] += 5 * (min(PROBE_IMAGES, n) + min(PROBE_IMAGES, total - n)) + 5 * (own + other)
+            out["properties"] += 3 * (min(PROBE_IMAGES, n) + min(PROBE_IMAGES, total - n)) + 5 * (own + other)
         out["hotspots"] += 3 * (own + other)
-        out["attributes"] += 5 * min(n, 2 * t.intervention_images)  # the group and the rest, 32 each at most
+        out["attributes"] += 3 * min(n, 2 * t.intervention_images)  # the group and the rest, 32 each at most
         grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
         if min(grafted, recipients) >= t.min_group:
             refined = grafted * (len(object_windows()) + 1) + 2 * (grafted + recipients)

@@ -214,7 +214,8 @@ def _shift_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     delta = group[cols].to_numpy(np.float64).mean(0) - rest[cols].to_numpy(np.float64).mean(0)
     own = np.sort(keyed_rows(rest, t.intervention_images, inputs.seed, "attribute")).tolist()
     other = np.sort(keyed_rows(group, t.intervention_images, inputs.seed, "attribute")).tolist()
-    test = inputs.intervener.shift_test(own, other, inputs.classes.index(cls), delta.tolist(), None)["whole"]
+    test = inputs.intervener.shift_test(own, other, inputs.classes.index(cls), delta.tolist(), None, outside=False)
+    test = test["whole"]  # a property of the whole image: the test that spares the objects is not run
     both = np.array([test["flip"] - test["flip_control"], test["leave"] - test["leave_control"]], dtype=float)
     effect = float(np.max(both[np.isfinite(both)])) if np.isfinite(both).any() else NAN  # NaN: nothing to move
     entry = {"attribute": a, "value": x["value"], "delta": [float(v) for v in delta], "effect": float(effect)}

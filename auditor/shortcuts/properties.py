@@ -142,7 +142,7 @@ def _probe(
     t = params_of(inputs.thresholds, Params)
     own = np.sort(keyed_rows(mine, PROBE_IMAGES, inputs.seed, "shift")).tolist()
     other = np.sort(keyed_rows(rest, PROBE_IMAGES, inputs.seed, "shift")).tolist()
-    test = inputs.intervener.shift_test(own, other, idx, delta, method)
+    test = inputs.intervener.shift_test(own, other, idx, delta, method, outside=False)  # it reads the whole only
     return probe_reason("the shifts' effect", effects(test["whole"])[2], t.property_effect, len(own))
 
 

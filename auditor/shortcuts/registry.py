@@ -80,10 +80,17 @@ class Intervener(Protocol):
         ...
 
     def shift_test(
-        self, own_rows: Sequence[int], other_rows: Sequence[int], cls: int, delta: Sequence[float], method: str | None
+        self,
+        own_rows: Sequence[int],
+        other_rows: Sequence[int],
+        cls: int,
+        delta: Sequence[float],
+        method: str | None,
+        outside: bool = True,
     ) -> dict[str, Any]:
         """Shift the images' mean colour by ``+delta`` / ``-delta`` (``interventions.shift_intervention``); where an
-        image has no mask, ``method``'s hot places stand in for the object the spared test leaves alone."""
+        image has no mask, ``method``'s hot places stand in for the object the spared test leaves alone;
+        ``outside=False`` runs the whole-image test only (``outside`` is None)."""
         ...
 
     def graft_test(

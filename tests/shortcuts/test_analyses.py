@@ -661,3 +661,4 @@ def test_the_shift_moves_the_group_to_the_rest_of_its_class_and_back() -> None:
     assert shift["attribute"] in ("brightness", "red") and shift["delta"] == pytest.approx([0.8, 0.0, 0.0])
     assert shift["effect"] == 0.5 and list(out["attribute_shifts"]) == ["a"]  # b has no gap: no forward
     assert [sorted(rows) for kind, rows in rec.calls] == [list(range(10))]  # the rest, then the group: class a
+    assert rec.outside is False  # a whole-image property: the object-sparing test would be thrown away

@@ -66,8 +66,9 @@ class Recorder:
         self.calls.append(("graft", list(own) + list(other)))
         return {"n_pasted": len(other), "paste_effect": 0.0, "paste_flips": 0.0, "null_flips": 0.0, "paste_p": 1.0}
 
-    def shift_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
+    def shift_test(self, own: Sequence[int], other: Sequence[int], *args: Any, outside: bool = True) -> dict[str, Any]:
         self.calls.append(("shift", list(own) + list(other)))
+        self.outside = outside
         whole = {"n_own": len(own), "n_other": len(other), "leave": self.shift, "flip": self.shift, "kept": 0.0}
         whole |= {"leave_control": 0.0, "flip_control": 0.0, "leave_p": 1.0, "flip_p": 1.0}
         return {"whole": whole, "outside": None}
