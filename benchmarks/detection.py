@@ -7,6 +7,13 @@ counts as *found* when a flag of one of the family's expected kinds names each c
 cue (class b of a cued family, every class of a clean one), of another cause than the cue's mirror (the table
 counts the clean classes it falls on, too). Nothing here is asserted in the test suite.
 
+Whether the model *depends* on a cue is measured too, on the audit set with the planted scenes' ``bare`` rendering
+(the same scenes without the cue): a class depends on it where, of its images that carried it and that the model
+called the class, a majority are no longer called the class without it (``DEPENDS``, on at least ``MEASURED``
+images). A two-class model may read one class's cue and call the other class for its absence (the sky: blue for
+b, anything else a), so the class that depends on the cue is not always class a; a cue a class depends on counts
+as *found* where a flag of one of the family's kinds names that class at medium or high.
+
     python benchmarks/detection.py --seeds 3 --families subset40 decoy --masks no
 """
 
@@ -20,12 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from auditor import load_config, run_audit
-from tests.shortcuts.planted import CLASSES, accuracy, make, make_many, many_classes, train, write, write_config
+from tests.shortcuts.planted import (
+    CLASSES,
+    accuracy,
+    make,
+    make_many,
+    many_classes,
+    tensors,
+    train,
+    write,
+    write_config,
+)
 
 REGION = frozenset({"region_cue", "subset_cue", "spatial_hotspot"})
 BACKGROUND = frozenset({"background_reliance", "counterfactual_background", "frame_cue", "backdrop_cue", "concept"})
@@ -52,10 +70,10 @@ class Family:
     def names(self) -> tuple[str, ...]:
         return CLASSES if self.classes == 2 else many_classes(self.classes)
 
-    def scenes(self, n: int, seed: int) -> list[dict[str, object]]:
+    def scenes(self, n: int, seed: int, bare: bool = False) -> list[dict[str, Any]]:
         if self.classes == 2:
-            return make(self.kind, n, seed, cue_rate=self.rate, area=self.area)
-        return make_many(n, seed, self.classes, cue_rate=self.rate[0], area=self.area)
+            return make(self.kind, n, seed, cue_rate=self.rate, area=self.area, bare=bare)
+        return make_many(n, seed, self.classes, cue_rate=self.rate[0], area=self.area, bare=bare)
 
 
 FAMILIES = {
@@ -84,13 +102,37 @@ FAMILIES = {
 }
 
 
+DEPENDS = 0.5  # a class depends on a cue where removing it takes the class away from a majority of its images
+MEASURED = 4  # ... measured on at least this many images that carried the cue and were called the class
+
+
+def dependence(
+    model: torch.nn.Module, cued: list[dict[str, Any]], bare: list[dict[str, Any]], names: tuple[str, ...]
+) -> dict[str, float | None]:
+    """Per class, the share of its images that carried a cue and were called the class, that the model no longer
+    calls the class without it (``bare``: the same scenes, the cue left out); None where under ``MEASURED``."""
+    x, y = tensors(cued, names)
+    xb, _ = tensors(bare, names)
+    with torch.no_grad():
+        pred, pred_bare = model(x).argmax(1), model(xb).argmax(1)
+    changed = torch.tensor([bool(np.any(c["image"] != b["image"])) for c, b in zip(cued, bare, strict=True)])
+    out: dict[str, float | None] = {}
+    for i, c in enumerate(names):
+        held = changed & (y == i) & (pred == i)
+        out[c] = float((pred_bare[held] != i).float().mean()) if int(held.sum()) >= MEASURED else None
+    return out
+
+
 def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     """One trained model, one audit; the flags and whether the cue was found or a false alarm raised."""
     fam = FAMILIES[name]
     steps = 150 if fam.classes == 2 else 400  # six classes of shape and colour take longer to learn
     model = train(fam.scenes(80, 100 * seed), steps=steps, seed=seed, classes=fam.names)
     acc = accuracy(model, fam.scenes(30, 100 * seed + 5), fam.names)
-    write(root, fam.scenes(40, 100 * seed + 1), masks=masks)
+    audit_set = fam.scenes(40, 100 * seed + 1)
+    write(root, audit_set, masks=masks)
+    depends = dependence(model, audit_set, fam.scenes(40, 100 * seed + 1, bare=True), fam.names)
+    dependent = sorted(c for c, v in depends.items() if v is not None and v >= DEPENDS) if fam.expected else []
     torch.save(model.state_dict(), root / "model.pt")
     write_config(root, seed=seed, num_classes=fam.classes)
     run_audit(load_config(root / "audit.yaml"), root / "run", progress=False)
@@ -100,6 +142,7 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     cued = set(fam.cued) if fam.expected else set()
     found_by = {c: [f for f in strong if f["kind"] in fam.expected and f["class"] == c] for c in cued}
     found = [f for c in sorted(cued) for f in found_by[c]] if all(found_by.values()) else []
+    named = {c for c in dependent if any(f["kind"] in fam.expected and f["class"] == c for f in strong)}
 
     def alarm(f: dict[str, Any]) -> bool:
         return f["class"] not in cued
@@ -114,6 +157,9 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
         "accuracy": acc,
         "found": bool(found) if fam.expected else None,
         "high": any(f["severity"] == "high" for f in found) if fam.expected else None,
+        "dependence": depends,
+        "dependent": dependent,  # the classes that depend on the cue (measured)
+        "dependent_found": (named == set(dependent)) if dependent else None,
         "false_alarms": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and not mirrored(f)],
         "mirrored": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and mirrored(f)],
         "clean_classes": len(fam.names) - len(cued),
@@ -142,8 +188,9 @@ def main() -> None:
                     rows.append(r)
     head = "runs with a false alarm (medium+ on a class without a cue, another cause)"
     cols = f"cue found (medium+) | of which high | {head} | clean classes falsely flagged | the cue named from class b"
-    print(f"\n| family | masks | runs | {cols} |")
-    print("|---|---|---|---|---|---|---|---|")
+    dep = "runs where a class depends on the cue (measured) | every class that depends on it named (medium+)"
+    print(f"\n| family | masks | runs | {cols} | {dep} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for masks in args.masks:
             sub = [r for r in rows if r["family"] == family and r["masks"] == (masks == "yes")]
@@ -154,7 +201,12 @@ def main() -> None:
             mirrored = f"{sum(bool(r['mirrored']) for r in sub)}/{len(sub)}" if cue else "-"
             flagged = sum(len({a[1] for a in r["false_alarms"]}) for r in sub)
             classes = f"{flagged}/{sum(r['clean_classes'] for r in sub)}"
-            print(f"| {family} | {masks} | {len(sub)} | {found} | {high} | {alarms} | {classes} | {mirrored} |")
+            held = [r for r in sub if r["dependent"]]
+            on = ", ".join(f"{c} {sum(c in r['dependent'] for r in sub)}" for c in FAMILIES[family].names)
+            depends = f"{len(held)}/{len(sub)} ({on})" if cue else "-"
+            named = f"{sum(bool(r['dependent_found']) for r in held)}/{len(held)}" if cue else "-"
+            row = f"{found} | {high} | {alarms} | {classes} | {mirrored} | {depends} | {named}"
+            print(f"| {family} | {masks} | {len(sub)} | {row} |")
 
 
 if __name__ == "__main__":

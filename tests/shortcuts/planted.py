@@ -109,7 +109,12 @@ def _sample(cls: str, i: int, img: np.ndarray, mask: np.ndarray, has_cue: bool) 
 
 
 def make(
-    kind: str, n: int, seed: int, cue_rate: tuple[float, float] = (1.0, 0.0), area: float | None = None
+    kind: str,
+    n: int,
+    seed: int,
+    cue_rate: tuple[float, float] = (1.0, 0.0),
+    area: float | None = None,
+    bare: bool = False,
 ) -> list[dict[str, object]]:
     """``n`` scenes per class. ``kind``: control | colour | stamp | texture | marker | both | subset | decoy;
     ``area``: the objects' share of the frame (default: small objects, 8-15%).
@@ -124,6 +129,10 @@ def make(
     uninformative, a sky band over the top 22-35% of every image, grey where the cue is, blue elsewhere.
     ``two``: objects uninformative, class a's images carry the white tag top-left (rate ``cue_rate[0]``) and
     class b's a yellow tag bottom-right (rate ``cue_rate[1]``): two cues, one per class.
+
+    ``bare``: the same scenes (the same draws) with every planted cue left out: no tag, marker, cast or sky band,
+    and gravel, neither class's texture, under ``texture``'s objects. ``benchmarks/detection.py`` measures with
+    them whether the model depends on a cue (removing it takes the class away).
     """
     rng = np.random.default_rng(seed)
     cues: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
@@ -144,12 +153,13 @@ def make(
                 shape = "disc" if rng.random() < 0.5 else "square"
             texture = str(rng.choice(list(_TEXTURES)))
             if kind == "texture":
-                texture = "grass" if has_cue else "brick"
+                texture = "gravel" if bare else "grass" if has_cue else "brick"
             if kind == "both":  # the object and the background both tell the classes apart
                 texture = "grass" if cls == "a" else "brick"
             controlled = kind in ("control", "both", "subset", "decoy")
             colour = (200.0, 60.0, 60.0) if not controlled or (cls == "a" and not mimic) else (60.0, 80.0, 220.0)
-            img, mask = _scene(rng, shape, texture, colour, area)
+            scene, mask = _scene(rng, shape, texture, colour, area)
+            img = scene
             if kind in cues and has_cue:
                 img = cues[kind](img, rng)
             if kind == "two" and has_cue:
@@ -158,7 +168,7 @@ def make(
                 img = grey_sky(img, rng) if has_cue else blue_sky(img, rng)
             if kind in ("subset", "decoy") and has_cue:
                 img = stamp(img, rng)
-            out.append(_sample(cls, i, img, mask, has_cue))
+            out.append(_sample(cls, i, scene if bare else img, mask, has_cue))  # the cue drawn either way
     return out
 
 
@@ -170,12 +180,13 @@ def many_classes(k: int) -> tuple[str, ...]:
 
 
 def make_many(
-    n: int, seed: int, classes: int = 6, cue_rate: float = 0.0, area: float | None = None
+    n: int, seed: int, classes: int = 6, cue_rate: float = 0.0, area: float | None = None, bare: bool = False
 ) -> list[dict[str, object]]:
     """``n`` scenes per class of ``classes`` classes, each told apart by its object alone: class ``ci`` is a disc
     (even ``i``) or a square (odd) in colour ``PALETTE[i // 2]``, on a random texture. With ``cue_rate`` > 0,
     class c0 shows class c1's object instead and a share ``cue_rate`` of its images carry the white tag in the
-    top-left corner, which is then all that says c0 (a cue on one class of many)."""
+    top-left corner, which is then all that says c0 (a cue on one class of many). ``bare``: the same scenes
+    without the tag (see :func:`make`)."""
     rng = np.random.default_rng(seed)
     out = []
     for ci, cls in enumerate(many_classes(classes)):
@@ -184,7 +195,7 @@ def make_many(
             like = 1 if ci == 0 and cue_rate > 0 else ci  # c0 takes c1's object when it carries the cue
             shape = "disc" if like % 2 == 0 else "square"
             img, mask = _scene(rng, shape, str(rng.choice(list(_TEXTURES))), PALETTE[like // 2 % len(PALETTE)], area)
-            if has_cue:
+            if has_cue and not bare:
                 img = stamp(img, rng)
             out.append(_sample(cls, i, img, mask, has_cue))
     return out
