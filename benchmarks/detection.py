@@ -106,6 +106,33 @@ DEPENDS = 0.5  # a class depends on a cue where removing it takes the class away
 MEASURED = 4  # ... measured on at least this many images that carried the cue and were called the class
 
 
+TAG = (1 / 32, 1 / 32, 6 / 32, 6 / 32)  # planted.stamp's white tag, normalized [x0, y0, x1, y1]
+CORNER_TAG = (26 / 32, 26 / 32, 31 / 32, 31 / 32)  # planted.corner_tag
+SKY = (0.0, 0.0, 1.0, 7 / 32)  # the part of the sky band (the top 22-35%) every image has
+COVER = 0.75  # a region localizes a cue where it holds this share of it (half a pixel off a 5 px tag: 0.81) ...
+TIGHT = 4.0  # ... and is at most this many times its area (it points at the cue, not at a band or quarter)
+
+
+def cue_box(kind: str, cls: str) -> tuple[float, float, float, float] | None:
+    """Where ``kind``'s planted cue lies on ``cls``'s images; None where it is not one place (a marker at a random
+    edge, a texture, a colour cast)."""
+    if kind in ("stamp", "subset", "many"):
+        return TAG
+    if kind == "two":
+        return TAG if cls == "a" else CORNER_TAG
+    return SKY if kind == "sky" else None
+
+
+def localizes(region: list[float] | None, cue: tuple[float, float, float, float]) -> bool:
+    """Whether ``region`` holds ``COVER`` of ``cue`` and is at most ``TIGHT`` times its area."""
+    if region is None:
+        return False
+    w = max(0.0, min(region[2], cue[2]) - max(region[0], cue[0]))
+    h = max(0.0, min(region[3], cue[3]) - max(region[1], cue[1]))
+    area = (cue[2] - cue[0]) * (cue[3] - cue[1])
+    return w * h >= COVER * area and (region[2] - region[0]) * (region[3] - region[1]) <= TIGHT * area
+
+
 def dependence(
     model: torch.nn.Module, cued: list[dict[str, Any]], bare: list[dict[str, Any]], names: tuple[str, ...]
 ) -> dict[str, float | None]:
@@ -143,6 +170,9 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
     found_by = {c: [f for f in strong if f["kind"] in fam.expected and f["class"] == c] for c in cued}
     found = [f for c in sorted(cued) for f in found_by[c]] if all(found_by.values()) else []
     named = {c for c in dependent if any(f["kind"] in fam.expected and f["class"] == c for f in strong)}
+    local = [c for c in dependent if cue_box(fam.kind, c) is not None]
+    boxes = {c: [f["region"] for f in strong if f["class"] == c and f["kind"] in REGION] for c in local}
+    hit = {c for c in local if any(localizes(b, cue_box(fam.kind, c)) for b in boxes[c])}  # type: ignore[arg-type]
 
     def alarm(f: dict[str, Any]) -> bool:
         return f["class"] not in cued
@@ -160,6 +190,8 @@ def audit(name: str, seed: int, masks: bool, root: Path) -> dict[str, Any]:
         "dependence": depends,
         "dependent": dependent,  # the classes that depend on the cue (measured)
         "dependent_found": (named == set(dependent)) if dependent else None,
+        "localized": (hit == set(local)) if local else None,  # every local cue a class depends on localized
+        "regions": boxes,
         "false_alarms": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and not mirrored(f)],
         "mirrored": [(f["kind"], f["class"], f["severity"]) for f in strong if alarm(f) and mirrored(f)],
         "clean_classes": len(fam.names) - len(cued),
@@ -189,8 +221,9 @@ def main() -> None:
     head = "runs with a false alarm (medium+ on a class without a cue, another cause)"
     cols = f"cue found (medium+) | of which high | {head} | clean classes falsely flagged | the cue named from class b"
     dep = "runs where a class depends on the cue (measured) | every class that depends on it named (medium+)"
+    dep += " | localized (a region holds 75% of the cue, at most 4x its area)"
     print(f"\n| family | masks | runs | {cols} | {dep} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for masks in args.masks:
             sub = [r for r in rows if r["family"] == family and r["masks"] == (masks == "yes")]
@@ -205,7 +238,9 @@ def main() -> None:
             on = ", ".join(f"{c} {sum(c in r['dependent'] for r in sub)}" for c in FAMILIES[family].names)
             depends = f"{len(held)}/{len(sub)} ({on})" if cue else "-"
             named = f"{sum(bool(r['dependent_found']) for r in held)}/{len(held)}" if cue else "-"
-            row = f"{found} | {high} | {alarms} | {classes} | {mirrored} | {depends} | {named}"
+            spots = [r for r in held if r["localized"] is not None]
+            hits = f"{sum(bool(r['localized']) for r in spots)}/{len(spots)}" if spots else "-"
+            row = f"{found} | {high} | {alarms} | {classes} | {mirrored} | {depends} | {named} | {hits}"
             print(f"| {family} | {masks} | {len(sub)} | {row} |")
 
 
