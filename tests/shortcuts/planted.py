@@ -26,8 +26,10 @@ def _scene(
     texture: str,
     colour: tuple[float, float, float] = (200.0, 60.0, 60.0),
     area: float | None = None,
+    fixed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A disc or square on a texture; ``area``: the object's share of the frame (default: 8-15%, r 5-7 px)."""
+    """A disc or square on a texture; ``area``: the object's share of the frame (default: 8-15%, r 5-7 px);
+    ``fixed``: centred at ``FIXED`` (within a pixel) instead of anywhere."""
     tex = _TEXTURES[texture]
     y, x = rng.integers(0, tex.shape[0] - SIZE * 4, 2)
     ground = tex[y : y + SIZE * 4 : 4, x : x + SIZE * 4 : 4].astype(np.float32)
@@ -38,6 +40,8 @@ def _scene(
         r = float(np.sqrt(area * SIZE**2 / (np.pi if shape == "disc" else 2.89))) * rng.uniform(0.95, 1.05)
     lo, hi = min(r + 1, SIZE / 2), max(SIZE - r - 1, SIZE / 2)  # a large object may touch the border
     cy, cx = rng.uniform(lo, hi, 2)
+    if fixed:  # the draw above is made either way, so the other draws stay in step
+        cy, cx = np.array(FIXED) + rng.uniform(-1, 1, 2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     mask = (
         (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
@@ -46,6 +50,9 @@ def _scene(
     )
     img[mask] = np.array(colour) + rng.normal(0, 8, (int(mask.sum()), 3))
     return img, mask
+
+
+FIXED = (8.0, 8.0)  # the ``fixed`` kind's object centre (y, x) in px: as far into the top-left as an r 7 object fits
 
 
 def stamp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -128,7 +135,11 @@ def make(
     control with the tag on a share ``cue_rate`` of each class's images, predicting nothing. ``sky``: objects
     uninformative, a sky band over the top 22-35% of every image, grey where the cue is, blue elsewhere.
     ``two``: objects uninformative, class a's images carry the white tag top-left (rate ``cue_rate[0]``) and
-    class b's a yellow tag bottom-right (rate ``cue_rate[1]``): two cues, one per class.
+    class b's a yellow tag bottom-right (rate ``cue_rate[1]``): two cues, one per class. Clean kinds written after
+    the detection benchmark's first tables: ``fixed``, the control's objects always at the same off-centre place
+    (``FIXED``: the object *is* the region); ``sky-decoy`` and ``cast-decoy``, the control with a grey sky band
+    (else a blue one) or the brightness cast on exactly the share ``cue_rate`` of each class's images, predicting
+    nothing.
 
     ``bare``: the same scenes (the same draws) with every planted cue left out: no tag, marker, cast or sky band,
     and gravel, neither class's texture, under ``texture``'s objects. ``benchmarks/detection.py`` measures with
@@ -145,9 +156,11 @@ def make(
         for i in range(n):
             draw = rng.random()
             # subset and decoy: exactly the stated share of each class carries the tag (the first of its images)
-            has_cue = i < round(cue_rate[ci] * n) if kind in ("subset", "decoy") else draw < cue_rate[ci]
+            exact = kind in ("subset", "decoy", "sky-decoy", "cast-decoy")
+            has_cue = i < round(cue_rate[ci] * n) if exact else draw < cue_rate[ci]
             mimic = kind == "subset" and cls == "a" and has_cue  # class b's object, class a by the tag alone
-            if kind in ("control", "both", "subset", "decoy"):
+            controlled = kind in ("control", "both", "subset", "decoy", "fixed", "sky-decoy", "cast-decoy")
+            if controlled:
                 shape = "disc" if cls == "a" and not mimic else "square"
             else:
                 shape = "disc" if rng.random() < 0.5 else "square"
@@ -156,16 +169,17 @@ def make(
                 texture = "gravel" if bare else "grass" if has_cue else "brick"
             if kind == "both":  # the object and the background both tell the classes apart
                 texture = "grass" if cls == "a" else "brick"
-            controlled = kind in ("control", "both", "subset", "decoy")
             colour = (200.0, 60.0, 60.0) if not controlled or (cls == "a" and not mimic) else (60.0, 80.0, 220.0)
-            scene, mask = _scene(rng, shape, texture, colour, area)
+            scene, mask = _scene(rng, shape, texture, colour, area, fixed=kind == "fixed")
             img = scene
             if kind in cues and has_cue:
                 img = cues[kind](img, rng)
             if kind == "two" and has_cue:
                 img = stamp(img, rng) if cls == "a" else corner_tag(img, rng)
-            if kind == "sky":
+            if kind in ("sky", "sky-decoy"):
                 img = grey_sky(img, rng) if has_cue else blue_sky(img, rng)
+            if kind == "cast-decoy" and has_cue:
+                img = brighten(img, rng)
             if kind in ("subset", "decoy") and has_cue:
                 img = stamp(img, rng)
             out.append(_sample(cls, i, scene if bare else img, mask, has_cue))  # the cue drawn either way

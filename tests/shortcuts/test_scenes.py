@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.shortcuts.planted import SIZE, make, make_many
+from tests.shortcuts.planted import FIXED, SIZE, make, make_many
 
 
 def _changed(kind: str, **kw: object) -> list[np.ndarray]:
@@ -45,3 +45,18 @@ def test_bare_many_leaves_c0s_tag_out() -> None:
     cued, bare = make_many(4, 2, cue_rate=0.5), make_many(4, 2, cue_rate=0.5, bare=True)
     for c, b in zip(cued, bare, strict=True):
         assert np.any(np.asarray(c["image"]) != np.asarray(b["image"])) == c["cue"]
+
+
+def test_fixed_objects_sit_at_one_place() -> None:
+    for s in make("fixed", 6, 3):
+        ys, xs = np.nonzero(np.asarray(s["mask"]))
+        assert abs(ys.mean() - FIXED[0]) <= 1.5 and abs(xs.mean() - FIXED[1]) <= 1.5
+
+
+@pytest.mark.parametrize("kind", ["sky-decoy", "cast-decoy"])
+def test_decoys_are_on_the_stated_share_of_each_class(kind: str) -> None:
+    scenes = make(kind, 6, 3, cue_rate=(0.5, 0.5))
+    for cls in ("a", "b"):
+        assert sum(bool(s["cue"]) for s in scenes if s["label"] == cls) == 3
+    for s, diff in zip(scenes, _changed(kind, cue_rate=(0.5, 0.5)), strict=True):
+        assert diff.any() == (kind == "sky-decoy" or bool(s["cue"]))  # a sky band on every image, a cast on half
