@@ -24,7 +24,7 @@ from auditor.config import AuditConfig
 from auditor.metrics import FAST_METRICS, METRICS
 from auditor.shortcuts.backdrop import object_windows
 from auditor.shortcuts.catalog import Thresholds
-from auditor.shortcuts.cues import scan_split
+from auditor.shortcuts.cues import BOX, scan_split
 from auditor.shortcuts.triage import PROBE_IMAGES
 from auditor.shortcuts.windows import edge_bands, grid_boxes
 
@@ -42,8 +42,10 @@ class StageCost:
 
 
 def _scan_windows(window: float) -> tuple[int, int]:
-    """(coarse windows of the region scan, most fine windows of its localization) at ``window``."""
+    """(coarse windows of the region scan, the half-side boxes a band's peak adds included, most fine windows of
+    its localization) at ``window``."""
     coarse = len(grid_boxes(window, window / 2)) + len(edge_bands(window)) + len(edge_bands(min(2 * window, 0.5)))
+    coarse += len(grid_boxes(BOX, BOX / 2)) + 1  # scanned where a band is the peak: its own plain forward too
     side = min(2 * window, 1.0)
     return coarse, len(grid_boxes(window / 2, window / 4, (0.0, 0.0, side, side)))
 

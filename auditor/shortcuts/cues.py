@@ -5,11 +5,12 @@ class; the object moves from image to image. So, per class, on a keyed draw of i
 
 1. **Scan** (no map involved): fill each window of a coarse grid, and each band along the four edges of the
    same width and of twice it (a sky, a letterbox bar: no window holds them), from its surroundings, in every
-   image (a band is the peak only where no grid window gives 90% of its drop: a tag in a corner is inside two
-   bands too), and keep the *median* drop of p(class) per window. A window where the median drops is a place
-   that matters in most images at once. The class's own baseline is the same median at the windows away from
-   the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
-2. **Localize**: rescan the peak's neighbourhood with half-size windows (half-width bands for a band); the
+   image, and keep the *median* drop of p(class) per window. A band is the peak only where no box gives 90% of
+   its drop: not a grid window (a tag in a corner is inside two bands too), nor a box of half the side, scanned
+   only then (an object that always sits by an edge lies in bands too; a sky spans the image). A window where
+   the median drops is a place that matters in most images at once. The class's own baseline is the same median
+   at the windows away from the peak; the effect is the peak minus that baseline, and must reach ``cue_drop``.
+2. **Localize**: rescan the peak's neighbourhood with windows of half its size (half-width bands for a band); the
    region is the connected set of pixels whose mean drop (over the windows covering them) is within half of
    the peak's (for a band, extended to the image edge it lies along). Where removing it (step 3) gives
    under 80% of the scan's peak drop (the importance grid's edge can fall a pixel or two inside the cue,
@@ -84,7 +85,8 @@ class Params(SharedParams):
 
 REPRODUCE = 0.8  # a located region whose removal gives less of the scan's peak drop is grown and retested
 GROW_GAIN = 0.1  # ... while each growth step adds at least this share of the peak drop
-LOCAL_SHARE = 0.9  # a grid window with this share of a band's median drop is preferred to the band
+LOCAL_SHARE = 0.9  # a box (a grid window, else a half-side box) with this share of a band's drop is preferred to it
+BOX = 0.5  # side of the boxes scanned where no grid window holds a band's drop
 HELD_OUT = 6  # least images of a class, unseen by the scan, that a region is confirmed on above ``low``
 
 
@@ -190,6 +192,32 @@ def _coarse_drops(
     return np.vstack([head, inputs.intervener.scan(rows[SCAN_PROBE_IMAGES:], idx, boxes)])
 
 
+def held(band: dict[str, Any], box: dict[str, Any]) -> bool:
+    """Whether a box's scan (:func:`scan_summary`) holds a band's peak drop: ``LOCAL_SHARE`` of it."""
+    return bool(box["peak"] >= LOCAL_SHARE * band["peak"])
+
+
+def _peak(
+    inputs: AnalysisInputs, rows: list[int], idx: int, drops: np.ndarray, coarse: list[list[float]], n_grid: int
+) -> dict[str, Any]:
+    """The coarse scan's summary (``drops``: ``[n, len(coarse)]``, the grid's ``n_grid`` windows first). A band
+    is the peak only where no box holds its drop: a grid window (a tag in a corner lies in two bands too), else a
+    box of ``BOX`` the side, scanned only then (an object that always sits by an edge lies in bands too, and the
+    box is judged as any region is, centre included; a sky spans the image: half of it leaves the class)."""
+    assert inputs.intervener is not None
+    t = params_of(inputs.thresholds, Params)
+    found = scan_summary(drops, coarse, t.cue_drop)
+    if band_axis(found["peak_box"]) is None:
+        return found
+    local = scan_summary(drops[:, :n_grid], coarse[:n_grid], t.cue_drop)
+    if held(found, local):
+        return local
+    boxes = grid_boxes(BOX, BOX / 2)
+    box = scan_summary(inputs.intervener.scan(rows, idx, boxes), boxes, t.cue_drop)
+    band = {"band_peak": found["peak"], "band_box": found["peak_box"]}
+    return box | band if held(found, box) else found | {"box_peak": box["peak"]}
+
+
 def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> dict[str, Any] | None:
     assert inputs.intervener is not None
     t, first = params_of(inputs.thresholds, Params), inputs.first
@@ -204,17 +232,14 @@ def _scan_class(inputs: AnalysisInputs, cls: str, triaged: dict[str, str]) -> di
     drops = _coarse_drops(inputs, rows.tolist(), idx, coarse, cls, triaged)
     if drops is None:
         return None
-    found = scan_summary(drops, coarse, t.cue_drop)
-    local = scan_summary(drops[:, : len(grid)], grid, t.cue_drop)
-    if band_axis(found["peak_box"]) is not None and local["peak"] >= LOCAL_SHARE * found["peak"]:
-        found = local  # a band holds a tag as well as the tag's own window does: the window localizes it
+    found = _peak(inputs, rows.tolist(), idx, drops, coarse, len(grid))
     out: dict[str, Any] = {"n": len(rows), "window": t.cue_window, **found, "region": None}
     out["scanned"] = sorted(int(r) for r in rows)
     if found["effect"] < t.cue_drop:
         return out
-    pb, half = found["peak_box"], t.cue_window / 2
+    pb, axis = found["peak_box"], band_axis(found["peak_box"])  # a band is refined across its width only
+    half = t.cue_window / 2 if axis is not None else (pb[2] - pb[0]) / 2
     near = grow(pb, half)
-    axis = band_axis(pb)  # a band is refined across its width only
     fine = grid_boxes(half, half / 2, near) if axis is None else band_boxes(half, half / 2, near, axis)
     fine_drops = np.median(inputs.intervener.scan(rows.tolist(), idx, fine), axis=0)
     region = locate(importance(fine, np.clip(fine_drops, 0, None)))

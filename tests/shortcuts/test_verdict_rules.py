@@ -7,9 +7,10 @@ these tests set each measured number just past and just short of its rule.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -326,3 +327,65 @@ def test_a_band_region_reaches_the_edge_it_lies_along() -> None:
     assert anchor([0.0, 0.125, 1.0, 0.375], [0.0, 0.0, 1.0, 0.5]) == [0.0, 0.0, 1.0, 0.375]
     assert anchor([0.0, 0.7, 1.0, 0.9], [0.0, 0.75, 1.0, 1.0]) == [0.0, 0.7, 1.0, 1.0]  # the ground
     assert anchor([0.8, 0.0, 0.95, 1.0], [0.75, 0.0, 1.0, 1.0]) == [0.8, 0.0, 1.0, 1.0]  # a bar on the right
+
+
+class _BoxScanner:
+    """Drops of the half-side boxes: ``held`` for the box ``[0, 0, 0.5, 0.5]``, 0.05 elsewhere; counts calls."""
+
+    def __init__(self, held: float) -> None:
+        self.held, self.calls = held, 0
+
+    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        self.calls += 1
+        row = [self.held if list(b) == [0.0, 0.0, 0.5, 0.5] else 0.05 for b in boxes]
+        return np.array([row] * len(rows))
+
+
+def _coarse(band: float, window: float) -> tuple[np.ndarray, list[list[float]], int]:
+    """A coarse scan of 4 images: the left band half the image deep drops ``band``, the grid window at the top-left
+    corner ``window``, every other place 0.02."""
+    from auditor.shortcuts.windows import edge_bands, grid_boxes
+
+    grid = grid_boxes(0.25, 0.125)
+    coarse = grid + edge_bands(0.25) + edge_bands(0.5)
+    row = np.full(len(coarse), 0.02)
+    row[coarse.index([0.0, 0.0, 0.5, 1.0])] = band
+    row[coarse.index([0.0, 0.0, 0.25, 0.25])] = window
+    return np.tile(row, (4, 1)), coarse, len(grid)
+
+
+@pytest.mark.parametrize(
+    ("window", "box", "peak", "scans"),
+    [
+        (0.95, 0.95, [0.0, 0.0, 0.25, 0.25], 0),  # a tag in the corner: its grid window holds the band's drop
+        (0.5, 0.95, [0.0, 0.0, 0.5, 0.5], 1),  # an object by the edge: no window holds it, a half-side box does
+        (0.5, 0.85, [0.0, 0.0, 0.5, 1.0], 1),  # a sky: half of it leaves the class (0.85 < 90% of 1.0)
+    ],
+)
+def test_a_band_is_the_peak_only_where_no_box_holds_its_drop(
+    window: float, box: float, peak: list[float], scans: int
+) -> None:
+    from types import SimpleNamespace
+
+    from auditor.shortcuts.cues import _peak
+
+    scanner = _BoxScanner(box)
+    drops, coarse, n_grid = _coarse(1.0, window)
+    inputs = SimpleNamespace(intervener=scanner, thresholds=T)
+    found = _peak(inputs, [0, 1, 2, 3], 0, drops, coarse, n_grid)  # type: ignore[arg-type]
+    assert found["peak_box"] == peak and scanner.calls == scans
+    if peak == [0.0, 0.0, 0.5, 0.5]:
+        assert found["band_peak"] == 1.0 and found["band_box"] == [0.0, 0.0, 0.5, 1.0]
+    if peak == [0.0, 0.0, 0.5, 1.0]:
+        assert found["box_peak"] == pytest.approx(0.85)
+
+
+def test_a_peak_that_is_no_band_scans_no_box() -> None:
+    from types import SimpleNamespace
+
+    from auditor.shortcuts.cues import _peak
+
+    scanner = _BoxScanner(0.95)
+    drops, coarse, n_grid = _coarse(0.3, 0.9)
+    found = _peak(SimpleNamespace(intervener=scanner, thresholds=T), [0, 1, 2, 3], 0, drops, coarse, n_grid)  # type: ignore[arg-type]
+    assert found["peak_box"] == [0.0, 0.0, 0.25, 0.25] and scanner.calls == 0
