@@ -212,6 +212,8 @@ def _peak(
     local = scan_summary(drops[:, :n_grid], coarse[:n_grid], t.cue_drop)
     if held(found, local):
         return local
+    if found["effect"] < t.cue_drop:
+        return found  # no region follows: nothing to hold
     boxes = grid_boxes(BOX, BOX / 2)
     box = scan_summary(inputs.intervener.scan(rows, idx, boxes), boxes, t.cue_drop)
     band = {"band_peak": found["peak"], "band_box": found["peak_box"]}
