@@ -227,8 +227,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--masks", nargs="+", default=["yes", "no"], choices=["yes", "no"])
     parser.add_argument("--draws", type=int, default=1, help="audit sets per trained model (other scenes, seed)")
+    parser.add_argument("--first-draw", type=int, default=0, help="draws first-draw .. first-draw + draws - 1")
     args = parser.parse_args()
-    draws = range(args.draws)
+    draws = range(args.first_draw, args.first_draw + args.draws)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
