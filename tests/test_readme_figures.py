@@ -72,3 +72,15 @@ def test_region_confirmation_forwards() -> None:
         from_pixels=lambda x: x,
     )
     assert _quoted(r"hotspot candidate adds (\d+) for its confirmation") == sum(model.seen)
+
+
+def test_the_band_box_scan_forwards() -> None:
+    from auditor.shortcuts.cues import BOX
+    from auditor.shortcuts.interventions import occlusion_scan
+    from auditor.shortcuts.windows import grid_boxes
+
+    model = Counting()
+    n = Thresholds().cue_images
+    occlusion_scan(model, torch.rand(n, 3, 8, 8), 0, grid_boxes(BOX, BOX / 2))
+    assert _quoted(r"12 x (\d+) more where a band is the peak") * n == sum(model.seen)
+    assert _quoted(r"the region scan \((\d+) images x") == n
