@@ -47,7 +47,8 @@ def _scan_windows(window: float) -> tuple[int, int]:
     coarse = len(grid_boxes(window, window / 2)) + len(edge_bands(window)) + len(edge_bands(min(2 * window, 0.5)))
     coarse += len(grid_boxes(BOX, BOX / 2)) + 1  # scanned where a band is the peak: its own plain forward too
     side = min(2 * window, 1.0)
-    return coarse, len(grid_boxes(window / 2, window / 4, (0.0, 0.0, side, side)))
+    fine = len(grid_boxes(window / 2, window / 4, (0.0, 0.0, side, side)))
+    return coarse, max(fine, len(grid_boxes(BOX / 2, BOX / 4)))  # a box's neighbourhood may be the whole image
 
 
 def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
