@@ -40,7 +40,7 @@ def _scene(
         r = float(np.sqrt(area * SIZE**2 / (np.pi if shape == "disc" else 2.89))) * rng.uniform(0.95, 1.05)
     lo, hi = min(r + 1, SIZE / 2), max(SIZE - r - 1, SIZE / 2)  # a large object may touch the border
     cy, cx = rng.uniform(lo, hi, 2)
-    if fixed:  # the draw above is made either way, so the other draws stay in step
+    if fixed:  # the draw above is made either way, so the kind's later draws do not depend on FIXED
         cy, cx = np.array(FIXED) + rng.uniform(-1, 1, 2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     mask = (
