@@ -108,7 +108,7 @@ class ModelAccess:
             to_pixels=self.to_pixels, from_pixels=self.from_pixels, noise_keys=keys,
         )  # fmt: skip
 
-    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    def scan(self, rows: Sequence[int], cls: int | Sequence[int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
         return occlusion_scan(self.counted, self.load(rows), cls, boxes, chunk=self.plan.chunk)
 
     def shift_test(
@@ -144,7 +144,8 @@ class ModelAccess:
             return out
 
         result = graft_intervention(self.counted, self.load, own_rows, other_rows, cls, keep=keep)
-        return result | {"own_compact": self.compactness(own_rows, method)}
+        own, other = self.compactness(own_rows, method), self.compactness(other_rows, method)
+        return result | {"own_compact": own, "other_compact": other}
 
     def compactness(self, rows: Sequence[int], method: str | None) -> float | None:
         """Over the images without a mask, the mean share of their hot pixels (:meth:`spared`) in its largest

@@ -63,7 +63,7 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
       one shift test;
     - ``backdrop``: one graft (of ``a`` class images and ``b`` others: ``2 (a + b)``) and, where it reaches the
       flag's effect sizes on images without masks, a scan of the class images (``backdrop.object_windows``)
-      and a second graft;
+      and a second graft; where its reverse does, a scan of the other images and a third graft;
     - ``hotspots``: one region test; ``attributes``: one colour shift of a property group and the rest of its
       class (only where a group's accuracy gap is within reach of a flag); ``subset_cues``: one localization on
       ``subset_images`` carriers and two region tests; ``concepts``: ``min(concept_images, n)`` activation passes.
@@ -88,7 +88,8 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
         if min(grafted, recipients) >= t.min_group:
             refined = grafted * (len(object_windows()) + 1) + 2 * (grafted + recipients)
-            out["backdrop"] += 2 * (grafted + recipients) + refined
+            reverse = recipients * (len(object_windows()) + 1) + 2 * (grafted + recipients)  # the donors' objects
+            out["backdrop"] += 2 * (grafted + recipients) + refined + reverse
         carriers, others = min(t.subset_images, n), min(t.subset_images, total - n)
         out["subset_cues"] += carriers * (sub_fine + 1) + 3 * (carriers + others) + 3 * (carriers + 1)
         if min(t.concept_images, n) >= t.min_group:

@@ -20,9 +20,17 @@ A transplant moves much more of the image than a box does, and the objects that 
 with their background (measured on clean planted scenes: effects up to 0.19 with small objects, up to 0.51 with
 objects half the frame, without masks). So only an effect comparable to taking the class away stands: the mean
 gain must reach ``high_effect`` and the class's backgrounds must turn a majority of the recipients into the
-class beyond the null, significant in the run's BH family. Such a flag is high. The reverse (the class's images
-on other classes' backgrounds) is reported, not required: a model that reads one class's background may call
-the other class for its absence only.
+class beyond the null, significant in the run's BH family. Such a flag is high.
+
+The reverse is the class's own images on other classes' backgrounds (against other class images' backgrounds): a
+model that reads one class's background calls the other classes for its absence, so the graft above names those
+classes, and only the reverse names the class that is read (a two-class texture model that depended on one
+class's brick was named on the other class in 4 of 5 runs without masks, never on the brick class; in two classes
+the reverse of one class is the graft of the other). Where the graft does not stand, the reverse stands on the
+same terms: ``high_effect`` of p(class) lost, a majority of the class's images no longer called the class beyond
+the null, significant. Without masks, where the reverse reaches those effect sizes, the donors' objects (now
+other classes' images) are looked for with the model, spared, and the graft redone, as in step 4. Either flag is
+low where the donors' maps point at one place, without masks (a large object may have come along).
 """
 
 from __future__ import annotations
@@ -85,10 +93,17 @@ def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     test = inputs.intervener.graft_test(own, other, idx, method)
     entry: dict[str, Any] = {"n": len(own), "method": method, "test": test}
     bare = [r for r, has in zip(own, has_object(inputs.objects, np.asarray(own)), strict=True) if not has]
+    spare: dict[int, list[list[float]]] = {}
     if bare and reaches(test, t.high_effect):
         spare = model_objects(inputs, bare, idx, t.high_effect)
         entry |= {"unspared": test, "spared_images": len(spare), "bare_images": len(bare)}
-        entry["test"] = inputs.intervener.graft_test(own, other, idx, method, spare)
+        test = entry["test"] = inputs.intervener.graft_test(own, other, idx, method, spare)
+    donors = [r for r, has in zip(other, has_object(inputs.objects, np.asarray(other)), strict=True) if not has]
+    if donors and reaches_reverse(test, t.high_effect):
+        labels = inputs.first.set_index("row").loc[donors, "label"]
+        theirs = model_objects(inputs, donors, [inputs.classes.index(c) for c in labels], t.high_effect)
+        entry |= {"reverse_unspared": test, "donors_spared": len(theirs), "bare_donors": len(donors)}
+        entry["test"] = inputs.intervener.graft_test(own, other, idx, method, spare | theirs)
     return {"backdrop": entry, "triage": None}
 
 
@@ -98,14 +113,25 @@ def reaches(test: dict[str, Any], high_effect: float) -> bool:
     return bool(test["paste_effect"] >= high_effect and test["paste_flips"] - test["null_flips"] > 0.5)
 
 
+def reaches_reverse(test: dict[str, Any], high_effect: float) -> bool:
+    """The reverse flag's effect sizes: on other classes' backgrounds the class's images lose ``high_effect`` of
+    p(class), and a majority of them is no longer called the class beyond the null (other class images'
+    backgrounds)."""
+    turned = test["removal_flips"] - test["removal_null_flips"]
+    return bool(test["removal_effect"] >= high_effect and turned > 0.5)
+
+
 def object_windows() -> list[list[float]]:
     """The windows :func:`model_objects` fills in each image: half the side, half-overlapping (9; an object up
     to a quarter of the side lies whole in one of them)."""
     return grid_boxes(WINDOW, WINDOW / 2)
 
 
-def model_objects(inputs: AnalysisInputs, rows: list[int], idx: int, least: float) -> dict[int, list[list[float]]]:
-    """Per image, the windows (:func:`object_windows`) whose filling-in lowers its p(class) by ``least`` (the
+def model_objects(
+    inputs: AnalysisInputs, rows: list[int], idx: int | list[int], least: float
+) -> dict[int, list[list[float]]]:
+    """Per image, the windows (:func:`object_windows`) whose filling-in lowers its p(class) (``idx``: the class, or
+    each image's own) by ``least`` (the
     graft passes ``high_effect``: the window takes the class away) and by ``LOCAL_SHARE`` of the image's largest
     drop: where the model finds the class in that image. Without a mask the graft spares the map's hot places,
     and a map that misses the object (a vision transformer's 8 x 8 grid: a clean ViT's maps held 10% of its
@@ -139,8 +165,10 @@ def measure(inputs: AnalysisInputs) -> Measurement:
 
 
 def tests(measured: Measurement) -> dict[str, float]:
-    """The recipients' paired test (the class's background against the null's) of every class grafted."""
-    return {f"paste/{c}": r["test"]["paste_p"] for c, r in measured["backdrops"].items()}
+    """Per class grafted, the recipients' paired test (the class's background against the null's) and the
+    reverse's (the class's images on their own class's backgrounds against other classes')."""
+    out = {f"paste/{c}": r["test"]["paste_p"] for c, r in measured["backdrops"].items()}
+    return out | {f"removal/{c}": r["test"]["removal_p"] for c, r in measured["backdrops"].items()}
 
 
 def _message(c: str, r: dict[str, Any]) -> str:
@@ -165,29 +193,61 @@ def _spared_note(c: str, r: dict[str, Any]) -> str:
     )
 
 
+def _reverse_message(c: str, r: dict[str, Any]) -> str:
+    test = r["test"]
+    return (
+        f"On other classes' backgrounds (their objects kept out of the graft) {c} images lose "
+        f"{test['removal_effect']:.2f} of p({c}) against other {c} images' backgrounds, and "
+        f"{pct(test['removal_flips'])} of {test['n_removed']} are no longer called {c} (on other {c} backgrounds: "
+        f"{pct(test['removal_null_flips'])}): {c} is told by its background."
+    ) + _donors_note(r)
+
+
+def _donors_note(r: dict[str, Any]) -> str:
+    """What the reverse spared besides the maps' hot places, where it looked for the donors' objects."""
+    if "reverse_unspared" not in r:
+        return ""
+    first = r["reverse_unspared"]["removal_effect"]
+    return (
+        f" Without masks, the places where filling in takes their own class away were kept out of the graft too, "
+        f"in {r['donors_spared']} of {r['bare_donors']} other images (before that the loss was {first:.2f})."
+    )
+
+
+def _large_object(whose: str, compact: float) -> str:
+    return (
+        f" Without masks, the {whose} maps point at one place (its largest connected part holds {pct(compact)} of "
+        f"their hot pixels): what came with the background may be a large object."
+    )
+
+
 def backdrop_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
-    """``backdrop_cue`` per class, high: the grafted backgrounds raise p(class) by ``high_effect`` and turn a
-    majority of the recipients into the class beyond the null, significantly."""
+    """``backdrop_cue`` per class, high, one flag a class: the grafted backgrounds raise p(class) by
+    ``high_effect`` and turn a majority of the recipients into the class beyond the null, significantly; else the
+    reverse: on other classes' backgrounds the class's images lose ``high_effect`` of p(class) and a majority of
+    them the class, significantly. Low where the donors' maps (the class's for the graft, the other classes' for
+    the reverse) point at one place, without masks: a large object may have come along."""
     t = params_of(ctx.thresholds, Params)
     q = ctx.q_values("backdrop", tests(measured))
     flags = []
     for c, r in measured["backdrops"].items():
         test = r["test"]
-        turned = test["paste_flips"] - test["null_flips"]
-        if not (reaches(test, t.high_effect) and q[f"paste/{c}"] < t.alpha):
-            continue
-        evidence = {**r, "paste_q": q[f"paste/{c}"], "turned": float(turned)}
         methods = [r["method"]] if r["method"] else []  # its hot places stand in for objects without masks
-        score = float(min(1.0, test["paste_effect"]))
-        compact = test.get("own_compact")
-        if compact is not None and compact >= COMPACT:
-            msg = _message(c, r) + (
-                f" Without masks, the {c} images' maps point at one place (its largest connected part holds "
-                f"{pct(compact)} of their hot pixels): what came with the background may be a large object."
-            )
-            flags.append(make_flag("backdrop_cue", c, None, "low", score, msg, evidence, methods))
+        if reaches(test, t.high_effect) and q[f"paste/{c}"] < t.alpha:
+            turned, score, msg = test["paste_flips"] - test["null_flips"], test["paste_effect"], _message(c, r)
+            evidence = {**r, "direction": "paste", "paste_q": q[f"paste/{c}"], "turned": float(turned)}
+            compact, whose = test.get("own_compact"), f"{c} images'"
+        elif reaches_reverse(test, t.high_effect) and q[f"removal/{c}"] < t.alpha:
+            turned, score = test["removal_flips"] - test["removal_null_flips"], test["removal_effect"]
+            msg = _reverse_message(c, r)
+            evidence = {**r, "direction": "removal", "removal_q": q[f"removal/{c}"], "turned": float(turned)}
+            compact, whose = test.get("other_compact"), "other classes' images'"
+        else:
             continue
-        flags.append(make_flag("backdrop_cue", c, None, "high", score, _message(c, r), evidence, methods))
+        low = compact is not None and compact >= COMPACT
+        msg += _large_object(whose, compact) if low else ""
+        sev = "low" if low else "high"
+        flags.append(make_flag("backdrop_cue", c, None, sev, float(min(1.0, score)), msg, evidence, methods))
     return flags
 
 

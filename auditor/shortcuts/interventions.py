@@ -172,7 +172,7 @@ def region_intervention(
 
 
 def occlusion_scan(
-    model: nn.Module, images: Tensor, cls: int, boxes: Sequence[Sequence[float]], chunk: int = 64
+    model: nn.Module, images: Tensor, cls: int | Sequence[int], boxes: Sequence[Sequence[float]], chunk: int = 64
 ) -> np.ndarray:
     """The drop of p(``cls``) when each box of the image is filled in from its surroundings.
 
@@ -184,7 +184,7 @@ def occlusion_scan(
     Args:
         model: classifier in eval mode.
         images: ``[n, 3, S, S]`` normalized images.
-        cls: the class index.
+        cls: the class index, or one per image (other classes' images, each read for its own label).
         boxes: normalized ``[x0, y0, x1, y1]`` boxes (:func:`region_mask` rounds them outwards).
         chunk: images per forward.
 
@@ -193,10 +193,15 @@ def occlusion_scan(
     """
     n, size = images.shape[0], images.shape[-1]
     drops = np.zeros((n, len(boxes)))
+    if n == 0:
+        return drops
     per = max(1, chunk // max(n, 1))  # boxes filled and forwarded together: one forward of ~chunk images
+    of = torch.as_tensor(cls, dtype=torch.long, device=images.device).expand(n)  # [n] the class read per image
 
-    def prob(x: Tensor) -> Tensor:
-        return torch.cat([model(x[i : i + chunk]).float().softmax(1)[:, cls] for i in range(0, len(x), chunk)])
+    def prob(x: Tensor) -> Tensor:  # x: box-major copies of the n images, so image i % n reads class of[i % n]
+        reads = of.repeat(len(x) // n)
+        parts = [model(x[i : i + chunk]).float().softmax(1) for i in range(0, len(x), chunk)]
+        return torch.cat(parts).gather(1, reads[:, None])[:, 0]
 
     with torch.no_grad():
         base = prob(images)
@@ -319,10 +324,11 @@ def graft_intervention(
         keep: rows -> ``[n, S, S]`` bool, the pixels of each image that stay its own.
 
     Returns:
-        ``{n_removed, n_pasted, paste_flips, null_flips, paste_effect, paste_p, removal_effect, removal_p}``: the
-        shares of the recipients the class's and the null's backgrounds turn into the class; the mean p(class) gain
-        of the recipients over the null and its p-value; the same for the reverse (the removal: p(class) of the
-        class's images with a class background minus with another's).
+        ``{n_removed, n_pasted, paste_flips, null_flips, paste_effect, paste_p, removal_flips, removal_null_flips,
+        removal_effect, removal_p}``: the shares of the recipients the class's and the null's backgrounds turn into
+        the class; the mean p(class) gain of the recipients over the null and its p-value; the same for the reverse
+        (the removal): the shares of the class's images no longer called the class on other classes' backgrounds
+        and on other class images' backgrounds, and p(class) with a class background minus with another's.
     """
     own, other = load(own_rows), load(other_rows)
     k_own, k_other = keep(own_rows).to(own.device), keep(other_rows).to(own.device)
@@ -350,6 +356,8 @@ def graft_intervention(
         "null_flips": _share((null.argmax(1) == cls).cpu().numpy()),
         "paste_effect": _mean(paste),
         "paste_p": _wilcoxon_greater(paste),
+        "removal_flips": _share((swapped.argmax(1) != cls).cpu().numpy()),
+        "removal_null_flips": _share((kept.argmax(1) != cls).cpu().numpy()),
         "removal_effect": _mean(removal),
         "removal_p": _wilcoxon_greater(removal),
     }

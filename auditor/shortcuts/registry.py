@@ -75,8 +75,9 @@ class Intervener(Protocol):
         and ``seed``); the paired test-minus-control numbers."""
         ...
 
-    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-        """``[n, len(boxes)]`` drops of p(``cls``) when each normalized box of each image is filled in."""
+    def scan(self, rows: Sequence[int], cls: int | Sequence[int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        """``[n, len(boxes)]`` drops of p(``cls``) when each normalized box of each image is filled in (``cls``: one
+        class for every image, or one per image)."""
         ...
 
     def shift_test(
@@ -104,7 +105,8 @@ class Intervener(Protocol):
         """Graft ``own_rows``' backgrounds behind ``other_rows``' objects, against other classes' backgrounds
         (``interventions.graft_intervention``); an image's object is its mask with a margin, else ``method``'s
         hot places, as the colour shift spares them; ``spare`` adds normalized boxes per row to what an image
-        keeps (where the model, not the map, found the object)."""
+        keeps (where the model, not the map, found the object). Adds ``own_compact`` and ``other_compact``
+        (``None`` where every image has a mask): how much the hot pixels of each side's maps lie in one place."""
         ...
 
     @property

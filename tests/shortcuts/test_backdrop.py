@@ -59,6 +59,7 @@ def test_a_model_that_reads_the_background_gains_from_the_class_backgrounds() ->
     assert np.isclose(out["paste_effect"], expected, atol=1e-6) and out["paste_flips"] == 1.0
     assert out["null_flips"] == 0.0 and out["paste_p"] < 0.05
     assert np.isclose(out["removal_effect"], expected, atol=1e-6)  # the class's images on black backgrounds
+    assert out["removal_flips"] == 1.0 and out["removal_null_flips"] == 0.0 and out["removal_p"] < 0.05
 
 
 def test_a_model_that_reads_the_object_gains_nothing() -> None:
@@ -67,9 +68,13 @@ def test_a_model_that_reads_the_object_gains_nothing() -> None:
     assert out["paste_effect"] == 0.0 and out["removal_effect"] == 0.0 and out["paste_p"] == 1.0
 
 
+_NO_REVERSE = {"removal_effect": 0.0, "removal_flips": 0.0, "removal_null_flips": 0.0, "removal_p": 1.0}
+_NO_PASTE = {"paste_effect": 0.0, "paste_flips": 0.0, "null_flips": 0.0, "paste_p": 1.0}
+
+
 def _measured(effect: float, flips: float, null: float, p: float, compact: float | None) -> dict[str, Any]:
     test = {"paste_effect": effect, "paste_flips": flips, "null_flips": null, "paste_p": p}
-    test |= {"n_pasted": 32, "removal_effect": 0.0, "own_compact": compact}
+    test |= {"n_pasted": 32, "n_removed": 32, "own_compact": compact, "other_compact": None} | _NO_REVERSE
     return {"backdrops": {"a": {"n": 32, "method": "layer_cam", "test": test}}}
 
 
@@ -77,6 +82,37 @@ def _severity(*args: Any) -> str | None:
     ctx = FlagContext(Thresholds())
     flags = backdrop.backdrop_flags(_measured(*args), ctx)
     return flags[0]["severity"] if flags else None
+
+
+def _reversed(effect: float, flips: float, null: float, p: float, compact: float | None) -> dict[str, Any]:
+    """A class whose images lose it on other classes' backgrounds (the donors' maps' compactness ``compact``)."""
+    test = {"removal_effect": effect, "removal_flips": flips, "removal_null_flips": null, "removal_p": p}
+    test |= {"n_pasted": 32, "n_removed": 32, "own_compact": 0.5, "other_compact": compact} | _NO_PASTE
+    return {"backdrops": {"b": {"n": 32, "method": "layer_cam", "test": test}}}
+
+
+def _reverse_severity(*args: Any) -> str | None:
+    flags = backdrop.backdrop_flags(_reversed(*args), FlagContext(Thresholds()))
+    assert all(f["evidence"]["direction"] == "removal" for f in flags)
+    return flags[0]["severity"] if flags else None
+
+
+def test_the_reverse_flag_needs_the_class_taken_away_on_other_backgrounds_from_a_majority() -> None:
+    assert _reverse_severity(0.6, 0.8, 0.1, 1e-4, 0.5) == "high"
+    assert _reverse_severity(0.6, 0.8, 0.1, 1e-4, None) == "high"  # masks everywhere
+    assert _reverse_severity(0.49, 0.9, 0.0, 1e-4, 0.5) is None  # under high_effect
+    assert _reverse_severity(0.6, 0.6, 0.1, 1e-4, 0.5) is None  # half lost the class beyond the null
+    assert _reverse_severity(0.6, 0.8, 0.1, 0.2, 0.5) is None  # not significant
+    # without masks, the donors (other classes' images) have maps that point at one place: their large objects
+    assert _reverse_severity(0.6, 0.8, 0.1, 1e-4, backdrop.COMPACT) == "low"
+
+
+def test_a_class_whose_graft_and_reverse_both_stand_gets_one_flag() -> None:
+    both = _measured(0.6, 0.8, 0.1, 1e-4, 0.5)
+    both["backdrops"]["a"]["test"] |= {"removal_effect": 0.7, "removal_flips": 0.9, "removal_null_flips": 0.0}
+    both["backdrops"]["a"]["test"]["removal_p"] = 1e-4
+    flags = backdrop.backdrop_flags(both, FlagContext(Thresholds()))
+    assert len(flags) == 1 and flags[0]["evidence"]["direction"] == "paste"
 
 
 def test_the_flag_needs_an_effect_like_taking_the_class_away_and_a_majority_turned() -> None:
@@ -108,14 +144,14 @@ class Grafter:
         carried = spare is None or not OBJECT & set(spare)
         effect, flips = (0.8, 0.9) if carried else (0.1, 0.1)
         test = {"paste_effect": effect, "paste_flips": flips, "null_flips": 0.0, "paste_p": 1e-6}
-        return test | {"n_pasted": len(other), "removal_effect": 0.0, "own_compact": None}
+        return test | {"n_pasted": len(other), "own_compact": None, "other_compact": None} | _NO_REVERSE
 
 
 OBJECT = {0, 1, 2, 3}  # class a's images 0-3 hold an object the maps missed; 4-9 a texture
 
 
-def _graft(objects: np.ndarray | None) -> tuple[dict[str, Any], Grafter]:
-    grafter = Grafter()
+def _graft(objects: np.ndarray | None, grafter: Any = None) -> tuple[dict[str, Any], Any]:
+    grafter = grafter or Grafter()
     run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: objects)
     table = _table(0.9, 0.9, n=10)
     inputs = AnalysisInputs(table, "label", [], ["a", "b"], [], run, Thresholds(), intervener=grafter)  # type: ignore[arg-type]
@@ -146,3 +182,47 @@ def test_with_masks_the_graft_runs_once() -> None:
     entry, grafter = _graft(objects)
     assert grafter.grafts == [None] and "unspared" not in entry
     assert backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds()))[0]["severity"] == "high"
+
+
+DONOR_OBJECT = {10, 11, 12}  # class b's images 10-12 hold an object the maps missed
+
+
+class Reverser:
+    """A model access whose class-a images lose a on class b's backgrounds (effect 0.8) while b's objects, which
+    the maps missed in rows ``DONOR_OBJECT``, come along with them; sparing those objects' windows leaves 0.1."""
+
+    def __init__(self) -> None:
+        self.grafts: list[dict[int, list[list[float]]] | None] = []
+        self.read_as: list[Any] = []
+
+    def scan(self, rows: Sequence[int], cls: Any, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        self.read_as.append(cls)
+        over = np.array([b[0] <= 0.6 < b[2] and b[1] <= 0.6 < b[3] for b in boxes])
+        return np.array([np.where(over, 0.9, 0.01) if r in DONOR_OBJECT else np.full(len(boxes), 0.02) for r in rows])
+
+    def graft_test(
+        self, own: Sequence[int], other: Sequence[int], cls: int, method: str | None, spare: Any = None
+    ) -> dict[str, Any]:
+        self.grafts.append(spare)
+        carried = spare is None or not DONOR_OBJECT & set(spare)
+        effect, flips = (0.8, 0.9) if carried else (0.1, 0.1)
+        test = {"removal_effect": effect, "removal_flips": flips, "removal_null_flips": 0.0, "removal_p": 1e-6}
+        return test | _NO_PASTE | {"n_pasted": len(other), "n_removed": len(own), "other_compact": 0.5}
+
+
+def test_a_reverse_that_carries_the_donors_objects_along_is_redone_sparing_them_and_not_flagged() -> None:
+    entry, grafter = _graft(None, Reverser())
+    assert grafter.grafts[0] is None and set(grafter.grafts[1]) == DONOR_OBJECT
+    assert grafter.read_as == [[1] * 10]  # the donors' windows, each read for its own class, b
+    assert entry["reverse_unspared"]["removal_effect"] == 0.8 and entry["test"]["removal_effect"] == 0.1
+    assert (entry["donors_spared"], entry["bare_donors"]) == (3, 10)
+    assert backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds())) == []
+
+
+def test_with_masks_the_reverse_runs_once_and_stands() -> None:
+    objects = np.zeros((20, 32, 32), np.float32)
+    objects[:, 10:20, 10:20] = 1.0
+    entry, grafter = _graft(objects, Reverser())
+    assert grafter.grafts == [None] and "reverse_unspared" not in entry
+    flags = backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds()))
+    assert [(f["severity"], f["evidence"]["direction"]) for f in flags] == [("high", "removal")]

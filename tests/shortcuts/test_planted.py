@@ -132,12 +132,18 @@ def test_large_objects_do_not_switch_the_background_detectors_off(tmp_path: Path
 
 @pytest.mark.slow
 def test_a_background_texture_is_found_without_masks_by_grafting_it(tmp_path: Path) -> None:
-    """No region to scan, no colour to shift: grass behind other classes' objects makes them a."""
+    """No region to scan, no colour to shift: grass behind other classes' objects makes them a, and b's images
+    lose b on a's grass (the reverse, which names the class whose background the model reads; in two classes the
+    same images)."""
     flags = _audit("texture", tmp_path, masks=False, cue_rate=(1.0, 0.0))
-    graft = [f for f in flags if f["kind"] == "backdrop_cue" and f["severity"] == "high"]
-    assert [f["class"] for f in graft] == ["a"], [f["message"] for f in flags]
-    test = graft[0]["evidence"]["test"]
+    graft = {f["class"]: f for f in flags if f["kind"] == "backdrop_cue" and f["severity"] == "high"}
+    assert sorted(graft) == ["a", "b"], [f["message"] for f in flags]
+    assert [graft[c]["evidence"]["direction"] for c in "ab"] == ["paste", "removal"]
+    test = graft["a"]["evidence"]["test"]
     assert test["paste_flips"] - test["null_flips"] > 0.5 and test["own_compact"] < 0.75
+    test = graft["b"]["evidence"]["test"]
+    assert test["removal_flips"] - test["removal_null_flips"] > 0.5 and test["other_compact"] < 0.75
+    assert "lose" in graft["b"]["message"] and "other images (before that" in graft["b"]["message"]
 
 
 @pytest.mark.slow

@@ -110,6 +110,17 @@ def test_occlusion_scan_drops_only_where_the_tag_is() -> None:
     assert drops.shape == (3, 2) and (drops[:, 0] > 0.8).all() and np.allclose(drops[:, 1], 0, atol=1e-6)
 
 
+def test_occlusion_scan_reads_each_image_for_its_own_class() -> None:
+    # class 1's p rises where class 0's falls: filling the tag lowers p(0) and raises p(1) by the same
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, :, :4, :4] = 1.0
+    boxes = [[0.0, 0.0, 0.25, 0.25], [0.75, 0.75, 1.0, 1.0]]
+    each = occlusion_scan(_TopLeft(), x, [0, 1, 1, 0], boxes, chunk=3)  # chunks that split the box-major copies
+    assert np.allclose(each[[0, 3]], occlusion_scan(_TopLeft(), x[[0, 3]], 0, boxes), atol=1e-6)
+    assert np.allclose(each[[1, 2]], occlusion_scan(_TopLeft(), x[[1, 2]], 1, boxes), atol=1e-6)
+    assert (each[[1, 2], 0] < -0.8).all()
+
+
 class _Blue(nn.Module):
     """Class 1 when the image's mean blue exceeds its mean red."""
 

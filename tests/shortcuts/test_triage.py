@@ -64,7 +64,8 @@ class Recorder:
 
     def graft_test(self, own: Sequence[int], other: Sequence[int], *args: Any) -> dict[str, Any]:
         self.calls.append(("graft", list(own) + list(other)))
-        return {"n_pasted": len(other), "paste_effect": 0.0, "paste_flips": 0.0, "null_flips": 0.0, "paste_p": 1.0}
+        nothing = {"paste_effect": 0.0, "paste_flips": 0.0, "null_flips": 0.0, "paste_p": 1.0, "removal_effect": 0.0}
+        return nothing | {"n_pasted": len(other), "removal_flips": 0.0, "removal_null_flips": 0.0, "removal_p": 1.0}
 
     def shift_test(self, own: Sequence[int], other: Sequence[int], *args: Any, outside: bool = True) -> dict[str, Any]:
         self.calls.append(("shift", list(own) + list(other)))
