@@ -126,31 +126,40 @@ def test_the_flag_needs_an_effect_like_taking_the_class_away_and_a_majority_turn
 
 
 class Grafter:
-    """A model access whose class images hold the class at one place (rows ``OBJECT``: filling in a window over
-    the point (0.6, 0.6) takes p(class) away) or everywhere (the others: no window matters). Its graft carries
-    the class (effect 0.8) unless the second graft spares every object's windows."""
+    """A model access whose images hold their class at one place (rows ``objects``: filling in a window over the
+    point (0.6, 0.6) takes p(class) away) or everywhere (the others: no window matters). Its graft carries the
+    class (effect 0.8: the graft's gain, or with ``reverse`` the reverse's loss) unless a later graft spares every
+    object's windows. Records each graft's spared windows and the classes each scan reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, objects: set[int] | None = None, reverse: bool = False) -> None:
+        self.objects, self.reverse = OBJECT if objects is None else objects, reverse
         self.grafts: list[dict[int, list[list[float]]] | None] = []
+        self.read_as: list[Any] = []
 
-    def scan(self, rows: Sequence[int], cls: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    def scan(self, rows: Sequence[int], cls: Any, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+        self.read_as.append(cls)
         over = np.array([b[0] <= 0.6 < b[2] and b[1] <= 0.6 < b[3] for b in boxes])
-        return np.array([np.where(over, 0.9, 0.01) if r in OBJECT else np.full(len(boxes), 0.02) for r in rows])
+        return np.array([np.where(over, 0.9, 0.01) if r in self.objects else np.full(len(boxes), 0.02) for r in rows])
 
     def graft_test(
         self, own: Sequence[int], other: Sequence[int], cls: int, method: str | None, spare: Any = None
     ) -> dict[str, Any]:
         self.grafts.append(spare)
-        carried = spare is None or not OBJECT & set(spare)
+        carried = spare is None or not self.objects & set(spare)
         effect, flips = (0.8, 0.9) if carried else (0.1, 0.1)
-        test = {"paste_effect": effect, "paste_flips": flips, "null_flips": 0.0, "paste_p": 1e-6}
-        return test | {"n_pasted": len(other), "own_compact": None, "other_compact": None} | _NO_REVERSE
+        if self.reverse:
+            test = {"removal_effect": effect, "removal_flips": flips, "removal_null_flips": 0.0, "removal_p": 1e-6}
+            test |= _NO_PASTE | {"other_compact": 0.5}
+        else:
+            test = {"paste_effect": effect, "paste_flips": flips, "null_flips": 0.0, "paste_p": 1e-6}
+            test |= _NO_REVERSE | {"other_compact": None}
+        return test | {"n_pasted": len(other), "n_removed": len(own), "own_compact": None}
 
 
 OBJECT = {0, 1, 2, 3}  # class a's images 0-3 hold an object the maps missed; 4-9 a texture
 
 
-def _graft(objects: np.ndarray | None, grafter: Any = None) -> tuple[dict[str, Any], Any]:
+def _graft(objects: np.ndarray | None, grafter: Grafter | None = None) -> tuple[dict[str, Any], Grafter]:
     grafter = grafter or Grafter()
     run = SimpleNamespace(map_rows=lambda m, t: None, object_rows=lambda: objects)
     table = _table(0.9, 0.9, n=10)
@@ -187,31 +196,14 @@ def test_with_masks_the_graft_runs_once() -> None:
 DONOR_OBJECT = {10, 11, 12}  # class b's images 10-12 hold an object the maps missed
 
 
-class Reverser:
-    """A model access whose class-a images lose a on class b's backgrounds (effect 0.8) while b's objects, which
-    the maps missed in rows ``DONOR_OBJECT``, come along with them; sparing those objects' windows leaves 0.1."""
-
-    def __init__(self) -> None:
-        self.grafts: list[dict[int, list[list[float]]] | None] = []
-        self.read_as: list[Any] = []
-
-    def scan(self, rows: Sequence[int], cls: Any, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-        self.read_as.append(cls)
-        over = np.array([b[0] <= 0.6 < b[2] and b[1] <= 0.6 < b[3] for b in boxes])
-        return np.array([np.where(over, 0.9, 0.01) if r in DONOR_OBJECT else np.full(len(boxes), 0.02) for r in rows])
-
-    def graft_test(
-        self, own: Sequence[int], other: Sequence[int], cls: int, method: str | None, spare: Any = None
-    ) -> dict[str, Any]:
-        self.grafts.append(spare)
-        carried = spare is None or not DONOR_OBJECT & set(spare)
-        effect, flips = (0.8, 0.9) if carried else (0.1, 0.1)
-        test = {"removal_effect": effect, "removal_flips": flips, "removal_null_flips": 0.0, "removal_p": 1e-6}
-        return test | _NO_PASTE | {"n_pasted": len(other), "n_removed": len(own), "other_compact": 0.5}
+def _reverser() -> Grafter:
+    """Class a's images lose a on class b's backgrounds while b's objects, which the maps missed in rows
+    ``DONOR_OBJECT``, come along with them."""
+    return Grafter(DONOR_OBJECT, reverse=True)
 
 
 def test_a_reverse_that_carries_the_donors_objects_along_is_redone_sparing_them_and_not_flagged() -> None:
-    entry, grafter = _graft(None, Reverser())
+    entry, grafter = _graft(None, _reverser())
     assert grafter.grafts[0] is None and set(grafter.grafts[1]) == DONOR_OBJECT
     assert grafter.read_as == [[1] * 10]  # the donors' windows, each read for its own class, b
     assert entry["reverse_unspared"]["removal_effect"] == 0.8 and entry["test"]["removal_effect"] == 0.1
@@ -222,7 +214,7 @@ def test_a_reverse_that_carries_the_donors_objects_along_is_redone_sparing_them_
 def test_with_masks_the_reverse_runs_once_and_stands() -> None:
     objects = np.zeros((20, 32, 32), np.float32)
     objects[:, 10:20, 10:20] = 1.0
-    entry, grafter = _graft(objects, Reverser())
+    entry, grafter = _graft(objects, _reverser())
     assert grafter.grafts == [None] and "reverse_unspared" not in entry
     flags = backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds()))
     assert [(f["severity"], f["evidence"]["direction"]) for f in flags] == [("high", "removal")]
