@@ -9,7 +9,11 @@ quartile then flagged the class). Where the model is given, a gap on a property 
 (brightness, red, green, blue) is put to the test: the group's images are shifted to the rest of the class's
 mean colour and the rest to the group's, against the opposite shifts (``interventions.shift_intervention``). A
 property whose shift changes under ``attribute_shift`` of the predictions beyond the opposite shift does not
-explain the gap: its flag is low and says so. Metadata, contrast and sharpness have no such test.
+explain the gap: its flag is low and says so. Contrast and sharpness have no such test: their flags are low, an
+observation (a tag that is another class's cue raises the contrast and sharpness of this class's images that carry
+it, and they are its errors: the cue is the other class's flag). Per class, the strongest brightness or colour
+property leads the correlated ones. Metadata has no test either and keeps the severity of its gap: a user named the
+column.
 """
 
 from __future__ import annotations
@@ -259,7 +263,8 @@ def _strongest(attrs: dict[str, Any], ctx: FlagContext) -> tuple[dict[tuple[str,
     meta = [(a, c) for (a, c) in best if attrs[a]["kind"] == "metadata"]
     also: dict[tuple[str, str], list[str]] = {}
     for c in {c for _, c in props}:
-        ranked = sorted((a for a, cc in props if cc == c), key=lambda a: -best[(a, c)][0]["gap"])
+        # the strongest property an intervention can test leads (a brighter image is also more contrasted)
+        ranked = sorted((a for a, cc in props if cc == c), key=lambda a: (a not in SHIFTABLE, -best[(a, c)][0]["gap"]))
         named = sorted((a for a, cc in meta if cc == c), key=lambda a: -best[(a, c)][0]["gap"])
         lead, cited = (named[0], ranked) if named else (ranked[0], ranked[1:])
         also[(lead, c)] = cited
@@ -296,8 +301,19 @@ def attribute_flags(measured: Measurement, ctx: FlagContext) -> list[Flag]:
             if np.isfinite(shift["effect"]) and shift["effect"] < t.attribute_shift:
                 sev = "low"
                 msg += _unexplained(c, shift)
+        elif info["kind"] == "property" and a not in SHIFTABLE:
+            sev = "low"  # a gap no intervention can put to the test is an observation
+            msg += _untested(a, c)
         flags.append(make_flag("attribute_leak", c, a, sev, x["gap"], msg, evidence))
     return flags
+
+
+def _untested(a: str, c: str) -> str:
+    return (
+        f" No intervention moves the {a}, so the gap is an observation, not a verdict. What comes with the {a} "
+        f"may be what the model reads (a tag that is another class's cue raises the {a} of the {c} images that "
+        "carry it, and they are the errors)."
+    )
 
 
 def _unexplained(c: str, shift: dict[str, Any]) -> str:

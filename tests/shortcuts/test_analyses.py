@@ -612,21 +612,50 @@ def test_each_analysis_chooses_the_intervention_images_of_the_findings_it_leads(
     assert hooks["attribute_leak"] is None and hooks["cluster"] is None  # nothing to intervene on
 
 
-def _leak(kind: str, gap: float, effect: float | None, value: str = "> 0.5") -> dict[str, Any]:
-    """The attribute flag of class a's ``brightness`` group (``value``) with that gap, and a shift test of the
+def _leak(
+    kind: str, gap: float, effect: float | None, value: str = "> 0.5", attribute: str = "brightness"
+) -> dict[str, Any]:
+    """The attribute flag of class a's ``attribute`` group (``value``) with that gap, and a shift test of the
     ``> 0.5`` group with that effect (None: none ran)."""
     from auditor.shortcuts import attributes
 
     test = {"class": "a", "value": value, "n": 10, "accuracy": 0.5, "rest_accuracy": 0.5 + gap}
     test |= {"gap": gap, "p_value": 1e-6, "ids": []}
     info = {"kind": kind, "tests": [test], "worst_group_accuracy": 0.5, "predicts_label": 0.1}
-    measured: dict[str, Any] = {"attributes": {"brightness": info | {"predicts_prediction": 0.2}}}
+    measured: dict[str, Any] = {"attributes": {attribute: info | {"predicts_prediction": 0.2}}}
     if effect is not None:
         shift = {"flip": effect, "flip_control": 0.0, "leave": 0.0, "leave_control": 0.0}
-        measured["attribute_shifts"] = {
-            "a": {"attribute": "brightness", "value": "> 0.5", "effect": effect, "test": shift}
-        }
+        entry = {"attribute": attribute, "value": "> 0.5", "effect": effect, "test": shift}
+        measured["attribute_shifts"] = {"a": entry}
     return attributes.attribute_flags(measured, FlagContext(Thresholds()))[0]
+
+
+def test_a_gap_on_a_property_no_intervention_moves_is_low() -> None:
+    """Contrast and sharpness have no shift test: their gap is an observation (a tag that is another class's
+    cue raises them on the images of this class that carry it, and those are its errors)."""
+    for attribute in ("contrast", "sharpness"):
+        flag = _leak("property", 0.9, None, attribute=attribute)
+        assert flag["severity"] == "low" and "No intervention moves" in flag["message"]
+        assert flag["score"] == 0.9  # the gap is still reported
+    assert _leak("metadata", 0.9, None, attribute="contrast")["severity"] == "high"  # a column the user named
+    assert _leak("property", 0.9, None, attribute="red")["severity"] == "high"  # a colour keeps the old rule
+
+
+def test_the_strongest_property_a_shift_can_test_leads_the_correlated_ones() -> None:
+    """A bright group is also a contrasted one: brightness (gap 0.5) leads contrast (gap 0.9) and cites it."""
+    from auditor.shortcuts import attributes
+
+    def test(gap: float) -> dict[str, Any]:
+        head = {"class": "a", "value": "> 0.5", "n": 10, "accuracy": 0.1, "rest_accuracy": 0.1 + gap}
+        return head | {"gap": gap, "p_value": 1e-9, "ids": []}
+
+    info = {"kind": "property", "worst_group_accuracy": 0.1, "predicts_label": 0.1, "predicts_prediction": 0.2}
+    attrs = {"contrast": info | {"tests": [test(0.9)]}, "brightness": info | {"tests": [test(0.5)]}}
+    flags = attributes.attribute_flags({"attributes": attrs}, FlagContext(Thresholds()))
+    assert [(f["attribute"], f["severity"]) for f in flags] == [("brightness", "high")]
+    assert flags[0]["evidence"]["correlated_properties"] == ["contrast"]
+    only = attributes.attribute_flags({"attributes": {"contrast": attrs["contrast"]}}, FlagContext(Thresholds()))
+    assert [(f["attribute"], f["severity"]) for f in only] == [("contrast", "low")]
 
 
 def test_a_property_gap_the_colour_shift_does_not_explain_is_low() -> None:
