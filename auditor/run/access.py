@@ -69,6 +69,7 @@ class ModelAccess:
         self.device = plan.device
         self.mean, self.std = plan.mean, plan.std
         self._layer: str | None = None
+        self._compact: dict[tuple[tuple[int, ...], str | None], float | None] = {}  # a class's graft runs 1-3 times
 
     # -- images ---------------------------------------------------------------------------------------------
 
@@ -150,7 +151,14 @@ class ModelAccess:
     def compactness(self, rows: Sequence[int], method: str | None) -> float | None:
         """Over the images without a mask, the mean share of their hot pixels (:meth:`spared`) in its largest
         connected part: near 1 where the map points at one place (an object), lower where it spreads over the
-        image (a texture); None where every image has a mask or no map."""
+        image (a texture); None where every image has a mask or no map. Kept per (rows, method): the graft
+        redone with the model-found objects reads the same images' maps again."""
+        key = (tuple(int(r) for r in rows), method)
+        if key not in self._compact:
+            self._compact[key] = self._compactness(rows, method)
+        return self._compact[key]
+
+    def _compactness(self, rows: Sequence[int], method: str | None) -> float | None:
         maps = self._maps(method)
         shares = []
         for row in rows:

@@ -87,9 +87,9 @@ def analysis_bounds(per_class: dict[str, int], t: Thresholds) -> dict[str, int]:
         out["attributes"] += 3 * min(n, 2 * t.intervention_images)  # the group and the rest, 32 each at most
         grafted, recipients = min(t.backdrop_images, n), min(t.backdrop_images, total - n)
         if min(grafted, recipients) >= t.min_group:
-            refined = grafted * (len(object_windows()) + 1) + 2 * (grafted + recipients)
-            reverse = recipients * (len(object_windows()) + 1) + 2 * (grafted + recipients)  # the donors' objects
-            out["backdrop"] += 2 * (grafted + recipients) + refined + reverse
+            graft = 2 * (grafted + recipients)
+            found = (grafted + recipients) * (len(object_windows()) + 1)  # both sides' objects, by the model
+            out["backdrop"] += 3 * graft + found  # the graft, redone sparing each side's objects
         carriers, others = min(t.subset_images, n), min(t.subset_images, total - n)
         out["subset_cues"] += carriers * (sub_fine + 1) + 3 * (carriers + others) + 3 * (carriers + 1)
         if min(t.concept_images, n) >= t.min_group:

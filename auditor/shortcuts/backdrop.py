@@ -94,19 +94,24 @@ def _graft_class(measured: Measurement, inputs: AnalysisInputs, cls: str) -> dic
     method, idx = inputs.hot_method, inputs.classes.index(cls)
     test = inputs.intervener.graft_test(own, other, idx, method)
     entry: dict[str, Any] = {"n": len(own), "method": method, "test": test}
-    bare = [r for r, has in zip(own, has_object(inputs.objects, np.asarray(own)), strict=True) if not has]
+    bare = _without_mask(inputs, own)
     spare: dict[int, list[list[float]]] = {}
     if bare and reaches(test, t.high_effect):
         spare = model_objects(inputs, bare, idx, t.high_effect)
         entry |= {"unspared": test, "spared_images": len(spare), "bare_images": len(bare)}
         test = entry["test"] = inputs.intervener.graft_test(own, other, idx, method, spare)
-    donors = [r for r, has in zip(other, has_object(inputs.objects, np.asarray(other)), strict=True) if not has]
+    donors = _without_mask(inputs, other)
     if donors and reaches_reverse(test, t.high_effect):
         labels = inputs.first.set_index("row").loc[donors, "label"]
         theirs = model_objects(inputs, donors, [inputs.classes.index(c) for c in labels], t.high_effect)
         entry |= {"reverse_unspared": test, "donors_spared": len(theirs), "bare_donors": len(donors)}
         entry["test"] = inputs.intervener.graft_test(own, other, idx, method, spare | theirs)
     return {"backdrop": entry, "triage": None}
+
+
+def _without_mask(inputs: AnalysisInputs, rows: list[int]) -> list[int]:
+    """The ``rows`` whose image has no mask or box: where the model, not a mask, must find the object."""
+    return [r for r, has in zip(rows, has_object(inputs.objects, np.asarray(rows)), strict=True) if not has]
 
 
 def reaches(test: dict[str, Any], high_effect: float) -> bool:

@@ -218,3 +218,19 @@ def test_with_masks_the_reverse_runs_once_and_stands() -> None:
     assert grafter.grafts == [None] and "reverse_unspared" not in entry
     flags = backdrop.backdrop_flags({"backdrops": {"a": entry}}, FlagContext(Thresholds()))
     assert [(f["severity"], f["evidence"]["direction"]) for f in flags] == [("high", "removal")]
+
+
+def test_a_class_reads_each_sides_map_compactness_once() -> None:
+    """The graft is redone with the model-found objects (up to 3 grafts a class) on the same images: their maps'
+    compactness is computed once per (rows, method)."""
+    from auditor.run.access import ModelAccess
+
+    access = ModelAccess.__new__(ModelAccess)  # no plan: only the cache is under test
+    access._compact = {}
+    calls: list[tuple[int, ...]] = []
+    access._compactness = lambda rows, method: calls.append(tuple(rows)) or 0.5  # type: ignore[method-assign]
+    assert access.compactness([3, 4], "grad_cam") == 0.5 and access.compactness((3, 4), "grad_cam") == 0.5
+    assert calls == [(3, 4)]
+    access.compactness([3, 4], None)
+    access.compactness([5], "grad_cam")
+    assert calls == [(3, 4), (3, 4), (5,)]
